@@ -1,0 +1,15 @@
+// Run-time choice of the CPU instruction set. Kernels that gain from wide vectors are compiled once per ISA
+// (csrc/cpu/isa/*_<isa>.cpp, each under its own `#pragma GCC target`) into one binary; isa() picks the best
+// the CPU supports, so the extension is not tied to the machine that built it.
+#pragma once
+
+namespace fastdiff::cpu {
+
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+// Detected once. FASTDIFF_CPU_ISA=scalar|avx2|avx512 lowers it (for tests of the other paths); asking for
+// more than the CPU has is an error.
+Isa isa();
+const char* isa_name(Isa isa);
+
+}  // namespace fastdiff::cpu

@@ -1,0 +1,36 @@
+// Python module init for fastdiff._C. The ops themselves register with the dispatcher from their own
+// files (TORCH_LIBRARY_FRAGMENT(fastdiff, m) + TORCH_LIBRARY_IMPL) and are called as torch.ops.fastdiff.*.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+namespace {
+
+PyObject* built_with_cuda(PyObject*, PyObject*) {
+#ifdef FASTDIFF_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(fastdiff::cpu::isa_name(fastdiff::cpu::isa()));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"built_with_cuda", built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU instruction set the kernels dispatch to."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastdiff compiled kernels", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

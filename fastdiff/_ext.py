@@ -1,0 +1,49 @@
+"""The one place that imports the compiled extension ``fastdiff._C``.
+
+Its absence is a normal state (a source checkout that was never built, a build without a compiler):
+fastdiff then runs on the pure-PyTorch references and says so once.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch  # noqa: F401  (the extension links against libtorch: import torch first)
+
+__all__ = ["C", "IMPORT_ERROR", "has_cpu_kernels", "has_cuda_kernels", "cpu_capability"]
+
+try:
+    from fastdiff import _C as C  # type: ignore[attr-defined]
+
+    IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on how fastdiff was installed
+    C = None
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_warned = False
+
+
+def warn_once() -> None:
+    """Tell the user once that the compiled kernels are missing and the references are used."""
+    global _warned
+    if C is None and not _warned:
+        _warned = True
+        warnings.warn(
+            "fastdiff._C (the compiled kernels) could not be imported, so fastdiff runs on its pure-PyTorch "
+            f"reference ops ({IMPORT_ERROR}). Rebuild with `pip install -e . --no-build-isolation`; "
+            "`fastdiff info` shows what is available.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def has_cpu_kernels() -> bool:
+    return C is not None
+
+
+def has_cuda_kernels() -> bool:
+    return C is not None and bool(C.built_with_cuda())
+
+
+def cpu_capability() -> str:
+    """The instruction set the C++ CPU kernels dispatch to on this machine ('avx512', 'avx2', 'scalar')."""
+    return C.cpu_capability() if C is not None else "unavailable"

@@ -1,0 +1,16 @@
+"""Fused ops of fastdiff, each with a pure-PyTorch ``*_ref`` beside it, chosen by one registry.
+
+``use_backend(name)`` (or ``FASTDIFF_BACKEND=name``) forces a backend; ``all_ops()`` lists the ops.
+"""
+from fastdiff.ops import _backends  # noqa: F401  (registers the backend checks)
+from fastdiff.ops.registry import BackendUnavailable, all_ops, current_backend, use_backend
+from fastdiff.ops.sampler_step import sampler_step, sampler_step_ref
+
+__all__ = [
+    "BackendUnavailable",
+    "all_ops",
+    "current_backend",
+    "use_backend",
+    "sampler_step",
+    "sampler_step_ref",
+]

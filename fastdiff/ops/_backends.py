@@ -1,0 +1,94 @@
+"""Whole-backend availability checks, registered once with the dispatch registry."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from fastdiff import _ext
+from fastdiff.ops.registry import current_backend, register_backend_check
+
+__all__ = ["triton_available", "triton_interpret", "tensor_reasons"]
+
+
+def _cpu_check() -> list[str]:
+    if not _ext.has_cpu_kernels():
+        return [f"the compiled extension fastdiff._C did not import ({_ext.IMPORT_ERROR})"]
+    return []
+
+
+def _cuda_check() -> list[str]:
+    out = []
+    if not _ext.has_cuda_kernels():
+        out.append(
+            "fastdiff._C was built without CUDA kernels"
+            if _ext.has_cpu_kernels()
+            else f"the compiled extension fastdiff._C did not import ({_ext.IMPORT_ERROR})"
+        )
+    if not torch.cuda.is_available():
+        out.append("no CUDA device is visible to torch")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """True when triton kernels run on CPU tensors through the interpreter (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_check() -> list[str]:
+    if not triton_available():
+        return ["triton is not installed"]
+    if not torch.cuda.is_available() and not triton_interpret():
+        return ["no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run kernels on CPU tensors)"]
+    return []
+
+
+def _flash_attn_check() -> list[str]:
+    out = []
+    if importlib.util.find_spec("flash_attn") is None:
+        out.append("the flash-attn package is not installed (optional)")
+    if not torch.cuda.is_available():
+        out.append("no CUDA device is visible to torch")
+    return out
+
+
+def tensor_reasons(backend: str, *tensors: torch.Tensor | None, dtypes=None) -> list[str]:
+    """Device and dtype reasons shared by every op of one backend.
+
+    ``cpu`` runs CPU tensors, ``cuda`` and ``flash_attn`` CUDA tensors. ``triton`` runs CUDA tensors, and CPU
+    tensors only under TRITON_INTERPRET=1 when triton is requested explicitly (the interpreter is for tests,
+    never for an automatic choice).
+    """
+    ts = [t for t in tensors if t is not None]
+    out: list[str] = []
+    devices = {t.device.type for t in ts}
+    if len(devices) > 1:
+        out.append(f"tensors are on different devices ({', '.join(sorted(devices))})")
+    dev = ts[0].device.type if ts else "cpu"
+    if backend == "cpu" and dev != "cpu":
+        out.append(f"tensors are on {dev}; the cpu backend runs CPU tensors")
+    if backend in ("cuda", "flash_attn") and dev != "cuda":
+        out.append(f"tensors are on {dev}; the {backend} backend runs CUDA tensors")
+    if backend == "triton" and dev != "cuda":
+        if not (dev == "cpu" and triton_interpret() and current_backend() == "triton"):
+            out.append(f"tensors are on {dev}; triton runs CUDA tensors (CPU only under TRITON_INTERPRET=1, "
+                       "when requested explicitly)")
+    if dtypes is not None:
+        bad = sorted({str(t.dtype) for t in ts if t.dtype not in dtypes})
+        if bad:
+            out.append(f"dtype {', '.join(bad)} is not supported (supported: "
+                       f"{', '.join(str(d) for d in dtypes)})")
+    return out
+
+
+register_backend_check("cpu", _cpu_check)
+register_backend_check("cuda", _cuda_check)
+register_backend_check("triton", _triton_check)
+register_backend_check("flash_attn", _flash_attn_check)

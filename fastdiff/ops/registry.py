@@ -1,0 +1,156 @@
+"""One dispatch registry for every fused op.
+
+Each op (``group_norm``, ``attention``, ...) owns an :class:`Op`. Each backend that can run it registers an
+implementation together with a ``reasons(*args, **kwargs) -> list[str]`` function that says why it cannot
+run a given input (an empty list means it can). Backends themselves can be unavailable as a whole (the
+compiled extension did not import, triton is missing, no CUDA device): those reasons come first.
+
+Choice:
+- automatic: the first backend in :data:`PRIORITY` with no reasons;
+- forced (``FASTDIFF_BACKEND=name`` or ``with use_backend(name):``): that backend or an error listing
+  every reason it cannot run the input. ``ref`` runs everything, always.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+__all__ = [
+    "PRIORITY",
+    "BackendUnavailable",
+    "Op",
+    "all_ops",
+    "backend_reasons",
+    "current_backend",
+    "register_backend_check",
+    "use_backend",
+]
+
+# Fastest first. ``ref`` is pure PyTorch and is always last: it is the oracle and the fallback.
+PRIORITY: tuple[str, ...] = ("flash_attn", "cuda", "triton", "cpu", "ref")
+
+_state = threading.local()
+_backend_checks: dict[str, Callable[[], list[str]]] = {}
+_ops: dict[str, "Op"] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this input; the message lists every reason."""
+
+
+def register_backend_check(name: str, check: Callable[[], list[str]]) -> None:
+    """Register a whole-backend availability check (e.g. 'fastdiff._C did not import: ...')."""
+    if name not in PRIORITY:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(PRIORITY)}")
+    _backend_checks[name] = check
+
+
+def backend_reasons(name: str) -> list[str]:
+    """Reasons the backend as a whole is unavailable on this machine (empty list: available)."""
+    check = _backend_checks.get(name)
+    return list(check()) if check is not None else []
+
+
+def _validate_backend(name: str) -> str:
+    if name not in PRIORITY:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(PRIORITY)}")
+    return name
+
+
+def current_backend() -> str | None:
+    """The forced backend, if any: the innermost ``use_backend`` or else ``FASTDIFF_BACKEND``."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("FASTDIFF_BACKEND", "").strip()
+    if env and env != "auto":
+        return _validate_backend(env)
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force one backend for every op called inside the block (``None`` or ``"auto"``: automatic)."""
+    if name == "auto":
+        name = None
+    if name is not None:
+        _validate_backend(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+@dataclass
+class _Impl:
+    fn: Callable
+    reasons: Callable[..., list[str]]
+
+
+@dataclass
+class Op:
+    """One op and its implementations, keyed by backend name."""
+
+    name: str
+    impls: dict[str, _Impl] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name in _ops:
+            raise ValueError(f"op {self.name!r} is registered twice")
+        _ops[self.name] = self
+
+    def register(self, backend: str, reasons: Callable[..., list[str]] | None = None):
+        """Decorator: ``@op.register("cpu", reasons=_cpu_reasons)`` on the implementation."""
+        _validate_backend(backend)
+
+        def deco(fn: Callable) -> Callable:
+            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []))
+            return fn
+
+        return deco
+
+    def reasons(self, backend: str, *args, **kwargs) -> list[str]:
+        """Every reason ``backend`` cannot run these arguments (empty: it can)."""
+        impl = self.impls.get(backend)
+        if impl is None:
+            return [f"{self.name} has no {backend!r} implementation"]
+        out = backend_reasons(backend)
+        if out:
+            return out
+        return list(impl.reasons(*args, **kwargs))
+
+    def select(self, *args, **kwargs) -> str:
+        """Name of the backend that will run these arguments."""
+        forced = current_backend()
+        if forced is not None:
+            why = self.reasons(forced, *args, **kwargs)
+            if why:
+                raise BackendUnavailable(
+                    f"backend {forced!r} was requested for {self.name} but cannot run this input:\n  - "
+                    + "\n  - ".join(why)
+                    + "\nUse fastdiff.ops.use_backend(None) (or unset FASTDIFF_BACKEND) for automatic choice."
+                )
+            return forced
+        for name in PRIORITY:
+            if name in self.impls and not self.reasons(name, *args, **kwargs):
+                return name
+        raise RuntimeError(f"no backend can run {self.name} for this input")  # unreachable: ref runs all
+
+    def __call__(self, *args, **kwargs):
+        return self.impls[self.select(*args, **kwargs)].fn(*args, **kwargs)
+
+    def table(self, *args, **kwargs) -> dict[str, list[str]]:
+        """backend -> reasons, for every backend in PRIORITY (used by ``fastdiff info`` and tests)."""
+        return {b: self.reasons(b, *args, **kwargs) for b in PRIORITY}
+
+
+def all_ops() -> dict[str, Op]:
+    """Every registered op by name (import :mod:`fastdiff.ops` first so that all are registered)."""
+    return dict(_ops)
