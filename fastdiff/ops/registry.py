@@ -146,6 +146,10 @@ class Op:
     def __call__(self, *args, **kwargs):
         return self.impls[self.select(*args, **kwargs)].fn(*args, **kwargs)
 
+    def availability(self) -> dict[str, list[str]]:
+        """backend -> reasons it cannot run this op on this machine at all (no input needed)."""
+        return {b: ([f"no {b!r} implementation"] if b not in self.impls else backend_reasons(b)) for b in PRIORITY}
+
     def table(self, *args, **kwargs) -> dict[str, list[str]]:
         """backend -> reasons, for every backend in PRIORITY (used by ``fastdiff info`` and tests)."""
         return {b: self.reasons(b, *args, **kwargs) for b in PRIORITY}
