@@ -1,0 +1,386 @@
+"""Samplers: pure functions with one signature, each matching the diffusers scheduler of the same name.
+
+    sample_xxx(model, x, schedule, *, steps, cond=None, uncond=None, guidance=None, generator=None,
+               callback=None, **sampler_options) -> sample
+
+- ``model``: a :class:`~fastdiff.samplers.model.Denoiser` (or a bare eps/flow network), see model.py.
+- ``x``: standard normal noise of the output's shape. Samplers that work in sigma space scale it themselves
+  (Euler: ``x * sigma_max``), so every sampler starts from the same tensor a user draws.
+- ``schedule``: a :class:`NoiseSchedule` (DDPM, DDIM, Euler, Euler a, DPM++ 2M) or :class:`FlowSchedule`.
+- ``guidance``: classifier-free guidance scale with ``uncond`` the null conditioning; ONE batched forward
+  per step, guidance fused into the update.
+- ``generator``: a ``torch.Generator`` (or a list, one per sample, as diffusers) for the sampler's own noise.
+  Noise is drawn in the same order and shape as diffusers draws it, so a seeded run reproduces diffusers.
+- ``callback(i, t, x)``: after step ``i`` (timestep ``t``) with the new state, in the parameterisation of the
+  matching diffusers scheduler (sigma-scaled for Euler samplers).
+
+Every one-step update is ``out = a * x0 + b * x + s * noise`` with ``x0`` linear in (x, model output); the
+coefficients are derived in fp64 and the update runs through :func:`fastdiff.ops.sampler_step` (fused CFG +
+prediction + update, one pass). No noise is added at the last step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fastdiff.ops import sampler_step
+from fastdiff.samplers.model import Denoiser, as_denoiser, guided_forward
+from fastdiff.samplers.schedules import (
+    FlowSchedule,
+    NoiseSchedule,
+    eps_coefs,
+    karras_sigmas,
+    x0_coefs,
+    _sigma_to_t,
+)
+
+__all__ = [
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_flow_euler",
+]
+
+Callback = Callable[[int, float, torch.Tensor], Any]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared plumbing.
+# --------------------------------------------------------------------------------------------------------------
+
+def _check_inputs(x, schedule, want) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor of standard normal noise")
+    if not isinstance(schedule, want):
+        raise TypeError(f"this sampler needs a {want.__name__}, got {type(schedule).__name__}"
+                        + (" (use sample_flow_euler for rectified-flow models)" if isinstance(schedule, FlowSchedule)
+                           else ""))
+
+
+def _randn(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise like x, drawn as diffusers' randn_tensor draws it (CPU generator -> CPU draw)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        if len(generator) > 1:
+            return torch.cat([_randn(x[i:i + 1], g) for i, g in enumerate(generator)])
+        generator = generator[0]
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _update(x, m, g, px, pm, a, b, s=0.0, noise=None, clip=None) -> torch.Tensor:
+    """``out = a * clamp(px*x + pm*m) + b*x + s*noise`` (m guided with scale g) in one fused pass.
+
+    Without a clamp the prediction is folded into the output coefficients in fp64:
+    ``out = (a*pm) m + (a*px + b) x + s noise`` -- fewer roundings than forming x0 first.
+    """
+    if noise is None:
+        s = 0.0
+    if clip is None:
+        return sampler_step(x, m, a * pm, a * px + b, s, noise, pred=(0.0, 1.0), guidance_scale=g)
+    return sampler_step(x, m, a, b, s, noise, pred=(px, pm), clip=clip, guidance_scale=g)
+
+
+def _guided(m: torch.Tensor, g: float | None) -> torch.Tensor:
+    """Eager CFG combination (only for the few updates that are not of the fused form)."""
+    if g is None:
+        return m
+    u, c = m.float().chunk(2)
+    return (u + g * (c - u)).to(m.dtype)
+
+
+def _spacing(schedule: NoiseSchedule, spacing: str | None, default: str) -> str:
+    return spacing or schedule.spacing or default
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DDPM (Ho et al. 2020) -- diffusers DDPMScheduler, variance_type="fixed_small".
+# --------------------------------------------------------------------------------------------------------------
+
+def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
+                guidance: float | None = None, generator=None, callback: Callback | None = None,
+                clip: float | None = None, spacing: str | None = None,
+                steps_offset: int | None = None) -> torch.Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_{t'} | x_t, x0) with x0 predicted by the model.
+
+    With ``steps < T`` the chain jumps between the spaced timesteps t -> t' using the posterior of that
+    jump (betas recomputed from abar, as diffusers). ``clip`` clamps the x0 estimate (pixel models: 1.0).
+    Default spacing ``leading`` (diffusers' default).
+    """
+    _check_inputs(x, schedule, NoiseSchedule)
+    model = as_denoiser(model, "eps")
+    ts = schedule.timesteps(steps, variant="ddim", spacing=_spacing(schedule, spacing, "leading"),
+                            steps_offset=steps_offset)
+    acp = schedule.alphas_cumprod.tolist()
+    for i, t in enumerate(ts.tolist()):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t = acp[t]
+        a_p = acp[prev] if prev >= 0 else 1.0
+        alpha_t_step = a_t / a_p            # alpha_t of the (possibly skipped) step t -> t'
+        beta_t_step = 1.0 - alpha_t_step
+        # DDPM eq. 7: posterior mean  mu = sqrt(abar_{t'}) beta_t / (1 - abar_t) x0
+        #                                + sqrt(alpha_t) (1 - abar_{t'}) / (1 - abar_t) x_t
+        c_x0 = math.sqrt(a_p) * beta_t_step / (1.0 - a_t)
+        c_xt = math.sqrt(alpha_t_step) * (1.0 - a_p) / (1.0 - a_t)
+        # DDPM eq. 7 (variance "fixed_small" = beta tilde): (1 - abar_{t'}) / (1 - abar_t) beta_t, floored at
+        # 1e-20 like diffusers. Sec. 3.2 / eq. 6: no noise is added when producing x_0 (the last step).
+        last = i + 1 == len(ts)
+        std = 0.0 if last else math.sqrt(max((1.0 - a_p) / (1.0 - a_t) * beta_t_step, 1e-20))
+        px, pm = x0_coefs(model.prediction, math.sqrt(a_t), math.sqrt(1.0 - a_t))
+        m, g = guided_forward(model, x, t, cond, uncond, guidance)
+        noise = _randn(x, generator) if std > 0.0 else None
+        x = _update(x, m, g, px, pm, c_x0, c_xt, std, noise, clip)
+        if callback is not None:
+            callback(i, float(t), x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DDIM (Song et al. 2021) -- diffusers DDIMScheduler.
+# --------------------------------------------------------------------------------------------------------------
+
+def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
+                guidance: float | None = None, generator=None, callback: Callback | None = None,
+                eta: float = 0.0, clip: float | None = None, set_alpha_to_one: bool = True,
+                spacing: str | None = None, steps_offset: int | None = None) -> torch.Tensor:
+    """DDIM, eq. 12 with sigma_t(eta) of eq. 16; eta = 0 is deterministic, eta = 1 DDPM-like.
+
+    As diffusers, the previous timestep is ``t - T // steps`` for every spacing (for ``linspace`` this can
+    differ by one from the next listed timestep), and after the last step ``abar`` is 1
+    (``set_alpha_to_one``) or ``abar_0``. ``clip`` clamps x0 while eps stays the model's (diffusers'
+    ``use_clipped_model_output=False``). Default spacing ``leading``.
+    """
+    _check_inputs(x, schedule, NoiseSchedule)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    model = as_denoiser(model, "eps")
+    ts = schedule.timesteps(steps, variant="ddim", spacing=_spacing(schedule, spacing, "leading"),
+                            steps_offset=steps_offset)
+    acp = schedule.alphas_cumprod.tolist()
+    final = 1.0 if set_alpha_to_one else acp[0]
+    jump = schedule.num_train_timesteps // steps
+    for i, t in enumerate(ts.tolist()):
+        prev = t - jump
+        a_t = acp[t]
+        a_p = acp[prev] if prev >= 0 else final
+        alpha, sigma = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+        # eq. 16: sigma_t(eta) = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})
+        std = eta * math.sqrt((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
+        last = i + 1 == len(ts)
+        if last:
+            std_noise = 0.0  # no noise when producing the sample (diffusers adds std * z here if abar_final < 1)
+        else:
+            std_noise = std
+        # eq. 12: x_{t'} = sqrt(abar_{t'}) x0 + sqrt(1 - abar_{t'} - sigma_t^2) eps + sigma_t z
+        c_x0 = math.sqrt(a_p)
+        c_dir = math.sqrt(max(1.0 - a_p - std * std, 0.0))
+        px, pm = x0_coefs(model.prediction, alpha, sigma)
+        ex, em = eps_coefs(model.prediction, alpha, sigma)
+        m, g = guided_forward(model, x, t, cond, uncond, guidance)
+        noise = _randn(x, generator) if std_noise > 0.0 else None
+        if clip is None:
+            # eps = ex x + em m = (x - alpha x0) / sigma exactly, so eq. 12 is a*x0 + b*x with
+            # a = sqrt(abar') - c_dir alpha / sigma  and  b = c_dir / sigma, folded further in _update.
+            x = sampler_step(x, m, c_x0 * pm + c_dir * em, c_x0 * px + c_dir * ex, std_noise, noise,
+                             pred=(0.0, 1.0), guidance_scale=g)
+        else:
+            # Clamping x0 while keeping the model's eps leaves an extra m term: not the fused form.
+            mg = _guided(m, g).float()
+            xf = x.float()
+            x0 = (px * xf + pm * mg).clamp(-clip, clip)
+            eps = ex * xf + em * mg
+            out = c_x0 * x0 + c_dir * eps
+            if noise is not None:
+                out = out + std_noise * noise.float()
+            x = out.to(x.dtype)
+        if callback is not None:
+            callback(i, float(t), x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sigma-space samplers (Karras et al. 2022): x = x0 + sigma eps, sigma = sqrt((1 - abar) / abar).
+# --------------------------------------------------------------------------------------------------------------
+
+def _euler_sigmas(schedule: NoiseSchedule, steps: int, spacing, steps_offset, karras: bool):
+    """(timesteps, sigmas + [0]) as diffusers' EulerDiscreteScheduler.set_timesteps (interpolation linear)."""
+    sp = _spacing(schedule, spacing, "linspace")
+    ts = schedule.timesteps(steps, variant="euler", spacing=sp, steps_offset=steps_offset).astype(np.float64)
+    all_sigmas = schedule.k_sigmas().numpy()
+    sigmas = np.interp(ts, np.arange(len(all_sigmas)), all_sigmas)
+    if karras:  # EDM eq. 5 between the spaced schedule's end points; timesteps by log-sigma interpolation
+        sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
+        ts = _sigma_to_t(sigmas, np.log(all_sigmas))
+    return ts, np.concatenate([sigmas, [0.0]]), sp
+
+
+def _init_sigma(sigmas: np.ndarray, spacing: str) -> float:
+    # diffusers' init_noise_sigma: sigma_max for linspace/trailing, sqrt(sigma_max^2 + 1) for leading.
+    smax = float(sigmas.max())
+    return smax if spacing in ("linspace", "trailing") else math.sqrt(smax * smax + 1.0)
+
+
+def _sigma_x0_coefs(prediction: str, sigma: float) -> tuple[float, float]:
+    """x0 = px * x + pm * m for the sigma-space state x (the network saw x / sqrt(sigma^2 + 1))."""
+    c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)  # = alpha of the VP sample the network sees
+    px, pm = x0_coefs(prediction, c_in, sigma * c_in)
+    return px * c_in, pm
+
+
+def sample_euler(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
+                 guidance: float | None = None, generator=None, callback: Callback | None = None,
+                 karras: bool = False, spacing: str | None = None,
+                 steps_offset: int | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022, Alg. 1 with
+    churn 0), as diffusers' EulerDiscreteScheduler. ``karras=True``: EDM sigmas (``use_karras_sigmas``).
+    Default spacing ``linspace``. ``generator`` is unused (deterministic); accepted for the common signature."""
+    _check_inputs(x, schedule, NoiseSchedule)
+    model = as_denoiser(model, "eps")
+    ts, sigmas, sp = _euler_sigmas(schedule, steps, spacing, steps_offset, karras)
+    x = x * _init_sigma(sigmas, sp)
+    for i, t in enumerate(ts.tolist()):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        m, g = guided_forward(model, x * c_in, t, cond, uncond, guidance)
+        px, pm = _sigma_x0_coefs(model.prediction, sigma)
+        # Alg. 1 step: d = (x - x0) / sigma; x' = x + (sigma' - sigma) d = (sigma'/sigma) x + (1 - sigma'/sigma) x0
+        r = sigma_next / sigma
+        x = _update(x, m, g, px, pm, 1.0 - r, r)
+        if callback is not None:
+            callback(i, float(t), x)
+    return x
+
+
+def sample_euler_ancestral(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None,
+                           uncond=None, guidance: float | None = None, generator=None,
+                           callback: Callback | None = None, spacing: str | None = None,
+                           steps_offset: int | None = None) -> torch.Tensor:
+    """Euler ancestral (k-diffusion ``sample_euler_ancestral``, eta 1), as diffusers' EulerAncestralDiscreteScheduler.
+
+    Each step goes deterministically down to sigma_down and adds fresh noise of std sigma_up, with
+    sigma_up^2 = sigma'^2 (sigma^2 - sigma'^2) / sigma^2 and sigma_down^2 = sigma'^2 - sigma_up^2, so the
+    marginal noise level after the step is sigma'. Default spacing ``linspace``.
+    """
+    _check_inputs(x, schedule, NoiseSchedule)
+    model = as_denoiser(model, "eps")
+    ts, sigmas, sp = _euler_sigmas(schedule, steps, spacing, steps_offset, karras=False)
+    x = x * _init_sigma(sigmas, sp)
+    for i, t in enumerate(ts.tolist()):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
+        sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
+        c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        m, g = guided_forward(model, x * c_in, t, cond, uncond, guidance)
+        px, pm = _sigma_x0_coefs(model.prediction, sigma)
+        r = sigma_down / sigma
+        noise = _randn(x, generator) if sigma_up > 0.0 else None  # sigma_up = 0 exactly at the last step
+        x = _update(x, m, g, px, pm, 1.0 - r, r, sigma_up, noise)
+        if callback is not None:
+            callback(i, float(t), x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DPM-Solver++(2M) (Lu et al. 2022) -- diffusers DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
+# solver_order=2, solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero").
+# --------------------------------------------------------------------------------------------------------------
+
+def _dpm_timesteps_sigmas(schedule: NoiseSchedule, steps: int, spacing, steps_offset, karras: bool):
+    ts = schedule.timesteps(steps, variant="dpm", spacing=_spacing(schedule, spacing, "linspace"),
+                            steps_offset=steps_offset)
+    all_sigmas = schedule.k_sigmas().numpy()
+    if karras:
+        # diffusers: EDM sigmas over the full training range; timesteps from log-sigma interpolation, rounded
+        # (truncated for the cosine schedule, which diffusers does not round before its int64 cast).
+        sigmas = karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), steps)
+        tf = _sigma_to_t(sigmas, np.log(all_sigmas))
+        ts = (tf if schedule.kind == "cosine" else tf.round()).astype(np.int64)
+    else:
+        sigmas = np.interp(ts, np.arange(len(all_sigmas)), all_sigmas)
+    return ts, np.concatenate([sigmas, [0.0]])
+
+
+def sample_dpmpp_2m(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
+                    guidance: float | None = None, generator=None, callback: Callback | None = None,
+                    karras: bool = False, spacing: str | None = None,
+                    steps_offset: int | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2 (multistep, data prediction), in VP space.
+
+    With lambda = log(alpha / sigma) and h = lambda_{t'} - lambda_t:
+      first step (DPM-Solver++(1), eq. 9 = DDIM): x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) x0
+      later steps: D = (1 + 1/(2r)) x0_t - 1/(2r) x0_{prev}, r = h_prev / h;  x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D
+      last step (final sigma 0, diffusers' lower_order_final): x' = x0.
+    Default spacing ``linspace``; ``karras=True`` uses EDM sigmas (``use_karras_sigmas``).
+    ``generator`` is unused (deterministic); accepted for the common signature.
+    """
+    _check_inputs(x, schedule, NoiseSchedule)
+    model = as_denoiser(model, "eps")
+    ts, sigmas = _dpm_timesteps_sigmas(schedule, steps, spacing, steps_offset, karras)
+
+    def alpha_sigma(k_sigma: float) -> tuple[float, float]:
+        a = 1.0 / math.sqrt(k_sigma * k_sigma + 1.0)
+        return a, k_sigma * a
+
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(ts.tolist()):
+        alpha_s, sigma_s = alpha_sigma(float(sigmas[i]))
+        m, g = guided_forward(model, x, t, cond, uncond, guidance)
+        px, pm = x0_coefs(model.prediction, alpha_s, sigma_s)
+        # x0 of this step (guidance + conversion fused, one pass).
+        x0 = sampler_step(x, m, pm, px, pred=(0.0, 1.0), guidance_scale=g)
+        k_next = float(sigmas[i + 1])
+        if k_next == 0.0:
+            x = x0  # lambda' = +inf: e^{-h} = 0, sigma' = 0, alpha' = 1
+            h = None
+        else:
+            alpha_t, sigma_t = alpha_sigma(k_next)
+            h = (math.log(alpha_t) - math.log(sigma_t)) - (math.log(alpha_s) - math.log(sigma_s))
+            c_x = sigma_t / sigma_s
+            c_d = -alpha_t * math.expm1(-h)  # -alpha' (e^{-h} - 1)
+            if x0_prev is None:
+                x = sampler_step(x, x0, c_d, c_x)
+            else:
+                r = h_prev / h
+                # x' = c_x x + c_d ((1 + 1/(2r)) x0 - 1/(2r) x0_prev): the op's "noise" slot carries x0_prev.
+                x = sampler_step(x, x0, c_d * (1.0 + 0.5 / r), c_x, -c_d * 0.5 / r, x0_prev)
+        x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, float(t), x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rectified flow (SD3) -- diffusers FlowMatchEulerDiscreteScheduler.
+# --------------------------------------------------------------------------------------------------------------
+
+def sample_flow_euler(model, x: torch.Tensor, schedule: FlowSchedule, *, steps: int, cond=None, uncond=None,
+                      guidance: float | None = None, generator=None, callback: Callback | None = None,
+                      ) -> torch.Tensor:
+    """Euler on the flow ODE dx/ds = v(x, s), v = eps - x0: x' = x + (s' - s) v (Esser et al. 2024, Sec. 2).
+
+    The network sees timestep 1000 * s. ``generator`` is unused (deterministic).
+    """
+    _check_inputs(x, schedule, FlowSchedule)
+    model = as_denoiser(model, "flow")
+    sigmas = schedule.sigmas(steps)
+    t_scale = schedule.num_train_timesteps
+    for i in range(steps):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        # diffusers passes the fp32 sigma times T as the timestep.
+        t = float(np.float32(s) * np.float32(t_scale))
+        m, g = guided_forward(model, x, t, cond, uncond, guidance)
+        if model.prediction == "flow":
+            x = sampler_step(x, m, s_next - s, 1.0, guidance_scale=g)
+        else:  # another prediction type on a flow schedule: via x0, x' = (s'/s) x + (1 - s'/s) x0
+            px, pm = x0_coefs(model.prediction, 1.0 - s, s)
+            r = s_next / s
+            x = _update(x, m, g, px, pm, 1.0 - r, r)
+        if callback is not None:
+            callback(i, t, x)
+    return x
