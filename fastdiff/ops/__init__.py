@@ -5,6 +5,7 @@
 from fastdiff.ops import _backends  # noqa: F401  (registers the backend checks)
 from fastdiff.ops.registry import BackendUnavailable, all_ops, current_backend, use_backend
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_ref
+from fastdiff.ops.geglu import geglu, geglu_ref
 
 __all__ = [
     "BackendUnavailable",
@@ -13,4 +14,6 @@ __all__ = [
     "use_backend",
     "sampler_step",
     "sampler_step_ref",
+    "geglu",
+    "geglu_ref",
 ]
