@@ -1,0 +1,1 @@
+"""Measuring sample quality: a Fashion-MNIST classifier, classifier-feature FID, Inception FID."""

@@ -1,0 +1,205 @@
+"""Real Fashion-MNIST for evaluation, in the diffusion model's own pixel space.
+
+Every image the evaluation touches (real or generated) is a float tensor of shape (N, 1, 32, 32) in [-1, 1]:
+the 28x28 Fashion-MNIST digit scaled as ``x / 127.5 - 1`` and padded with 2 px of background (-1) on each
+side. This is the preprocessing the bundled diffusion model trains on, so the classifier sees generated
+samples exactly as the diffusion model produces them.
+
+The loaders of :mod:`fastdiff.io.datasets` are used when that module provides them; otherwise a tiny IDX
+reader here parses the files directly (the IDX format: a big-endian magic ``0x0000 <dtype> <ndim>``, then
+``ndim`` big-endian uint32 sizes, then the raw array).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "FASHION_CLASSES",
+    "read_idx",
+    "load_fashion_mnist",
+    "to_model_space",
+    "class_index",
+    "load_image_set",
+    "save_image_set",
+]
+
+# Where Debian's `dataset-fashion-mnist` package installs the IDX files; FASTDIFF_FASHION_MNIST overrides.
+FASHION_MNIST_DIR = Path(os.environ.get("FASTDIFF_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+FASHION_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+
+# IDX type byte -> numpy dtype (big-endian where it matters).
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (``.gz`` or raw) into a numpy array; a malformed file raises ``ValueError``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"IDX file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic {data[:4].hex()})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but {len(data) - header} bytes follow")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).exists():
+            return root / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {root}. On Debian/Ubuntu: "
+        "`apt-get install dataset-fashion-mnist`, or set FASTDIFF_FASHION_MNIST to the folder with the IDX files.")
+
+
+def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images, labels)`` of one split: images (N, 1, 32, 32) float32 in [-1, 1], labels int64."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST {split}: images {images.shape} and labels {labels.shape} do not match")
+    return to_model_space(torch.from_numpy(images.copy())), torch.from_numpy(labels.astype(np.int64))
+
+
+def to_model_space(images: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, 1, H, W) in 0..255 -> float32 (N, 1, size, size) in [-1, 1], padded with -1.
+
+    Padding (not resizing) keeps the strokes' pixel scale: a 28x28 image gets 2 px of background each side.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images in 0..255, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected (N, H, W) or (N, 1, H, W) grayscale images, got {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if h > size or w > size:
+        raise ValueError(f"images are {h}x{w}, larger than the {size}x{size} model space")
+    x = images.float() / 127.5 - 1.0
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)
+
+
+def class_index(name: str | int) -> int:
+    """A Fashion-MNIST class by index (``7``, ``"7"``) or name (``"sneaker"``, ``"t-shirt"``, ``"ankle_boot"``)."""
+    if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+        i = int(name)
+        if not 0 <= i < len(FASHION_CLASSES):
+            raise ValueError(f"class index {i} outside 0..{len(FASHION_CLASSES) - 1}")
+        return i
+    key = name.lower().replace("_", " ").replace("-", " ").strip()
+    for i, cls in enumerate(FASHION_CLASSES):
+        aliases = {cls.replace("-", " "), *(part.replace("-", " ") for part in cls.split("/")), cls.replace("/", " ")}
+        if key in aliases:
+            return i
+    raise ValueError(f"unknown Fashion-MNIST class {name!r}; classes: {', '.join(FASHION_CLASSES)}")
+
+
+def _array_to_model_space(arr: np.ndarray, what: str) -> torch.Tensor:
+    if arr.ndim == 4 and arr.shape[-1] == 1:  # NHWC with one channel
+        arr = arr[..., 0]
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 3:
+        raise ValueError(f"{what}: expected grayscale images (N, H, W), (N, 1, H, W) or (N, H, W, 1), got {arr.shape}")
+    if arr.dtype == np.uint8:
+        return to_model_space(torch.from_numpy(np.ascontiguousarray(arr)))
+    if np.issubdtype(arr.dtype, np.floating):
+        # Float images are taken to be in the model space [-1, 1] (what the samplers return).
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        if x.numel() and (x.min() < -1.05 or x.max() > 1.05):
+            raise ValueError(f"{what}: float images must be in [-1, 1], found [{x.min():.3f}, {x.max():.3f}]; "
+                             "store uint8 0..255 instead")
+        if x.shape[-2:] != (32, 32):
+            raise ValueError(f"{what}: float images must be 32x32, got {tuple(x.shape[-2:])}")
+        return x[:, None].clamp(-1, 1)
+    raise ValueError(f"{what}: unsupported dtype {arr.dtype} (use uint8 0..255 or float in [-1, 1])")
+
+
+def load_image_set(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (+ labels if known) from an ``.npz`` or a folder, as (N, 1, 32, 32) in [-1, 1].
+
+    - ``.npz``: ``images`` (uint8 0..255 or float in [-1, 1]; 28x28 is padded to 32x32) and optionally
+      ``labels`` (class indices). ``x``/``y`` are accepted as the names too.
+    - folder: one subfolder per class (named by index ``0``..``9`` or class name) holding PNG/JPEG files; or
+      image files directly in the folder (no labels).
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such image set: {path}")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise ValueError(f"{path}: expected an .npz file or a folder of images")
+        with np.load(path) as z:
+            key_x = next((k for k in ("images", "x") if k in z), None)
+            if key_x is None:
+                raise ValueError(f"{path}: no 'images' array (found {', '.join(z.files)})")
+            images = _array_to_model_space(z[key_x], str(path))
+            key_y = next((k for k in ("labels", "y") if k in z), None)
+            labels = None if key_y is None else torch.from_numpy(z[key_y].astype(np.int64).reshape(-1))
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+        if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(FASHION_CLASSES)):
+            raise ValueError(f"{path}: labels must be in 0..{len(FASHION_CLASSES) - 1}")
+        return images, labels
+    exts = {".png", ".jpg", ".jpeg", ".bmp"}
+
+    def read(files):
+        arrs = []
+        for f in files:
+            a = np.asarray(Image.open(f).convert("L"))
+            if arrs and a.shape != arrs[0].shape:
+                raise ValueError(f"{f}: size {a.shape} differs from {arrs[0].shape} of the other images")
+            arrs.append(a)
+        return np.stack(arrs)
+
+    subdirs = sorted(d for d in path.iterdir() if d.is_dir())
+    if subdirs:
+        xs, ys = [], []
+        for d in subdirs:
+            files = sorted(f for f in d.iterdir() if f.suffix.lower() in exts)
+            if files:
+                xs.append(read(files))
+                ys += [class_index(d.name)] * len(files)
+        if not xs:
+            raise ValueError(f"{path}: no images in its class subfolders")
+        return _array_to_model_space(np.concatenate(xs), str(path)), torch.tensor(ys, dtype=torch.long)
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in exts)
+    if not files:
+        raise ValueError(f"{path}: no image files ({', '.join(sorted(exts))}) found")
+    return _array_to_model_space(read(files), str(path)), None
+
+
+def save_image_set(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """Write model-space images as uint8 (rounded like a PNG) to an ``.npz`` that :func:`load_image_set` reads."""
+    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
+    arrays = {"images": x}
+    if labels is not None:
+        arrays["labels"] = torch.as_tensor(labels).cpu().numpy().astype(np.int64)
+    np.savez_compressed(path, **arrays)
