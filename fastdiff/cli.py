@@ -13,7 +13,9 @@ __all__ = ["main"]
 
 # subcommand -> (module, the function adding its parser). Modules are imported only when listed, so
 # `fastdiff info` does not pay for importing the training code.
-_SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("fastdiff.eval.cli", "add_eval_parser"),
+}
 
 
 def _info(args: argparse.Namespace) -> int:
