@@ -6,6 +6,7 @@ from fastdiff.ops import _backends  # noqa: F401  (registers the backend checks)
 from fastdiff.ops.registry import BackendUnavailable, all_ops, current_backend, use_backend
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_ref
 from fastdiff.ops.geglu import geglu, geglu_ref
+from fastdiff.ops.attention import attention, attention_ref
 
 __all__ = [
     "BackendUnavailable",
@@ -16,4 +17,6 @@ __all__ = [
     "sampler_step_ref",
     "geglu",
     "geglu_ref",
+    "attention",
+    "attention_ref",
 ]

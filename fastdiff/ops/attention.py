@@ -1,0 +1,206 @@
+"""Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, in the layout of SDPA.
+
+``attention(q, k, v, attn_mask=None, scale=None)`` is a drop-in for ``F.scaled_dot_product_attention`` without
+dropout and causal flags: q (B, heads, Lq, head_dim), k and v (B, heads, Lk, head_dim); self-attention
+(Lq == Lk) and cross-attention (SD1: Lk = 77 text tokens), head dims of SD1 (40, 80, 160) and SD3 (64).
+``attn_mask`` broadcasts to (B, heads, Lq, Lk): bool (True = attend) or float (added to the scores).
+``scale`` defaults to ``1/sqrt(head_dim)``.
+
+Documented results on edge cases (every backend): a query row whose keys are all masked out gets output 0 and
+zero gradients (torch's CPU SDPA does the same); Lk = 0 gives zeros; NaN in the inputs propagates to the rows
+it touches.
+
+Backends:
+- ``ref``: explicit ``softmax(q k^T * scale) v`` with fp32 math: the oracle.
+- ``cpu``: torch's SDPA (its fused CPU flash kernel), which was 3-5x faster than the eager matmul-softmax-matmul
+  at SD1/SD3 shapes in fp32 (benchmarks/bench_attention.py). For bf16 the choice is made per shape from the
+  same benchmark: see :func:`_cpu_bf16_upcast`.
+- ``triton``: fastdiff's flash-attention forward and backward kernels (kernels/flash_attention.py).
+- ``flash_attn``: the flash-attn package on a CUDA device, when it is installed (optional, never a dependency).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff.ops._backends import tensor_reasons
+from fastdiff.ops.registry import Op
+
+__all__ = ["attention", "attention_ref"]
+
+_op = Op("attention")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks (public boundary) and the reference
+# ----------------------------------------------------------------------------------------------------------
+
+def _check(q, k, v, attn_mask, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-d (B, heads, L, head_dim); got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    devs = {q.device, k.device, v.device} | ({attn_mask.device} if isinstance(attn_mask, torch.Tensor) else set())
+    if len(devs) > 1:
+        raise ValueError(f"attention: inputs are on different devices: {', '.join(sorted(map(str, devs)))}")
+    B, H, Lq, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[3] != D or v.shape[3] != D \
+            or k.shape[2] != v.shape[2]:
+        raise ValueError(f"attention: expected q (B, H, Lq, D), k and v (B, H, Lk, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if D == 0:
+        raise ValueError("attention: head_dim must be positive")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attention: attn_mask must be bool (True = attend) or floating (added to the "
+                            f"scores); got {attn_mask.dtype}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, k.shape[2]))
+        except RuntimeError:
+            raise ValueError(f"attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"(B, H, Lq, Lk) = {(B, H, Lq, k.shape[2])}") from None
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"attention: scale must be a number or None, got {type(scale).__name__}")
+
+
+def _scale(q, scale):
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def attention_ref(q, k, v, attn_mask=None, scale=None):
+    """Pure-PyTorch reference: explicit ``softmax(q k^T * scale + mask) v`` in fp32, output in q's dtype."""
+    dtype = q.dtype
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * _scale(q, scale)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.float()
+    if s.shape[-1] == 0:
+        return torch.zeros(q.shape, dtype=dtype, device=q.device) + 0 * q.sum()  # keeps the graph for autograd
+    # A row with every key masked has max -inf: its softmax is NaN; define it as 0 (see module doc).
+    empty = torch.isneginf(s.amax(-1, keepdim=True))
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return torch.matmul(p, v.float()).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cpu: torch SDPA
+# ----------------------------------------------------------------------------------------------------------
+
+def _cpu_bf16_upcast(q, k) -> bool:
+    """Whether a bf16 attention on CPU runs faster through fp32 SDPA (upcast, compute, round once).
+
+    Measured with benchmarks/bench_attention.py on the 2-core Zen 5 (see the README table): torch's bf16 CPU
+    flash kernel is slower than its fp32 one on long self-attention (SD1 64x64 d40, SD3 joint 1178 d64), where
+    the upcast pays for its copies; on short sequences (cross-attention Lk=77, 16x16 d160) the bf16 kernel wins.
+    The upcast is also more exact (fp32 softmax and accumulation; one rounding at the end).
+    """
+    return q.shape[-2] * k.shape[-2] >= _UPCAST_MIN_SCORES
+
+
+# Score-matrix size (Lq * Lk per head) from which the fp32 upcast wins in bf16 (see _cpu_bf16_upcast). Measured
+# (upcast time / bf16 SDPA time, same run): 4096^2 d40 0.61, 2048^2 d40 0.82, 1178^2 d64 0.89, 1024^2 d80 1.04,
+# 512^2 d80 1.41, 256^2 d160 1.27, 4096x77 d40 1.92.
+_UPCAST_MIN_SCORES = 1_200_000
+
+
+def _cpu_attention(q, k, v, attn_mask=None, scale=None):
+    if q.dtype == torch.bfloat16 and _cpu_bf16_upcast(q, k):
+        m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                              scale=_scale(q, scale)).to(q.dtype)
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.to(q.dtype)   # SDPA wants a float mask in the query's dtype
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=_scale(q, scale))
+
+
+def _mask_device(q, attn_mask):
+    if attn_mask is not None and attn_mask.device != q.device:
+        return [f"attn_mask is on {attn_mask.device}, q on {q.device}"]
+    return []
+
+
+def _cpu_reasons(q, k, v, attn_mask=None, scale=None):
+    # fp16 on this CPU class runs at ~2 GFLOP/s (PLATFORM.md): leave it to the reference rather than pretend.
+    return tensor_reasons("cpu", q, k, v, dtypes=(torch.float32, torch.bfloat16)) + _mask_device(q, attn_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triton: fastdiff's flash attention (forward and backward)
+# ----------------------------------------------------------------------------------------------------------
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, scale):
+        from fastdiff.kernels.flash_attention import flash_attention_fwd
+
+        out, lse = flash_attention_fwd(q, k, v, attn_mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        from fastdiff.kernels.flash_attention import flash_attention_bwd
+
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, out, lse, attn_mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _triton_attention(q, k, v, attn_mask=None, scale=None):
+    return _TritonAttention.apply(q, k, v, attn_mask, _scale(q, scale))
+
+
+def _triton_reasons(q, k, v, attn_mask=None, scale=None):
+    out = tensor_reasons("triton", q, k, v, dtypes=_FLOAT_DTYPES) + _mask_device(q, attn_mask)
+    if q.shape[-1] > 256:
+        out.append(f"head_dim {q.shape[-1]} > 256 (the largest tile the kernels are compiled for)")
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        out.append("attn_mask requires grad: the kernel does not compute a mask gradient")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flash_attn: the optional flash-attn package (CUDA, fp16/bf16, no arbitrary mask)
+# ----------------------------------------------------------------------------------------------------------
+
+def _flash_attn_attention(q, k, v, attn_mask=None, scale=None):
+    flash_attn_func = importlib.import_module("flash_attn").flash_attn_func
+    # flash-attn takes (B, L, H, D); its autograd gives the backward.
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=_scale(q, scale))
+    return out.transpose(1, 2)
+
+
+def _flash_attn_reasons(q, k, v, attn_mask=None, scale=None):
+    out = tensor_reasons("flash_attn", q, k, v, dtypes=(torch.bfloat16, torch.float16))
+    if attn_mask is not None:
+        out.append("flash-attn takes no arbitrary attn_mask")
+    if q.shape[-1] > 256 or q.shape[-1] % 8:
+        out.append(f"head_dim {q.shape[-1]}: flash-attn needs a multiple of 8, at most 256")
+    return out
+
+
+_op.register("ref")(attention_ref)
+_op.register("cpu", _cpu_reasons)(_cpu_attention)
+_op.register("triton", _triton_reasons)(_triton_attention)
+_op.register("flash_attn", _flash_attn_reasons)(_flash_attn_attention)
+
+
+def attention(q, k, v, attn_mask=None, scale=None):
+    """``softmax(q k^T * scale + attn_mask) v`` for q (B, H, Lq, D), k and v (B, H, Lk, D); see module doc."""
+    _check(q, k, v, attn_mask, scale)
+    if k.shape[2] == 0 or q.numel() == 0:
+        return attention_ref(q, k, v, attn_mask, scale)
+    return _op(q, k, v, attn_mask, scale)

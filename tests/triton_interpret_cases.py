@@ -1,0 +1,134 @@
+"""Triton kernels on CPU tensors under TRITON_INTERPRET=1, against the pure-PyTorch references.
+
+Not collected by the normal run (the name does not start with ``test_``): ``tests/test_triton_interpret.py``
+runs this file in a subprocess with TRITON_INTERPRET=1 set before triton is imported, so the rest of the suite
+keeps the compiled-triton behaviour. Run it alone with::
+
+    TRITON_INTERPRET=1 python -m pytest tests/triton_interpret_cases.py -q
+
+The interpreter is slow, so the shapes are small but cover what the kernels mask: odd lengths (77, 100),
+cross-attention (Lq != Lk), every head dim (40, 64, 80, 160: padded to 64/128/256), several blocks per axis.
+Under the interpreter the kernels upcast 16-bit tiles to fp32 before tl.dot (the interpreter's 16-bit dot
+is wrong, PLATFORM.md), so bf16 here checks the kernels' loads, stores and rounding of inputs/outputs, and the
+16-bit dots themselves are checked by the AOT compile (tests/test_triton_aot.py).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - guarded by test_triton_interpret.py
+    raise RuntimeError("run this file with TRITON_INTERPRET=1 (tests/test_triton_interpret.py does)")
+
+import fastdiff.ops as ops  # noqa: E402
+from fastdiff.ops.attention import attention, attention_ref  # noqa: E402
+
+from _ops_util import assert_close_lowp, max_err  # noqa: E402
+
+# (B, H, Lq, Lk, D)
+ATTN_SHAPES = [
+    (1, 2, 64, 64, 40),      # SD1 head dim 40 (BLOCK_D 64)
+    (2, 1, 77, 77, 64),      # SD3 head dim, odd length
+    (1, 2, 100, 77, 80),     # cross-attention, SD1 head dim 80 (BLOCK_D 128)
+    (1, 1, 160, 96, 160),    # SD1 head dim 160 (BLOCK_D 256), several query blocks
+    (1, 1, 33, 130, 16),     # tiny head dim, several key blocks with a ragged tail
+]
+
+
+def _qkv(B, H, Lq, Lk, D, dtype, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:
+        # diffusers' layout: (B, L, H, D) viewed as (B, H, L, D) through a transpose.
+        mk = lambda L: torch.randn(B, L, H, D, generator=g).to(dtype).transpose(1, 2)  # noqa: E731
+    else:
+        mk = lambda L: torch.randn(B, H, L, D, generator=g).to(dtype)  # noqa: E731
+    return mk(Lq), mk(Lk), mk(Lk)
+
+
+def _triton(q, k, v, mask=None, scale=None):
+    with ops.use_backend("triton"):
+        return attention(q, k, v, mask, scale)
+
+
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_fwd_bwd_fp32(shape):
+    q, k, v = _qkv(*shape, torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = _triton(q, k, v)
+    ref = attention_ref(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    do = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), do)
+    gr = torch.autograd.grad(ref, (q, k, v), do)
+    for name, a, b in zip("qkv", g, gr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", ATTN_SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_attention_bf16_within_2x_torch(shape):
+    q, k, v = _qkv(*shape, torch.bfloat16)
+    q32, k32, v32 = (t.float().requires_grad_(True) for t in (q, k, v))
+    ref = attention_ref(q32, k32, v32)
+    do = torch.randn(ref.shape).bfloat16()
+    gref = torch.autograd.grad(ref, (q32, k32, v32), do.float())
+    # Torch's own bf16 attention (SDPA's CPU kernel) is the error budget.
+    qt, kt, vt = (t.clone().requires_grad_(True) for t in (q, k, v))
+    tout = F.scaled_dot_product_attention(qt, kt, vt)
+    tg = torch.autograd.grad(tout, (qt, kt, vt), do)
+    qk, kk, vk = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = _triton(qk, kk, vk)
+    assert out.dtype == torch.bfloat16
+    g = torch.autograd.grad(out, (qk, kk, vk), do)
+    assert_close_lowp(out, ref, tout, "attention bf16 out")
+    for name, a, b, t in zip("qkv", g, gref, tg):
+        assert_close_lowp(a, b, t, f"attention bf16 d{name}")
+
+
+def test_attention_noncontiguous_and_scale():
+    q, k, v = _qkv(2, 3, 70, 50, 40, torch.float32, noncontig=True)
+    assert not q.is_contiguous()
+    torch.testing.assert_close(_triton(q, k, v, scale=0.3), attention_ref(q, k, v, scale=0.3), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_masks():
+    B, H, Lq, Lk, D = 2, 2, 70, 77, 40
+    q, k, v = _qkv(B, H, Lq, Lk, D, torch.float32, seed=1)
+    g = torch.Generator().manual_seed(2)
+    # Key padding (bool, broadcast over heads and queries): batch 1 sees only its first 50 keys.
+    pad = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+    pad[1, ..., 50:] = False
+    # Additive float mask over (Lq, Lk), broadcast over batch and heads.
+    bias = torch.randn(Lq, Lk, generator=g)
+    # A bool mask with fully masked query rows: documented output 0 and zero gradient.
+    full = torch.rand(B, H, Lq, Lk, generator=g) > 0.3
+    full[:, :, 5] = False
+    for mask in (pad, bias, full):
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = _triton(qg, kg, vg, mask)
+        ref = attention_ref(qr, kr, vr, mask)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        do = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (qg, kg, vg), do), torch.autograd.grad(ref, (qr, kr, vr), do)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    out = _triton(q, k, v, full)
+    assert torch.all(out[:, :, 5] == 0)
+    # The reference agrees with torch's SDPA on the fully masked rows (0), so the convention is torch's.
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=full), attention_ref(q, k, v, full),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_attention_nan_propagates_to_its_rows_only():
+    q, k, v = _qkv(1, 1, 40, 40, 40, torch.float32)
+    q[0, 0, 3, 7] = float("nan")
+    out = _triton(q, k, v)
+    assert torch.isnan(out[0, 0, 3]).all()
+    rest = torch.cat([out[0, 0, :3], out[0, 0, 4:]])
+    assert max_err(rest, torch.cat([attention_ref(q, k, v)[0, 0, :3], attention_ref(q, k, v)[0, 0, 4:]])) < 1e-5
+
+
+def test_interpreter_is_never_chosen_automatically():
+    q, k, v = _qkv(1, 1, 16, 16, 16, torch.float32)
+    assert ops.all_ops()["attention"].select(q, k, v, None, None) != "triton"
