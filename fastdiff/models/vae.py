@@ -1,0 +1,264 @@
+"""KL autoencoder of latent diffusion (the SD1 VAE), laid out like diffusers' ``AutoencoderKL``.
+
+Attribute paths equal diffusers' keys (``encoder.down_blocks.0.resnets.0.norm1.weight``,
+``decoder.mid_block.attentions.0.to_q.weight``, ``quant_conv.weight``, ...). The original LDM names
+(``encoder.down.0.block.0``, ``mid.attn_1.q`` as 1x1 convs, ...) are mapped in :mod:`fastdiff.io.sd_checkpoint`.
+
+    encode: x (B,3,H,W) in [-1,1] -> conv_in -> levels of ResBlocks + stride-2 conv (asymmetric pad)
+            -> mid (ResBlock, single-head self-attention, ResBlock) -> GroupNorm+SiLU -> conv_out
+            -> quant_conv -> [mean, logvar] (B, 2*4, H/8, W/8) -> DiagonalGaussian
+    decode: z -> post_quant_conv -> conv_in -> mid -> levels of (ResBlocks, 2x nearest + conv)
+            -> GroupNorm+SiLU -> conv_out -> image
+
+Latents the UNet sees are ``scaling_factor * z`` (0.18215 for SD1); ``encode``/``decode`` work on unscaled z
+like diffusers, and the pipeline applies the factor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdiff.models import _sd_ops as ops
+
+__all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "SD15", "TINY", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    sample_size: int = 512
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of "
+                             f"norm_num_groups {self.norm_num_groups}")
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "VAEConfig":
+        """From an ``AutoencoderKL`` config.json dict (only the SD1-style KL autoencoder)."""
+        n = len(cfg.get("block_out_channels", (64,)))
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            got = tuple(cfg.get(key, (want,) * n))
+            if got != (want,) * n:
+                raise ValueError(f"unsupported AutoencoderKL {key} {got}: fastdiff's VAE has {want} blocks")
+        for key in ("use_quant_conv", "use_post_quant_conv"):
+            if not cfg.get(key, True):
+                raise ValueError(f"unsupported AutoencoderKL config: {key}=False")
+        if cfg.get("act_fn", "silu") != "silu" or cfg.get("mid_block_add_attention", True) is False:
+            raise ValueError("unsupported AutoencoderKL config (act_fn / mid_block_add_attention)")
+        return cls(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
+                   latent_channels=cfg.get("latent_channels", 4),
+                   block_out_channels=tuple(cfg.get("block_out_channels", (64,))),
+                   layers_per_block=cfg.get("layers_per_block", 1), norm_num_groups=cfg.get("norm_num_groups", 32),
+                   scaling_factor=cfg.get("scaling_factor", 0.18215), sample_size=cfg.get("sample_size", 512))
+
+    def to_diffusers(self) -> dict:
+        n = len(self.block_out_channels)
+        return {"_class_name": "AutoencoderKL", "act_fn": "silu", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "latent_channels": self.latent_channels,
+                "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
+                "norm_num_groups": self.norm_num_groups, "scaling_factor": self.scaling_factor,
+                "sample_size": self.sample_size, "down_block_types": ["DownEncoderBlock2D"] * n,
+                "up_block_types": ["UpDecoderBlock2D"] * n}
+
+
+SD15 = VAEConfig()
+TINY = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
+PRESETS = {"sd15": SD15, "tiny": TINY}
+
+_EPS = 1e-6  # every VAE norm uses eps 1e-6 (the UNet uses 1e-5)
+
+
+class DiagonalGaussian:
+    """N(mean, exp(logvar)) per latent element; logvar clamped to [-30, 20] as in LDM."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
+                            device=generator.device if generator is not None else self.mean.device)
+        return self.mean + self.std * noise.to(self.mean.device)
+
+
+class VAEResnetBlock(nn.Module):
+    """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus a 1x1 ``conv_shortcut`` when channels change."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=_EPS)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=_EPS)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(ops.group_norm(x, self.norm1, silu=True))
+        h = self.conv2(ops.group_norm(h, self.norm2, silu=True))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over the H*W positions with a GroupNorm in front and a residual."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = ops.group_norm(x, self.group_norm).flatten(2).transpose(1, 2)[:, None]  # (B, 1, HW, C)
+        o = ops.attention(self.to_q(y), self.to_k(y), self.to_v(y))[:, 0]
+        return self.to_out[0](o).transpose(1, 2).reshape(b, c, h, w) + x
+
+
+class VAEMidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class _Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding one row/column at the bottom/right (LDM's asymmetric padding)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class _Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _EncoderBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, n: int, groups: int, down: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        self.downsamplers = nn.ModuleList([_Downsample(cout)]) if down else None
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        return self.downsamplers[0](x) if self.downsamplers is not None else x
+
+
+class _DecoderBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, n: int, groups: int, up: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        self.upsamplers = nn.ModuleList([_Upsample(cout)]) if up else None
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        return self.upsamplers[0](x) if self.upsamplers is not None else x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            _EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=i < len(ch) - 1)
+            for i in range(len(ch))])
+        self.mid_block = VAEMidBlock(ch[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for blk in self.down_blocks:
+            x = blk(x)
+        x = self.mid_block(x)
+        return self.conv_out(ops.group_norm(x, self.conv_norm_out, silu=True))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(ch[0], g)
+        self.up_blocks = nn.ModuleList([
+            _DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, up=i < len(ch) - 1)
+            for i in range(len(ch))])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for blk in self.up_blocks:
+            x = blk(x)
+        return self.conv_out(ops.group_norm(x, self.conv_norm_out, silu=True))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig = SD15):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Image (B, C, H, W) in [-1, 1], H and W multiples of the downscale factor -> posterior over z."""
+        f = self.downscale
+        if x.dim() != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"VAE.encode expects (B, {self.config.in_channels}, H, W) with H, W multiples of {f}, "
+                             f"got {tuple(x.shape)}")
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, latent_channels, h, w) -> image (B, C, h*f, w*f), roughly in [-1, 1]."""
+        if z.dim() != 4 or z.shape[1] != self.config.latent_channels:
+            raise ValueError(f"VAE.decode expects (B, {self.config.latent_channels}, h, w), got {tuple(z.shape)}")
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+        post = self.encode(x)
+        return self.decode(post.sample(generator) if sample else post.mode())
