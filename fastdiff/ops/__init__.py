@@ -7,6 +7,8 @@ from fastdiff.ops.registry import BackendUnavailable, all_ops, current_backend, 
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_ref
 from fastdiff.ops.geglu import geglu, geglu_ref
 from fastdiff.ops.attention import attention, attention_ref
+from fastdiff.ops.conv import Conv2d, conv2d, conv2d_ref
+from fastdiff.ops.linear import Linear, linear, linear_ref
 
 __all__ = [
     "BackendUnavailable",
@@ -19,4 +21,10 @@ __all__ = [
     "geglu_ref",
     "attention",
     "attention_ref",
+    "Conv2d",
+    "conv2d",
+    "conv2d_ref",
+    "Linear",
+    "linear",
+    "linear_ref",
 ]

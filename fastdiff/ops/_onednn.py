@@ -1,0 +1,85 @@
+"""What the oneDNN paths of torch (the ops inductor uses) can do on this CPU, shared by conv and linear.
+
+``torch.ops.mkldnn._convolution_pointwise`` and ``torch.ops.mkldnn._linear_pointwise`` run a oneDNN
+convolution / inner product with post-ops fused into the output write (a unary activation, or a binary add
+of another tensor). They have no autograd formula; :mod:`fastdiff.ops.conv` and :mod:`fastdiff.ops.linear`
+wrap them in autograd Functions whose backward is the standard convolution / matmul backward.
+
+The bf16 math policy. A bf16 model wants bf16 activations in memory, but which precision the multiply-adds
+should run in depends on the CPU:
+
+- AMX (Intel Sapphire Rapids and later, when the hypervisor exposes it) or AMD Zen 4/5 with AVX512-BF16:
+  bf16 dot products run at 2x (or more) the fp32 FMA rate, so oneDNN's native bf16 kernels are the fast path
+  (PLATFORM.md: ~940 GFLOP/s bf16 vs ~470 fp32 on a Zen 5).
+- Intel AVX512-BF16 without AMX (Cooper Lake; Sapphire/Emerald Rapids guests without AMX): ``vdpbf16ps``
+  issues on one port and does 2 products a lane, the same 64 FLOP/cycle as two ports of fp32 FMA, and
+  oneDNN's bf16 convolutions measured 1.5-2x *slower* than fp32 here (benchmarks/bench_conv_block.py).
+- No AVX512-BF16 at all: bf16 is emulated, far slower than fp32.
+
+So on the last two classes the cpu backends upcast bf16 operands to fp32, run the fp32 oneDNN kernel and round
+the result to bf16 once. That is also more accurate than the bf16 kernel (one rounding at the end), so it
+stays inside the low-precision test rule. ``FASTDIFF_CPU_BF16_MATH=native|fp32`` overrides the choice.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from fastdiff.ops._checks import device_dtype_reasons
+
+__all__ = ["CPU_DTYPES", "bf16_math_dtype", "cpu_vendor", "onednn_reasons", "native_bf16_is_fast"]
+
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # fp16 runs at ~2 GFLOP/s on this class of CPU (PLATFORM.md)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """'GenuineIntel', 'AuthenticAMD', ... from /proc/cpuinfo ('' when unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16_is_fast() -> bool:
+    """True when oneDNN's bf16 kernels beat its fp32 kernels on this CPU (see the module doc)."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return True
+    return cpu_vendor() == "AuthenticAMD" and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def bf16_math_dtype() -> torch.dtype:
+    """The dtype the cpu conv/linear paths compute bf16 inputs in (bf16 or fp32; env override)."""
+    choice = os.environ.get("FASTDIFF_CPU_BF16_MATH", "").strip().lower()
+    if choice in ("native", "bf16"):
+        return torch.bfloat16
+    if choice in ("fp32", "float32"):
+        return torch.float32
+    if choice not in ("", "auto"):
+        raise ValueError(f"FASTDIFF_CPU_BF16_MATH must be 'native', 'fp32' or 'auto', got {choice!r}")
+    return torch.bfloat16 if native_bf16_is_fast() else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _mkldnn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def onednn_reasons(*tensors: torch.Tensor | None) -> list[str]:
+    """Reasons the oneDNN pointwise ops cannot run these tensors (device, dtype, oneDNN present, empty)."""
+    out = device_dtype_reasons("cpu", *tensors, dtypes=CPU_DTYPES)
+    if not _mkldnn_available():
+        out.append("torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)")
+    if not torch.backends.mkldnn.enabled:
+        out.append("oneDNN is disabled (torch.backends.mkldnn.enabled is False)")
+    if any(t is not None and t.numel() == 0 for t in tensors):
+        out.append("empty tensor: oneDNN is not called on empty inputs (the reference returns the empty result)")
+    return out

@@ -1,0 +1,208 @@
+"""Linear layer routed to the fastest CPU matmul, with the activation / residual fused into the output write.
+
+The eager sequence it replaces (``linear_ref``)::
+
+    y = F.linear(x, weight, bias)
+    y = y + residual          # optional (an attention output projection + the skip)
+    y = act(y)                # optional: 'silu', 'gelu' (erf) or 'gelu_tanh'
+
+Why not ``F.linear``: on this class of CPU the fp32 BLAS path of ``torch.matmul`` / ``F.linear`` is slow
+(PLATFORM.md), while oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the op inductor emits
+for linear + pointwise) is faster and applies the activation (a *unary* post-op) or the residual add (a
+*binary* post-op) to each output block before it is stored. Measured ratios are in
+benchmarks/bench_conv_block.py. As for the convolution, bf16 inputs are computed in
+:func:`fastdiff.ops._onednn.bf16_math_dtype` (fp32 where oneDNN's bf16 kernels lose to its fp32 ones).
+
+Autograd: the oneDNN op has no derivative; with grad the matmul + bias + residual runs inside
+:class:`_LinearFn` (backward: ``grad @ W``, ``grad^T @ x``, ``sum(grad)``), and the activation is applied
+outside it so autograd differentiates it from the saved pre-activation.
+
+The :class:`Linear` module is an ``nn.Linear`` (same arguments, defaults, parameters and state_dict); in
+inference it caches the weight pre-packed for oneDNN, keyed on the weight's version, storage and dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdiff.ops._onednn import bf16_math_dtype, onednn_reasons
+from fastdiff.ops.registry import Op
+
+__all__ = ["ACTIVATIONS", "Linear", "linear", "linear_ref"]
+
+_op = Op("linear")
+
+# activation name -> (oneDNN post-op attr, algorithm, eager function)
+_ACT = {
+    "silu": ("swish", None, F.silu),
+    "gelu": ("gelu", "none", F.gelu),
+    "gelu_tanh": ("gelu", "tanh", lambda y: F.gelu(y, approximate="tanh")),
+}
+ACTIVATIONS = (None,) + tuple(_ACT)
+
+
+def linear_ref(x, weight, bias=None, *, activation=None, residual=None):
+    """Pure-PyTorch reference: ``act?(F.linear(x, weight, bias) + residual?)``."""
+    y = F.linear(x, weight, bias)
+    if residual is not None:
+        y = y + residual
+    if activation is not None:
+        y = _ACT[activation][2](y)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------- oneDNN path
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return bf16_math_dtype() if dtype == torch.bfloat16 else dtype
+
+
+def _onednn_forward(x, weight, bias, residual, activation, packer=None):
+    out_dtype = x.dtype
+    math = _math_dtype(out_dtype)
+    xm = x.to(math)
+    if not xm.is_contiguous():
+        xm = xm.contiguous()
+    w = packer(math, xm.numel() // xm.shape[-1]) if packer is not None else None
+    if w is None:
+        w = weight.to(math)
+    bm = bias.to(math) if bias is not None else None
+    if residual is not None:
+        y = torch.ops.mkldnn._linear_pointwise.binary(xm, residual.to(math).contiguous(), w, bm, "add")
+        if activation is not None:
+            y = _ACT[activation][2](y)
+    elif activation is not None:
+        attr, algo, _ = _ACT[activation]
+        y = torch.ops.mkldnn._linear_pointwise(xm, w, bm, attr, [], algo)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(xm, w, bm, "none", [], None)
+    return y.to(out_dtype)
+
+
+class _LinearFn(torch.autograd.Function):
+    """x @ W^T + bias + residual through oneDNN; backward = the standard linear backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_forward(x, weight, bias, residual, None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        math = _math_dtype(x.dtype)
+        g2 = grad.reshape(-1, grad.shape[-1]).to(math)
+        gx = gw = gb = None
+        if need_x:
+            gx = (g2 @ weight.to(math)).reshape(x.shape).to(x.dtype)
+        if need_w:
+            gw = (g2.t() @ x.reshape(-1, x.shape[-1]).to(math)).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            gb = g2.sum(0).to(weight.dtype)
+        return gx, gw, gb, (grad if need_r else None)
+
+
+def _linear_cpu(x, weight, bias, activation, residual, packer):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        y = _LinearFn.apply(x, weight, bias, residual)
+        return _ACT[activation][2](y) if activation is not None else y
+    return _onednn_forward(x, weight, bias, residual, activation, packer)
+
+
+def _cpu_reasons(x, weight, bias, activation, residual, packer):
+    return onednn_reasons(x, weight, bias, residual)
+
+
+def _linear_ref_impl(x, weight, bias, activation, residual, packer):
+    return linear_ref(x, weight, bias, activation=activation, residual=residual)
+
+
+_op.register("ref")(_linear_ref_impl)
+_op.register("cpu", _cpu_reasons)(_linear_cpu)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+def _check(x, weight, bias, activation, residual):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("linear: x and weight must be tensors")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match "
+                         "(weight is (out_features, in_features), x is (..., in_features))")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"linear: x, weight and bias must share one dtype; got {x.dtype}, {weight.dtype}"
+                        + (f", {bias.dtype}" if bias is not None else ""))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if residual is not None:
+        want = tuple(x.shape[:-1]) + (weight.shape[0],)
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != want:
+            raise ValueError(f"linear: residual must be a tensor of the output's shape {want}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"linear: residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+
+
+def _linear(x, weight, bias=None, *, activation=None, residual=None, packer=None):
+    _check(x, weight, bias, activation, residual)
+    if x.dim() == 1:
+        r = residual.unsqueeze(0) if residual is not None else None
+        return _op(x.unsqueeze(0), weight, bias, activation, r, packer)[0]
+    return _op(x, weight, bias, activation, residual, packer)
+
+
+def linear(x, weight, bias=None, *, activation=None, residual=None):
+    """``act?(F.linear(x, weight, bias) + residual?)`` on the fastest CPU path.
+
+    ``activation``: None, 'silu', 'gelu' (exact, erf) or 'gelu_tanh'. ``residual`` has the output's shape
+    and x's dtype. Differentiable in x, weight, bias and residual.
+    """
+    return _linear(x, weight, bias, activation=activation, residual=residual)
+
+
+class Linear(nn.Linear):
+    """Drop-in ``nn.Linear`` (same arguments, defaults, parameter names and state_dict) on :func:`linear`.
+
+    ``forward(input, activation=None, residual=None)``. In eval mode, when the weight needs no grad, the
+    weight pre-packed for oneDNN is cached (keyed on its version counter, storage and dtype, so in-place
+    updates, ``load_state_dict`` and ``.to()`` invalidate it).
+    """
+
+    _fd_pack = None
+
+    def _packer(self):
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return None
+        weight = self.weight
+        try:
+            version = weight._version
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return None
+
+        def pack(math: torch.dtype, rows: int) -> torch.Tensor | None:
+            key = (version, weight.data_ptr(), weight.dtype, math)
+            cached = self._fd_pack
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            # The packed layout oneDNN picks for one batch size is valid for every batch size; the hint
+            # only tunes the blocking, so one cache entry serves all token counts.
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(math).contiguous(), max(rows, 1))
+            self.__dict__["_fd_pack"] = (key, packed)
+            return packed
+
+        return pack
+
+    def forward(self, input: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None):
+        return _linear(input, self.weight, self.bias, activation=activation, residual=residual,
+                       packer=self._packer())
+
+    def __getstate__(self):
+        # The packed weight is an opaque oneDNN tensor: never pickle or deep-copy it (rebuilt on demand).
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_fd_pack", None)
+        return state
+
