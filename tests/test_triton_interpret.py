@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUPS = ["attention"]
+GROUPS = ["attention", "sampler_step"]
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -132,3 +132,41 @@ def test_attention_nan_propagates_to_its_rows_only():
 def test_interpreter_is_never_chosen_automatically():
     q, k, v = _qkv(1, 1, 16, 16, 16, torch.float32)
     assert ops.all_ops()["attention"].select(q, k, v, None, None) != "triton"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampler_step
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("cfg,noise,clip", [(True, True, 1.0), (False, False, None), (True, False, None),
+                                            (False, True, 0.5)])
+def test_sampler_step_matches_reference(dtype, cfg, noise, clip):
+    from fastdiff.ops import sampler_step, sampler_step_ref
+
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 4, 17, 13)   # odd sizes: the last block is partial
+    x = torch.randn(shape, generator=g).to(dtype)
+    m = torch.randn(((2 if cfg else 1) * shape[0],) + shape[1:], generator=g).to(dtype)
+    z = torch.randn(shape, generator=g).to(dtype) if noise else None
+    kw = dict(pred=(1.25, -0.6), clip=clip, guidance_scale=7.5 if cfg else None)
+    with ops.use_backend("triton"):
+        got = sampler_step(x, m, 0.8, 0.15, 0.05, z, **kw)
+    ref = sampler_step_ref(x, m, 0.8, 0.15, 0.05, z, **kw)   # fp32 math, one rounding at the end
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    else:   # same math in fp32 and one round-to-nearest: at most one unit in the last place apart
+        ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((got.float() - ref.float()).abs() <= ulp).all()
+
+
+def test_sampler_step_large_strided():
+    from fastdiff.ops import sampler_step, sampler_step_ref
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 16, 40, 40, generator=g).transpose(2, 3)   # non-contiguous
+    m = torch.randn(2, 16, 40, 40, generator=g)
+    with ops.use_backend("triton"):
+        got = sampler_step(x, m, 0.7, 0.2, guidance_scale=3.0)
+    torch.testing.assert_close(got, sampler_step_ref(x, m, 0.7, 0.2, guidance_scale=3.0), rtol=1e-6, atol=1e-6)

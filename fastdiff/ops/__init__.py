@@ -28,3 +28,5 @@ __all__ = [
     "linear",
     "linear_ref",
 ]
+
+from fastdiff.ops import _triton  # noqa: E402,F401  (triton backends of the ops above; keep last)
