@@ -106,6 +106,7 @@ class _Conv2dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight)
         ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        ctx.residual_shape = tuple(residual.shape) if residual is not None else None
         return _onednn_forward(x, weight, bias, residual, stride, padding, dilation, groups, False)
 
     @staticmethod
@@ -124,7 +125,16 @@ class _Conv2dFn(torch.autograd.Function):
             gx = gx.to(x.dtype) if gx is not None else None
             gw = gw.to(weight.dtype) if gw is not None else None
             gb = gb.to(weight.dtype) if gb is not None else None
-        return gx, gw, gb, (grad if need_r else None), None, None, None, None
+        gr = _sum_to(grad, ctx.residual_shape) if need_r else None
+        return gx, gw, gb, gr, None, None, None, None
+
+
+def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
+    """The gradient of a broadcast residual: sum over the dimensions it was broadcast along."""
+    if tuple(grad.shape) == tuple(shape):
+        return grad
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True)
 
 
 def _conv2d_cpu(x, weight, bias, stride, padding, dilation, groups, residual, silu, packer):
@@ -140,6 +150,12 @@ def _cpu_reasons(x, weight, bias, stride, padding, dilation, groups, residual, s
         out.append(f"input is {x.dim()}-D; the oneDNN path runs batched 4-D input")
     if isinstance(padding, str):
         out.append(f"padding={padding!r} needs asymmetric padding (even kernel); oneDNN's op takes symmetric")
+    if residual is not None and x.dim() == 4:
+        n, c, r = x.shape[0], weight.shape[0], tuple(residual.shape)
+        full = not isinstance(padding, str) and r == _out_shape(x, weight, stride, padding, dilation)
+        per_nc = r[2:] == (1, 1) and r[0] in (1, n) and r[1] == c
+        if not (full or per_nc):
+            out.append(f"residual {r}: oneDNN fuses the output's shape or a ({n} or 1, {c}, 1, 1) broadcast only")
     return out
 
 
@@ -205,8 +221,13 @@ def _conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, 
     stride, padding, dilation = _normalize(x, weight, bias, stride, padding, dilation, groups, residual)
     if residual is not None:
         want = _out_shape(x, weight, stride, padding, dilation)
-        if tuple(residual.shape) != want:
-            raise ValueError(f"conv2d: residual must have the output's shape {want}; got {tuple(residual.shape)}")
+        try:
+            ok = torch.broadcast_shapes(tuple(residual.shape), want) == want and residual.dim() == len(want)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"conv2d: residual must have the output's shape {want} or broadcast to it with the "
+                             f"same number of dimensions (e.g. (N, C, 1, 1)); got {tuple(residual.shape)}")
     if x.dim() == 3:  # unbatched, as F.conv2d allows
         r = residual.unsqueeze(0) if residual is not None else None
         return _op(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, r, bool(silu), packer)[0]
@@ -216,8 +237,8 @@ def _conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, residual=None, silu=False):
     """``silu?(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual?)`` in one pass.
 
-    Arguments are F.conv2d's. ``residual`` (the output's shape and x's dtype) is added to the convolution
-    output; with ``silu=True`` SiLU is applied last. The output has torch's memory format (channels_last
+    Arguments are F.conv2d's. ``residual`` (x's dtype; the output's shape, or broadcast to it such as a
+    per-sample, per-channel ``(N, C, 1, 1)`` time-embedding term) is added to the convolution output; with ``silu=True`` SiLU is applied last. The output has torch's memory format (channels_last
     when x or weight is channels_last). Differentiable in x, weight, bias and residual.
     """
     return _conv2d(x, weight, bias, stride, padding, dilation, groups, residual=residual, silu=silu)

@@ -1,0 +1,92 @@
+"""Building blocks of the SD1 UNet and VAE on fastdiff's fused ops.
+
+:class:`ResBlock` is diffusers' ``ResnetBlock2D`` (the default configuration the SD1 UNet and VAE use)::
+
+    h   = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, :, None, None]
+    h   = conv2(dropout(silu(norm2(h))))
+    out = (skip(x) + h) / output_scale_factor        # skip: x, or a 1x1 conv when the channels change
+
+with the elementwise work fused around the convolutions:
+
+- GroupNorm + SiLU is one pass (:func:`fastdiff.ops.group_norm` with ``silu=True`` once it is available,
+  else eager ``F.group_norm`` + ``F.silu``);
+- the time-embedding term, a per-(sample, channel) ``(N, C, 1, 1)`` tensor, is a broadcast binary post-op of
+  conv1 and the skip is a binary post-op of conv2 (:func:`fastdiff.ops.conv2d` ``residual=``), so neither
+  add makes its own pass over the activation;
+- convolutions and the time projection are fastdiff :class:`~fastdiff.ops.Conv2d` / :class:`~fastdiff.ops.Linear`
+  (oneDNN; bf16 computed in fp32 on CPUs where that is faster, see :mod:`fastdiff.ops._onednn`).
+
+Layout: the block keeps its input's memory format (channels_last in, channels_last out); measured ratios of
+NCHW vs channels_last are in benchmarks/bench_conv_block.py.
+
+Parameter names equal diffusers' (``norm1``, ``conv1``, ``time_emb_proj``, ``norm2``, ``conv2``,
+``conv_shortcut``), so a diffusers state_dict loads by a strict copy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdiff.ops.conv import Conv2d
+from fastdiff.ops.linear import Linear
+
+try:  # helper "groupnorm" owns fastdiff/ops/group_norm.py; until it is present use the eager pair
+    from fastdiff.ops.group_norm import group_norm as _group_norm
+except ImportError:  # pragma: no cover - transitional
+    _group_norm = None
+
+__all__ = ["ResBlock", "group_norm_silu"]
+
+
+def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """silu(norm(x)) in one pass when fastdiff's group_norm is available."""
+    if _group_norm is not None:
+        return _group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
+    return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
+
+
+class ResBlock(nn.Module):
+    """diffusers ``ResnetBlock2D`` (pre-norm, SiLU, ``time_embedding_norm="default"``) on fused ops.
+
+    Arguments and defaults follow diffusers: ``temb_channels=None`` drops the time projection (VAE blocks),
+    ``out_channels=None`` keeps ``in_channels``, ``groups_out`` defaults to ``groups``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, temb_channels: int | None = 512,
+                 groups: int = 32, groups_out: int | None = None, eps: float = 1e-6, dropout: float = 0.0,
+                 output_scale_factor: float = 1.0, conv_shortcut_bias: bool = True):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        groups_out = groups if groups_out is None else groups_out
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, affine=True)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.norm2 = nn.GroupNorm(groups_out, out_channels, eps=eps, affine=True)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_shortcut = (Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0,
+                                     bias=conv_shortcut_bias) if in_channels != out_channels else None)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"ResBlock: expected x of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        t = None
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise ValueError("ResBlock: this block has a time projection (temb_channels set): pass temb")
+            if temb.dim() != 2 or temb.shape[0] != x.shape[0]:
+                raise ValueError(f"ResBlock: temb must be (N, temb_channels) with N = {x.shape[0]}, "
+                                 f"got {tuple(temb.shape)}")
+            t = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (N, C, 1, 1): fused into conv1
+        h = group_norm_silu(x, self.norm1)
+        h = self.conv1(h, residual=t)
+        h = group_norm_silu(h, self.norm2)
+        h = self.dropout(h)
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = self.conv2(h, residual=skip)
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
