@@ -116,7 +116,10 @@ class CLIPTokenizer:
         # bos + tokens + eos (RobertaProcessing is the single-sequence template with byte-level offsets)
         tk.post_processor = processors.RobertaProcessing((EOS_TOKEN, self.eos_token_id),
                                                          (BOS_TOKEN, self.bos_token_id), False, False)
-        tk.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
+        # The pad token is a special token too, as in transformers: with SD3's pad "!", a "!" in the text is
+        # then split off as its own token (id 0) instead of merging into "!!" etc. Matching that keeps SD3's
+        # CLIP-G ids equal to what diffusers feeds its text encoder.
+        tk.add_special_tokens(list(dict.fromkeys([BOS_TOKEN, EOS_TOKEN, pad_token])))
         self._tk = tk
 
     # ----------------------------------------------------------------------------------------------- loading
