@@ -1,0 +1,118 @@
+"""``fastdiff train``: train a pixel-space diffusion model, or resume a run folder.
+
+    fastdiff train --run-dir runs/fashion32 --dataset fashion-mnist --max-steps 20000
+    fastdiff train --run-dir runs/fashion32 --resume [--max-steps 30000]
+
+On ``--resume`` the run's saved configuration is used; only scheduling options (max steps, logging, sampling,
+checkpoint interval, threads, device) may be changed. Standalone: ``python -m fastdiff.train.cli ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+__all__ = ["add_train_parser", "run_train", "main"]
+
+_HELP = {
+    "run_dir": "run folder (checkpoints, sample grids, loss curve, train.log)",
+    "model": "UNet preset (fashion32, cifar10_ddpm, tiny)",
+    "model_overrides": "JSON object of UNet2DConfig fields overriding the preset, e.g. "
+                       "'{\"block_out_channels\": [32, 64, 128]}'",
+    "dataset": "fashion-mnist | fashion-mnist:DIR | mnist:DIR | mnist5k | digits | folder:DIR | npz:FILE",
+    "image_size": "model resolution (28x28 sources are padded to 32)",
+    "schedule": "beta schedule: linear | scaled_linear | cosine",
+    "prediction": "network target: eps | v | x0",
+    "num_train_timesteps": "T",
+    "batch_size": "images per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate (AdamW)",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "betas": "AdamW betas, two floats",
+    "optimizer": "adamw | adamw8bit (bitsandbytes)",
+    "grad_clip": "max gradient norm (0: off)",
+    "ema_decay": "EMA decay of the weights used for sampling",
+    "class_dropout": "probability of replacing the label by the null class (for guidance)",
+    "hflip": "random horizontal flips",
+    "precision": "bf16 (autocast) | fp32 | fp16 (CUDA, GradScaler)",
+    "device": "cpu | cuda",
+    "threads": "torch CPU threads",
+    "seed": "seed of the run (init, data order, noise)",
+    "max_steps": "train until this optimizer step",
+    "log_every": "steps between train.log lines / loss-curve points",
+    "sample_every": "steps between sample-grid PNGs (0: never)",
+    "sample_steps": "DDIM steps for the grid",
+    "sample_guidance": "guidance scale for the grid",
+    "samples_per_class": "grid columns",
+    "ckpt_every_minutes": "checkpoint interval in minutes",
+    "ckpt_every_steps": "checkpoint interval in steps (0: by time only)",
+}
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``train`` sub-command on an ``argparse`` subparsers object."""
+    from fastdiff.train.trainer import TrainConfig
+
+    p = subparsers.add_parser("train", help="train a pixel-space diffusion model (or --resume a run)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(default=None, help=_HELP.get(f.name, ""))
+        if f.name == "hflip":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "betas":
+            p.add_argument(flag, type=float, nargs=2, **kw)
+        elif f.name == "model_overrides":
+            p.add_argument(flag, type=json.loads, **kw)
+        elif f.name in ("threads", "grad_clip"):
+            p.add_argument(flag, type=int if f.name == "threads" else float, **kw)
+        else:
+            p.add_argument(flag, type=type(f.default), **kw)
+    p.set_defaults(func=run_train)
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastdiff.train.checkpoint import load_checkpoint
+    from fastdiff.train.trainer import TrainConfig, Trainer
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if "betas" in given:
+        given["betas"] = tuple(given["betas"])
+    if given.get("grad_clip") == 0:
+        given["grad_clip"] = None
+    if args.resume:
+        if "run_dir" not in given:
+            print("fastdiff train: --resume needs --run-dir", file=sys.stderr)
+            return 2
+        _, _, _, state = load_checkpoint(given["run_dir"])
+        cfg = TrainConfig.from_dict({**state["train"], **given})
+    else:
+        cfg = TrainConfig(**given)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"fastdiff train: {Path(cfg.run_dir).resolve()}  step {trainer.step} -> {cfg.max_steps}  "
+          f"model {cfg.model} ({trainer.model.num_parameters() / 1e6:.2f}M params)  data {cfg.dataset} "
+          f"({len(trainer.data)} images)  precision {cfg.precision}", flush=True)
+    trainer.run()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastdiff")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

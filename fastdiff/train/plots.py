@@ -1,0 +1,100 @@
+"""Pillow-only pictures for a training run: a labelled sample grid and a loss curve (no matplotlib)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["to_pil", "image_grid", "loss_curve", "save_png_atomic"]
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """Images in [-1, 1], (N, C, H, W) with C = 1 or 3 -> list of PIL images (L or RGB)."""
+    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    out = []
+    for im in a:
+        if im.shape[0] == 1:
+            out.append(Image.fromarray(im[0].numpy(), "L"))
+        else:
+            out.append(Image.fromarray(im.permute(1, 2, 0).numpy(), "RGB"))
+    return out
+
+
+def image_grid(images: Sequence[Image.Image], cols: int, *, row_labels: Sequence[str] | None = None,
+               scale: int = 2, pad: int = 2) -> Image.Image:
+    """Tile images row by row (``cols`` per row), upscaled ``scale``x (nearest), with optional row labels."""
+    if not images:
+        raise ValueError("no images to tile")
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    rows = math.ceil(len(images) / cols)
+    font = ImageFont.load_default()
+    label_w = 0
+    if row_labels:
+        label_w = max(int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(s, font=font)) for s in row_labels) + 8
+    grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (label_w + pad + c * (w + pad), pad + r * (h + pad)))
+    for r, s in enumerate(row_labels or ()):
+        draw.text((4, pad + r * (h + pad) + h // 2 - 5), s, fill=(0, 0, 0), font=font)
+    return grid
+
+
+def loss_curve(steps: Sequence[int], losses: Sequence[float], *, size=(640, 360), title: str = "loss") -> Image.Image:
+    """A log-scale loss curve: raw points in light grey, an exponential moving average in blue."""
+    W, H = size
+    img = Image.new("RGB", size, (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    L, R, T, B = 60, 15, 25, 35  # margins
+    d.text((L, 6), title, fill=(0, 0, 0), font=font)
+    steps = np.asarray(steps, dtype=np.float64)
+    losses = np.asarray(losses, dtype=np.float64)
+    ok = np.isfinite(losses) & (losses > 0)
+    steps, losses = steps[ok], losses[ok]
+    d.rectangle([L, T, W - R, H - B], outline=(0, 0, 0))
+    if len(losses) < 2:
+        d.text((L + 10, T + 10), "not enough points yet", fill=(0, 0, 0), font=font)
+        return img
+    ema = np.empty_like(losses)
+    beta = min(0.98, 1 - 2 / max(len(losses), 2))
+    acc = losses[0]
+    for i, v in enumerate(losses):
+        acc = beta * acc + (1 - beta) * v
+        ema[i] = acc
+    ly = np.log10(losses)
+    lo, hi = np.percentile(ly, 1), np.max(np.log10(ema)) + 0.05
+    lo = min(lo, np.log10(ema).min()) - 0.05
+    x0, x1 = steps.min(), max(steps.max(), steps.min() + 1)
+
+    def xy(s, v):
+        x = L + (s - x0) / (x1 - x0) * (W - L - R)
+        y = T + (hi - np.log10(v)) / (hi - lo) * (H - T - B)
+        return float(x), float(min(max(y, T), H - B))
+
+    for s, v in zip(steps, losses):
+        x, y = xy(s, v)
+        d.point((x, y), fill=(190, 190, 190))
+    d.line([xy(s, v) for s, v in zip(steps, ema)], fill=(30, 80, 200), width=2)
+    for frac in (0.0, 0.5, 1.0):  # y ticks
+        v = 10 ** (hi - frac * (hi - lo))
+        d.text((4, T + frac * (H - T - B) - 5), f"{v:.3g}", fill=(0, 0, 0), font=font)
+    d.text((L, H - B + 8), f"step {int(x0)}", fill=(0, 0, 0), font=font)
+    end = f"step {int(steps.max())}  ema loss {ema[-1]:.4g}"
+    d.text((W - R - d.textlength(end, font=font), H - B + 8), end, fill=(0, 0, 0), font=font)
+    return img
+
+
+def save_png_atomic(img: Image.Image, path: str | os.PathLike) -> None:
+    """Write a PNG through a temporary file + os.replace, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)

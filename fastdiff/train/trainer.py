@@ -1,0 +1,423 @@
+"""Training a pixel-space diffusion UNet (DDPM objective) on a small image dataset.
+
+One step (Ho et al. 2020, Algorithm 1, with the target chosen by ``prediction``):
+
+    x0, y ~ data;  t ~ U{0..T-1};  eps ~ N(0, I);  x_t = alpha_t x0 + sigma_t eps
+    y <- null label with probability ``class_dropout``       (classifier-free guidance, Ho & Salimans 2022)
+    loss = || net(x_t, t, y) - target ||^2,   target = eps | v = alpha_t eps - sigma_t x0 | x0
+
+Reproducibility by construction: the data order of epoch e is a permutation drawn from (seed, e), and the
+timesteps, noise and label dropout of step s from a generator seeded with (seed, s); the global torch RNG (for
+dropout layers) is re-seeded per step the same way. A run resumed from the checkpoint at step s therefore
+replays exactly the steps an uninterrupted run would (tests/test_train.py checks the loss sequence).
+
+Mixed precision: the forward pass runs inside ``torch.autocast`` (bf16 on CPU and on Ada GPUs; fp16 with a
+GradScaler as an option on CUDA); parameters, gradients, optimizer state and EMA stay fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastdiff.io.datasets import ImageDataset, load_dataset
+from fastdiff.models.unet2d import PRESETS, UNet2D, UNet2DConfig
+from fastdiff.samplers import Denoiser, make_schedule, sample_ddim
+from fastdiff.samplers.schedules import NoiseSchedule
+from fastdiff.train.checkpoint import (
+    CheckpointError,
+    latest_step,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json_atomic,
+)
+from fastdiff.train.plots import image_grid, loss_curve, save_png_atomic, to_pil
+
+__all__ = ["TrainConfig", "Trainer", "train", "load_run_model", "sample_grid", "RunModel"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved in every checkpoint and checked on resume."""
+
+    run_dir: str = "runs/default"
+    model: str = "fashion32"               # a preset name of fastdiff.models.unet2d.PRESETS
+    model_overrides: dict = field(default_factory=dict)  # UNet2DConfig fields replacing the preset's
+    dataset: str = "fashion-mnist"         # see fastdiff.io.datasets.load_dataset
+    image_size: int = 32
+    schedule: str = "cosine"               # linear | scaled_linear | cosine
+    prediction: str = "v"                  # eps | v | x0
+    num_train_timesteps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1                    # micro-batches of batch_size per optimizer step
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"               # adamw | adamw8bit (bitsandbytes)
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    class_dropout: float = 0.1
+    hflip: bool = False                    # random horizontal flips (label-preserving for clothes)
+    precision: str = "bf16"                # bf16 | fp32 | fp16 (CUDA only, with GradScaler)
+    device: str = "cpu"
+    threads: int | None = None             # torch.set_num_threads; None leaves torch's default
+    seed: int = 0
+    max_steps: int = 10000
+    log_every: int = 25
+    sample_every: int = 1000               # steps between sample grids (0: never)
+    sample_steps: int = 20                 # DDIM steps for the grid
+    sample_guidance: float = 3.0
+    samples_per_class: int = 6
+    ckpt_every_minutes: float = 10.0
+    ckpt_every_steps: int = 0              # 0: by time only
+
+    def unet_config(self, num_classes: int, class_names: tuple[str, ...], channels: int) -> UNet2DConfig:
+        if self.model not in PRESETS:
+            raise ValueError(f"unknown model preset {self.model!r}; choose one of {', '.join(PRESETS)}")
+        base = PRESETS[self.model].to_dict()
+        base.update(self.model_overrides)
+        base.update(sample_size=self.image_size, in_channels=channels, out_channels=channels,
+                    num_classes=num_classes, null_class=True, class_names=list(class_names))
+        return UNet2DConfig.from_dict(base)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+# Fields that may change when a run is resumed (schedule of work, not the math of the run).
+_RESUMABLE_CHANGES = {"run_dir", "max_steps", "log_every", "sample_every", "sample_steps", "sample_guidance",
+                      "samples_per_class", "ckpt_every_minutes", "ckpt_every_steps", "threads", "device"}
+
+
+def _step_seed(seed: int, step: int, salt: int = 0) -> int:
+    # A 63-bit mix of (seed, step, salt): distinct streams for every step, stable across processes.
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + salt * 0x94D049BB133111EB) % (2 ** 63)
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer and data of one run; ``run()`` trains to ``max_steps``."""
+
+    def __init__(self, cfg: TrainConfig, *, dataset: ImageDataset | None = None, resume: bool = False,
+                 progress: bool = True):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device(cfg.device)
+        self.run_dir = Path(cfg.run_dir)
+        if cfg.precision not in ("bf16", "fp32", "fp16"):
+            raise ValueError(f"precision must be bf16, fp32 or fp16, got {cfg.precision!r}")
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 training needs CUDA (fp16 math is very slow on CPU); use bf16 on CPU")
+        if not 0.0 <= cfg.class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {cfg.class_dropout}")
+        if resume and latest_step(self.run_dir) is None:
+            raise CheckpointError(f"--resume: no checkpoint in {self.run_dir}")
+        if not resume and latest_step(self.run_dir) is not None:
+            raise CheckpointError(f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue "
+                                  "it or choose another run folder")
+        self.data = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
+        if self.data.image_shape[1:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"dataset images are {self.data.image_shape[1:]}, config wants {cfg.image_size}")
+        self.unet_config = cfg.unet_config(self.data.num_classes, self.data.class_names, self.data.image_shape[0])
+        if resume:
+            # The run's own architecture, even if the preset it started from has changed since.
+            saved = json.loads((self.run_dir / "config.json").read_text())["unet"]
+            self.unet_config = UNet2DConfig.from_dict(saved)
+        self.schedule: NoiseSchedule = make_schedule(cfg.schedule, cfg.num_train_timesteps)
+        # alpha_t, sigma_t per timestep in fp32 on the device (the forward process needs no fp64).
+        self._alpha = self.schedule.alphas.float().to(self.device)
+        self._sigma = self.schedule.sigmas_vp.float().to(self.device)
+
+        torch.manual_seed(cfg.seed)
+        self.model = UNet2D(self.unet_config).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.step = 0
+        self.train_seconds = 0.0
+        self.loss_log: list[tuple[int, float]] = []  # (step, mean loss over the step's micro-batches)
+        self.progress = progress
+        if resume:
+            self._resume()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic({"train": cfg.to_dict(), "unet": self.unet_config.to_dict()},
+                              self.run_dir / "config.json")
+
+    # ---------------------------------------------------------------------------------------------------
+    def _make_optimizer(self):
+        cfg = self.cfg
+        params = self.model.parameters()
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ValueError("optimizer adamw8bit needs bitsandbytes (`pip install bitsandbytes`)") from None
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        raise ValueError(f"optimizer must be adamw or adamw8bit, got {cfg.optimizer!r}")
+
+    def _resume(self):
+        model_sd, ema_sd, opt_sd, state = load_checkpoint(self.run_dir)
+        saved = TrainConfig.from_dict(state["train"])
+        diff = {k: (getattr(saved, k), getattr(self.cfg, k)) for k in saved.to_dict()
+                if k not in _RESUMABLE_CHANGES and getattr(saved, k) != getattr(self.cfg, k)}
+        if diff:
+            raise CheckpointError(f"{self.run_dir}: the checkpoint was trained with a different configuration: "
+                                  + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+        if state["unet"] != self.unet_config.to_dict():
+            raise CheckpointError(f"{self.run_dir}: checkpoint model config {state['unet']} differs from "
+                                  f"{self.unet_config.to_dict()}")
+        self.model.load_state_dict(model_sd, strict=True)
+        self.ema.load_state_dict(ema_sd, strict=True)
+        self.optimizer.load_state_dict(opt_sd)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.loss_log = [tuple(x) for x in state.get("loss_log", [])]
+
+    def save(self):
+        state = {
+            "train": self.cfg.to_dict(),
+            "unet": self.unet_config.to_dict(),
+            "rng": rng_state(),
+            "train_seconds": self.train_seconds,
+            "loss_log": self.loss_log,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "torch": torch.__version__,
+        }
+        save_checkpoint(self.run_dir, self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                        state=state)
+
+    # ---------------------------------------------------------------------------------------------------
+    def _batch_indices(self, step: int, micro: int) -> torch.Tensor:
+        """Indices of micro-batch ``micro`` of optimizer step ``step``: epochs are seeded permutations."""
+        cfg, n = self.cfg, len(self.data)
+        b = cfg.batch_size
+        if b > n:
+            raise ValueError(f"batch_size {b} exceeds the dataset size {n}")
+        per_epoch = n // b  # drop the last partial batch of every epoch
+        k = step * cfg.grad_accum + micro
+        epoch, pos = divmod(k, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, epoch, 1)))
+        return perm[pos * b:(pos + 1) * b]
+
+    def _autocast(self):
+        cfg = self.cfg
+        if cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _lr(self, step: int) -> float:
+        w = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / w) if w > 0 else self.cfg.lr
+
+    def train_step(self) -> float:
+        """One optimizer step (``grad_accum`` micro-batches). Returns the mean loss."""
+        cfg, step = self.cfg, self.step
+        self.model.train()
+        torch.manual_seed(_step_seed(cfg.seed, step, 2))  # dropout layers, if any
+        g = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 3))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x0, y = self.data.batch(self._batch_indices(step, micro))
+            b = x0.shape[0]
+            t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            drop = torch.rand(b, generator=g) < cfg.class_dropout
+            flip = torch.rand(b, generator=g) < 0.5
+            if cfg.hflip:
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            y = torch.where(drop, torch.full_like(y, self.unet_config.null_label), y)
+            x0, noise, t, y = (v.to(self.device) for v in (x0, noise, t, y))
+            a, s = self._alpha[t][:, None, None, None], self._sigma[t][:, None, None, None]
+            xt = a * x0 + s * noise
+            if cfg.prediction == "eps":
+                target = noise
+            elif cfg.prediction == "v":
+                target = a * noise - s * x0        # Salimans & Ho 2022: v = alpha eps - sigma x0
+            elif cfg.prediction == "x0":
+                target = x0
+            else:
+                raise ValueError(f"prediction must be eps, v or x0, got {cfg.prediction!r}")
+            with self._autocast():
+                out = self.model(xt, t, y)
+            loss = F.mse_loss(out.float(), target)
+            total += loss.item()
+            loss = loss / cfg.grad_accum
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        return total / cfg.grad_accum
+
+    @torch.no_grad()
+    def _update_ema(self):
+        # EMA with the usual warm-up, d = min(decay, (1 + n) / (10 + n)), so early weights are not frozen in.
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+            pe.lerp_(pm, 1.0 - d)
+        for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+            be.copy_(bm)
+
+    # ---------------------------------------------------------------------------------------------------
+    def write_pictures(self):
+        cfg = self.cfg
+        grid = sample_grid(self.ema, self.schedule, cfg.prediction, per_class=cfg.samples_per_class,
+                           steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed,
+                           precision=cfg.precision, device=self.device)
+        save_png_atomic(grid, self.run_dir / f"samples-{self.step:07d}.png")
+        save_png_atomic(grid, self.run_dir / "samples-latest.png")
+        if self.loss_log:
+            steps, losses = zip(*self.loss_log)
+            save_png_atomic(loss_curve(steps, losses, title=f"{cfg.prediction}-prediction MSE"),
+                            self.run_dir / "loss.png")
+
+    def run(self, max_steps: int | None = None) -> list[float]:
+        """Train until ``max_steps``; returns the losses of the steps run by this call."""
+        cfg = self.cfg
+        max_steps = cfg.max_steps if max_steps is None else max_steps
+        losses: list[float] = []
+        last_ckpt = time.monotonic()
+        log_path = self.run_dir / "train.log"
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=max_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+                   mininterval=0.5 if tty else 60.0, desc="train")
+        window_t, window_n = time.perf_counter(), 0
+        ips = 0.0
+        try:
+            while self.step < max_steps:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                self.train_seconds += time.perf_counter() - t0
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step}; the last checkpoint "
+                                             "is untouched")
+                losses.append(loss)
+                window_n += cfg.batch_size * cfg.grad_accum
+                if self.step % cfg.log_every == 0 or self.step == max_steps:
+                    now = time.perf_counter()
+                    ips = window_n / max(now - window_t, 1e-9)
+                    window_t, window_n = now, 0
+                    self.loss_log.append((self.step, float(sum(losses[-cfg.log_every:]) /
+                                                           len(losses[-cfg.log_every:]))))
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": self.step, "loss": self.loss_log[-1][1],
+                                            "img_per_s": round(ips, 2), "lr": self._lr(self.step - 1),
+                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
+                bar.update(1)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.write_pictures()
+                due_time = time.monotonic() - last_ckpt >= cfg.ckpt_every_minutes * 60
+                due_step = cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0
+                if due_time or due_step or self.step == max_steps:
+                    self.save()
+                    last_ckpt = time.monotonic()
+        finally:
+            bar.close()
+        return losses
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, dataset: ImageDataset | None = None,
+          progress: bool = True) -> Trainer:
+    """Build a :class:`Trainer` (fresh or resumed) and run it to ``cfg.max_steps``."""
+    tr = Trainer(cfg, dataset=dataset, resume=resume, progress=progress)
+    tr.run()
+    return tr
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Using a trained run.
+# -------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunModel:
+    """A trained network with what is needed to sample it."""
+
+    unet: UNet2D
+    schedule: NoiseSchedule
+    prediction: str
+    step: int
+    train: dict
+
+
+def load_run_model(run_dir: str | os.PathLike, *, use_ema: bool = True, step: int | None = None) -> RunModel:
+    """The (EMA by default) network of a run folder's latest good checkpoint, in eval mode."""
+    model_sd, ema_sd, _, state = load_checkpoint(run_dir, step)
+    unet = UNet2D(UNet2DConfig.from_dict(state["unet"]))
+    unet.load_state_dict(ema_sd if use_ema else model_sd, strict=True)
+    tc = TrainConfig.from_dict(state["train"])
+    return RunModel(unet.eval().requires_grad_(False), make_schedule(tc.schedule, tc.num_train_timesteps),
+                    tc.prediction, int(state["step"]), state["train"])
+
+
+@torch.no_grad()
+def sample_grid(unet: UNet2D, schedule: NoiseSchedule, prediction: str, *, per_class: int = 6, steps: int = 20,
+                guidance: float = 3.0, seed: int = 0, precision: str = "bf16", device="cpu"):
+    """A PIL grid: one row per class (labelled), ``per_class`` DDIM samples each, one batched CFG forward a step."""
+    cfg = unet.config
+    if not cfg.num_classes:
+        raise ValueError("sample_grid needs a class-conditional model")
+    was_training = unet.training
+    unet.eval()
+    n = cfg.num_classes * per_class
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g).to(device)
+    y = torch.arange(cfg.num_classes).repeat_interleave(per_class).to(device)
+    uncond = torch.full_like(y, cfg.null_label) if cfg.null_class else None
+    dev_type = torch.device(device).type
+
+    def net(xx, tt, yy):
+        # The network alone runs under autocast; the sampler's state and arithmetic stay fp32.
+        with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return unet(xx, tt, yy)
+
+    guided = uncond is not None and guidance != 1.0
+    out = sample_ddim(Denoiser(net, prediction), x, schedule, steps=steps, cond=y,
+                      uncond=uncond if guided else None, guidance=guidance if guided else None,
+                      generator=g, clip=1.0, spacing="trailing")
+    unet.train(was_training)
+    names = list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
+    return image_grid(to_pil(out.float()), per_class, row_labels=names)
