@@ -3,6 +3,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 
 #include <cstdint>
 
@@ -38,6 +41,31 @@ inline void fd_check_param(const at::Tensor& t, int64_t numel, const char* op, c
 inline int64_t fd_row_grain(int64_t row_len) {
   const int64_t g = (int64_t{1} << 15) / (row_len > 0 ? row_len : 1);
   return g > 0 ? g : 1;
+}
+
+// Parallel loop over rows with a per-thread fp32 accumulator of `width` floats (parameter gradients summed
+// over rows: dweight, dbias, dshift, ...). f(lo, hi, acc) gets this thread's zeroed buffer (null when width is 0)
+// and adds into it; the result is the sum over threads (an undefined tensor when width is 0). Fixed-size
+// per-thread buffers keep the sum deterministic for a given thread count, unlike atomics.
+template <class F> inline at::Tensor fd_rows_with_acc(int64_t rows, int64_t grain, int64_t width, F&& f) {
+  const int64_t nt = at::get_num_threads();
+  at::Tensor acc = width > 0 ? at::zeros({nt, width}, at::TensorOptions().dtype(at::kFloat)) : at::Tensor();
+  float* ap = width > 0 ? acc.data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+    const int64_t t = at::get_thread_num();
+    TORCH_CHECK(t < nt, "fastdiff: thread index ", t, " beyond the ", nt, " accumulators");
+    f(lo, hi, ap ? ap + t * width : nullptr);
+  });
+  return width > 0 ? acc.sum(0) : at::Tensor();
+}
+
+// Slice [start, start + len) of an accumulator from fd_rows_with_acc as its own tensor (outputs of one op must not
+// alias each other); zeros when there were no rows, an empty tensor when the gradient was not asked for.
+inline at::Tensor fd_acc_part(const at::Tensor& acc, bool wanted, int64_t start, int64_t len) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  if (!wanted) return at::empty({0}, f32);
+  if (!acc.defined()) return at::zeros({len}, f32);
+  return acc.narrow(0, start, len).clone();
 }
 
 }  // namespace fastdiff::cpu

@@ -62,4 +62,58 @@ __device__ __forceinline__ float block_sum(float v, float* shm) {
   return t;
 }
 
+// Column sums for parameter gradients (dweight/dbias of a norm, dshift/dscale/dgate of adaLN):
+//   out0[g, j] += sum_l f(g * rows + l, j).x,   out1[g, j] += sum_l f(g * rows + l, j).y
+// over the `rows` rows of group g (grid.z; one group for a norm, one per batch element for adaLN). A block is
+// 32 columns x 8 row lanes over one chunk of rows (grid.y); lanes are reduced in shared memory, chunks with one
+// fp32 atomicAdd per column, into out0/out1 zeroed by the caller. F: __device__ float2 operator()(row, col).
+template <class F>
+__global__ void column_sums_kernel(F f, int64_t rows, int64_t cols, int64_t rows_per_chunk, float* __restrict__ out0,
+                                   float* __restrict__ out1) {
+  __shared__ float s0[8][33], s1[8][33];
+  const int64_t j = blockIdx.x * 32 + threadIdx.x;
+  const int64_t g = blockIdx.z;
+  const int64_t l0 = blockIdx.y * rows_per_chunk;
+  const int64_t l1 = l0 + rows_per_chunk < rows ? l0 + rows_per_chunk : rows;
+  float a = 0.f, b = 0.f;
+  if (j < cols) {
+    for (int64_t l = l0 + threadIdx.y; l < l1; l += 8) {
+      const float2 t = f(g * rows + l, j);
+      a += t.x;
+      b += t.y;
+    }
+  }
+  s0[threadIdx.y][threadIdx.x] = a;
+  s1[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < cols) {
+    for (int k = 1; k < 8; ++k) {
+      a += s0[k][threadIdx.x];
+      b += s1[k][threadIdx.x];
+    }
+    atomicAdd(out0 + g * cols + j, a);
+    if (out1 != nullptr) atomicAdd(out1 + g * cols + j, b);
+  }
+}
+
+template <class F>
+inline void launch_column_sums(const F& f, int64_t groups, int64_t rows, int64_t cols, float* out0, float* out1) {
+  if (groups == 0 || rows == 0 || cols == 0) return;
+  const int64_t col_blocks = (cols + 31) / 32;
+  // Enough chunks to give ~4 blocks per SM in total, each chunk at least 64 rows.
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, (76 * 4) / std::max<int64_t>(1, col_blocks * groups) + 1));
+  const int64_t per = (rows + chunks - 1) / chunks;
+  chunks = (rows + per - 1) / per;
+  dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks), static_cast<unsigned>(groups));
+  column_sums_kernel<F><<<grid, dim3(32, 8), 0, c10::cuda::getCurrentCUDAStream()>>>(f, rows, cols, per, out0, out1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Threads per block for a row kernel over rows of d elements: a multiple of 32 giving each thread ~4 elements.
+inline int row_threads(int64_t d) {
+  int t = 32;
+  while (t < 1024 && t * 4 < d) t *= 2;
+  return t;
+}
+
 }  // namespace fastdiff::cuda

@@ -6,6 +6,8 @@ from fastdiff.ops import _backends  # noqa: F401  (registers the backend checks)
 from fastdiff.ops.registry import BackendUnavailable, all_ops, current_backend, use_backend
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_ref
 from fastdiff.ops.geglu import geglu, geglu_ref
+from fastdiff.ops.layer_norm import LayerNorm, layer_norm, layer_norm_ref
+from fastdiff.ops.rms_norm import RMSNorm, rms_norm, rms_norm_ref
 from fastdiff.ops.attention import attention, attention_ref
 from fastdiff.ops.conv import Conv2d, conv2d, conv2d_ref
 from fastdiff.ops.linear import Linear, linear, linear_ref
@@ -19,6 +21,12 @@ __all__ = [
     "sampler_step_ref",
     "geglu",
     "geglu_ref",
+    "LayerNorm",
+    "layer_norm",
+    "layer_norm_ref",
+    "RMSNorm",
+    "rms_norm",
+    "rms_norm_ref",
     "attention",
     "attention_ref",
     "Conv2d",
