@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUPS = ["attention", "sampler_step"]
+GROUPS = ["attention", "sampler_step", "group_norm"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
