@@ -6,6 +6,7 @@ from fastdiff.ops import _backends  # noqa: F401  (registers the backend checks)
 from fastdiff.ops.registry import BackendUnavailable, all_ops, current_backend, use_backend
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_ref
 from fastdiff.ops.geglu import geglu, geglu_ref
+from fastdiff.ops.group_norm import GroupNorm, group_norm, group_norm_ref
 from fastdiff.ops.layer_norm import LayerNorm, layer_norm, layer_norm_ref
 from fastdiff.ops.rms_norm import RMSNorm, rms_norm, rms_norm_ref
 from fastdiff.ops.attention import attention, attention_ref
@@ -21,6 +22,9 @@ __all__ = [
     "sampler_step_ref",
     "geglu",
     "geglu_ref",
+    "GroupNorm",
+    "group_norm",
+    "group_norm_ref",
     "LayerNorm",
     "layer_norm",
     "layer_norm_ref",
