@@ -165,7 +165,16 @@ class CLIPTokenizer:
             max_len = 77
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return cls.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad, model_max_length=max_len)
-        raise FileNotFoundError(f"{folder}: no vocab.json + merges.txt (a CLIP tokenizer folder)")
+        if (folder / "tokenizer.json").is_file():  # what transformers >= 5 writes: vocab and merges inside
+            with open(folder / "tokenizer.json", encoding="utf-8") as f:
+                model = json.load(f).get("model", {})
+            if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+                raise ValueError(f"{folder / 'tokenizer.json'}: not a BPE tokenizer")
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+            if any(len(m) != 2 for m in merges):
+                raise ValueError(f"{folder / 'tokenizer.json'}: malformed merges")
+            return cls(model["vocab"], merges, pad_token=pad, model_max_length=max_len)
+        raise FileNotFoundError(f"{folder}: no vocab.json + merges.txt or tokenizer.json (a CLIP tokenizer folder)")
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write vocab.json, merges.txt and tokenizer_config.json (readable by transformers' CLIPTokenizer)."""
