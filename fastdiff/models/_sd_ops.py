@@ -1,41 +1,32 @@
-"""The few functional ops the Stable Diffusion models call, in one place.
+"""The functional ops and layer classes the Stable Diffusion models are built from, in one place.
 
-Each one uses fastdiff's fused op when it has landed in :mod:`fastdiff.ops` and plain PyTorch otherwise, so a
-model's parameters and ``state_dict`` never depend on which backend runs (switching an op here changes no
-checkpoint). Every fallback is the exact math of the fused op (its ``*_ref``).
+All are fastdiff's (:mod:`fastdiff.ops`, :mod:`fastdiff.models.blocks`): drop-in modules with the parameter
+names and ``state_dict`` of their torch counterparts, so which backend runs never changes a checkpoint.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import fastdiff.ops as _ops
+from fastdiff.models.blocks import ResBlock
+from fastdiff.ops import Conv2d, LayerNorm, Linear
+from fastdiff.ops import attention as _attention
+from fastdiff.ops import geglu
+from fastdiff.ops import group_norm as _group_norm
 
-__all__ = ["geglu", "group_norm", "attention", "silu"]
-
-_geglu = getattr(_ops, "geglu", None)
-
-
-def geglu(x: torch.Tensor) -> torch.Tensor:
-    """``a * gelu(gate)`` with ``[a, gate] = x.chunk(2, -1)`` (exact erf gelu, diffusers' GEGLU)."""
-    if _geglu is not None:
-        return _geglu(x)
-    a, gate = x.chunk(2, dim=-1)
-    return a * F.gelu(gate)
+__all__ = ["geglu", "group_norm", "attention", "causal_mask", "Conv2d", "Linear", "LayerNorm", "ResBlock"]
 
 
 def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False) -> torch.Tensor:
-    """``norm(x)``, followed by SiLU when ``silu`` (the GroupNorm+SiLU pair every ResBlock starts with)."""
-    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return F.silu(y) if silu else y
+    """``norm(x)``, with SiLU fused when ``silu`` (the GroupNorm+SiLU pair every ResBlock starts with)."""
+    return _group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
+def causal_mask(n: int, device) -> torch.Tensor:
+    """(n, n) bool, True where query i may attend key j (j <= i)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) [+ mask]) v on (batch, heads, tokens, head_dim) tensors."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) [masked]) v on (batch, heads, tokens, head_dim); ``mask`` bool, True = attend."""
+    return _attention(q, k, v, mask)

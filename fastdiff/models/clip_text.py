@@ -89,45 +89,49 @@ class CLIPAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = ops.Linear(d, d)
+        self.k_proj = ops.Linear(d, d)
+        self.v_proj = ops.Linear(d, d)
+        self.out_proj = ops.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + out_proj(attention(x))``, the add fused into the output projection."""
         b, n, d = x.shape
 
         def heads(t):
             return t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
 
-        o = ops.attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), causal=True, mask=mask)
-        return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
+        o = ops.attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, d), residual=residual)
 
 
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.quick = cfg.hidden_act == "quick_gelu"
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = ops.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = ops.Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x):
-        h = self.fc1(x)
-        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
-        return self.fc2(h)
+    def forward(self, x, residual):
+        if self.quick:
+            h = self.fc1(x)
+            h = h * torch.sigmoid(1.702 * h)
+        else:
+            h = self.fc1(x, activation="gelu")
+        return self.fc2(h, residual=residual)
 
 
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.self_attn = CLIPAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x, mask):
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        x = self.self_attn(self.layer_norm1(x), mask, residual=x)
+        return self.mlp(self.layer_norm2(x), residual=x)
 
 
 class CLIPEncoder(nn.Module):
@@ -141,7 +145,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class CLIPTextModel(nn.Module):
@@ -156,13 +160,13 @@ class CLIPTextModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_model.final_layer_norm.weight.dtype
 
-    def _mask(self, attention_mask: torch.Tensor | None, n: int, dtype, device) -> torch.Tensor | None:
-        """Additive (batch, 1, n, n) mask: causal, plus padding columns masked out when a mask is given."""
+    @staticmethod
+    def _mask(attention_mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
+        """Bool mask (True = attend): causal (n, n), and with ``attention_mask`` (B, n) padded keys dropped."""
+        causal = ops.causal_mask(n, device)
         if attention_mask is None:
-            return None  # the attention op applies the causal mask itself
-        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        keep = causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-        return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+            return causal
+        return causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +181,7 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"clip_skip must be in [0, {self.config.num_layers}), got {clip_skip}")
         tm = self.text_model
         x = tm.embeddings(input_ids)
-        mask = self._mask(attention_mask, n, x.dtype, x.device)
+        mask = self._mask(attention_mask, n, x.device)
         for layer in tm.encoder.layers[: self.config.num_layers - clip_skip]:
             x = layer(x, mask)
         x = tm.final_layer_norm(x)

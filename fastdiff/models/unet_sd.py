@@ -143,31 +143,17 @@ def sd_timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = Tru
 class TimestepEmbedding(nn.Module):
     def __init__(self, cin: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(cin, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = ops.Linear(cin, dim)
+        self.linear_2 = ops.Linear(dim, dim)
 
     def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
+        return self.linear_2(self.linear_1(x, activation="silu"))
 
 
-class ResnetBlock2D(nn.Module):
-    """GroupNorm+SiLU -> conv1 -> + time_emb_proj(SiLU(temb)) -> GroupNorm+SiLU -> conv2, + (1x1) shortcut."""
-
-    def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x, temb_act):
-        """``temb_act`` is SiLU(temb), computed once per UNet call."""
-        h = self.conv1(ops.group_norm(x, self.norm1, silu=True))
-        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
-        h = self.conv2(ops.group_norm(h, self.norm2, silu=True))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+def ResnetBlock2D(cin: int, cout: int, temb: int, groups: int, eps: float) -> ops.ResBlock:
+    """GroupNorm+SiLU -> conv1 -> + time_emb_proj(SiLU(temb)) -> GroupNorm+SiLU -> conv2, + (1x1) shortcut:
+    fastdiff's fused ResBlock (diffusers' ResnetBlock2D names)."""
+    return ops.ResBlock(cin, cout, temb_channels=temb, groups=groups, eps=eps)
 
 
 class Attention(nn.Module):
@@ -176,12 +162,13 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_q = ops.Linear(dim, dim, bias=False)
+        self.to_k = ops.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = ops.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([ops.Linear(dim, dim)])
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, residual=None):
+        """``residual + to_out(attention(x, context))``, the add fused into the output projection."""
         ctx = x if context is None else context
         b, n, d = x.shape
         h = self.heads
@@ -190,13 +177,13 @@ class Attention(nn.Module):
             return t.view(b, t.shape[1], h, d // h).transpose(1, 2)
 
         o = ops.attention(split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx)))
-        return self.to_out[0](o.transpose(1, 2).reshape(b, n, d))
+        return self.to_out[0](o.transpose(1, 2).reshape(b, n, d), residual=residual)
 
 
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = ops.Linear(dim, 2 * inner)
 
     def forward(self, x):
         return ops.geglu(self.proj(x))
@@ -207,26 +194,26 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), ops.Linear(mult * dim, dim)])
 
-    def forward(self, x):
-        return self.net[2](self.net[0](x))
+    def forward(self, x, residual=None):
+        return self.net[2](self.net[0](x), residual=residual)
 
 
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = ops.LayerNorm(dim)
         self.attn1 = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = ops.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = ops.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2D(nn.Module):
@@ -234,7 +221,7 @@ class Transformer2D(nn.Module):
         super().__init__()
         self.linear_proj = linear_proj
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (lambda: ops.Linear(channels, channels)) if linear_proj else (lambda: ops.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
         self.proj_out = proj()
@@ -249,16 +236,14 @@ class Transformer2D(nn.Module):
         for blk in self.transformer_blocks:
             y = blk(y, context)
         if self.linear_proj:
-            y = self.proj_out(y).transpose(1, 2).reshape(b, c, h, w)
-        else:
-            y = self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
-        return y + x
+            return self.proj_out(y).transpose(1, 2).reshape(b, c, h, w) + x
+        return self.proj_out(y.transpose(1, 2).reshape(b, c, h, w), residual=x)
 
 
 class Downsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -267,7 +252,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size):
         # nearest to the skip's size: 2x when the latent size divides evenly, else diffusers' upsample_size
@@ -285,9 +270,9 @@ class DownBlock(nn.Module):
             for _ in range(n)]) if attn else None
         self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if down else None
 
-    def forward(self, x, temb_act, context, skips: list):
+    def forward(self, x, temb, context, skips: list):
         for i, r in enumerate(self.resnets):
-            x = r(x, temb_act)
+            x = r(x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
             skips.append(x)
@@ -310,9 +295,9 @@ class UpBlock(nn.Module):
             for _ in range(n)]) if attn else None
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if up else None
 
-    def forward(self, x, temb_act, context, skips: list):
+    def forward(self, x, temb, context, skips: list):
         for i, r in enumerate(self.resnets):
-            x = r(torch.cat([x, skips.pop()], dim=1), temb_act)
+            x = r(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
@@ -328,8 +313,8 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([
             Transformer2D(c, cfg.num_heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)])
 
-    def forward(self, x, temb_act, context):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x, temb_act), context), temb_act)
+    def forward(self, x, temb, context):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x, temb), context), temb)
 
 
 class UNetSD(nn.Module):
@@ -340,7 +325,7 @@ class UNetSD(nn.Module):
         self.config = cfg
         ch = cfg.block_out_channels
         n = len(ch)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList([
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.cross_attention[i], down=i < n - 1) for i in range(n)])
@@ -350,7 +335,7 @@ class UNetSD(nn.Module):
             UpBlock(rch[max(i - 1, 0)], rch[i], rch[min(i + 1, n - 1)], cfg, rattn[i], up=i < n - 1)
             for i in range(n)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -373,14 +358,14 @@ class UNetSD(nn.Module):
             raise ValueError(f"timestep must be a scalar or a (B,) tensor, got shape {tuple(t.shape)}")
         t = t.expand(b)
         temb = sd_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb_act = F.silu(self.time_embedding(temb.to(self.dtype)))
+        temb = self.time_embedding(temb.to(self.dtype))
         context = encoder_hidden_states.to(self.dtype)
 
         x = self.conv_in(sample.to(self.dtype))
         skips = [x]
         for blk in self.down_blocks:
-            x = blk(x, temb_act, context, skips)
-        x = self.mid_block(x, temb_act, context)
+            x = blk(x, temb, context, skips)
+        x = self.mid_block(x, temb, context)
         for blk in self.up_blocks:
-            x = blk(x, temb_act, context, skips)
+            x = blk(x, temb, context, skips)
         return self.conv_out(ops.group_norm(x, self.conv_norm_out, silu=True))

@@ -96,21 +96,10 @@ class DiagonalGaussian:
         return self.mean + self.std * noise.to(self.mean.device)
 
 
-class VAEResnetBlock(nn.Module):
-    """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus a 1x1 ``conv_shortcut`` when channels change."""
-
-    def __init__(self, cin: int, cout: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=_EPS)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=_EPS)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x):
-        h = self.conv1(ops.group_norm(x, self.norm1, silu=True))
-        h = self.conv2(ops.group_norm(h, self.norm2, silu=True))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+def VAEResnetBlock(cin: int, cout: int, groups: int) -> ops.ResBlock:
+    """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus a 1x1 ``conv_shortcut`` when channels change
+    (diffusers' ResnetBlock2D without a time embedding, eps 1e-6): fastdiff's fused ResBlock."""
+    return ops.ResBlock(cin, cout, temb_channels=None, groups=groups, eps=_EPS)
 
 
 class VAEAttention(nn.Module):
@@ -119,10 +108,10 @@ class VAEAttention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.to_q = ops.Linear(channels, channels)
+        self.to_k = ops.Linear(channels, channels)
+        self.to_v = ops.Linear(channels, channels)
+        self.to_out = nn.ModuleList([ops.Linear(channels, channels)])
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -146,7 +135,7 @@ class _Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = ops.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -155,7 +144,7 @@ class _Downsample(nn.Module):
 class _Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -189,13 +178,13 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             _EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=i < len(ch) - 1)
             for i in range(len(ch))])
         self.mid_block = VAEMidBlock(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)
@@ -209,13 +198,13 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = VAEMidBlock(ch[0], g)
         self.up_blocks = nn.ModuleList([
             _DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, up=i < len(ch) - 1)
             for i in range(len(ch))])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
@@ -230,8 +219,8 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.quant_conv = ops.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = ops.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
     @property
     def scaling_factor(self) -> float:
