@@ -42,7 +42,9 @@ FD_HD float fd_erf_rational(float x) {
 FD_HD float fd_exp_nonpos(float x) {
   x = x < -87.f ? -87.f : (x > 0.f ? 0.f : x);
   const float n = floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 split in hi + lo
+  // r = x - n ln2 with ln 2 split in hi + lo (n * hi is exact). fmaf, not a - b * c: -ffast-math would fold
+  // hi + lo back into one rounded constant, which costs ~4e-6 relative accuracy at x ~ -70.
+  const float r = fmaf(-n, 1.428606765330187e-06f, fmaf(-n, 0.693145751953125f, x));
   float p = 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
