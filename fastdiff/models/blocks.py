@@ -8,8 +8,7 @@
 
 with the elementwise work fused around the convolutions:
 
-- GroupNorm + SiLU is one pass (:func:`fastdiff.ops.group_norm` with ``silu=True`` once it is available,
-  else eager ``F.group_norm`` + ``F.silu``);
+- GroupNorm + SiLU is one pass (:func:`fastdiff.ops.group_norm` with ``silu=True``);
 - the time-embedding term, a per-(sample, channel) ``(N, C, 1, 1)`` tensor, is a broadcast binary post-op of
   conv1 and the skip is a binary post-op of conv2 (:func:`fastdiff.ops.conv2d` ``residual=``), so neither
   add makes its own pass over the activation;
@@ -29,21 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops.conv import Conv2d
+from fastdiff.ops.group_norm import group_norm
 from fastdiff.ops.linear import Linear
-
-try:  # helper "groupnorm" owns fastdiff/ops/group_norm.py; until it is present use the eager pair
-    from fastdiff.ops.group_norm import group_norm as _group_norm
-except ImportError:  # pragma: no cover - transitional
-    _group_norm = None
 
 __all__ = ["ResBlock", "group_norm_silu"]
 
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """silu(norm(x)) in one pass when fastdiff's group_norm is available."""
-    if _group_norm is not None:
-        return _group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
-    return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
+    """silu(norm(x)) in one pass (fastdiff's fused GroupNorm + SiLU), with ``norm``'s parameters."""
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
 
 
 class ResBlock(nn.Module):
