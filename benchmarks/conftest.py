@@ -107,8 +107,9 @@ def pytest_terminal_summary(terminalreporter):
     w = terminalreporter
     w.section("fastdiff vs eager PyTorch (same run; ratio = eager time / fastdiff time)")
     w.line(f"{'op':34s} {'case':34s} {'eager us':>10s} {'fastdiff us':>12s} {'ratio':>7s} {'GB/s':>7s} "
-           f"{'% copy':>7s}")
+           f"{'% copy':>7s} {'TFLOP/s':>8s}")
     for r in _ROWS:
         ratio = r["eager"] / r["fast"] if r["eager"] == r["eager"] else float("nan")
         w.line(f"{r['name']:34s} {r['case']:34s} {r['eager'] * 1e6:10.1f} {r['fast'] * 1e6:12.1f} {ratio:7.2f} "
-               f"{r.get('gbs', float('nan')):7.1f} {r.get('pct_copy', float('nan')):7.1f}")
+               f"{r.get('gbs', float('nan')):7.1f} {r.get('pct_copy', float('nan')):7.1f} "
+               f"{r.get('tflops', float('nan')):8.3f}")
