@@ -9,6 +9,9 @@ from fastdiff.ops.geglu import geglu, geglu_ref
 from fastdiff.ops.group_norm import GroupNorm, group_norm, group_norm_ref
 from fastdiff.ops.layer_norm import LayerNorm, layer_norm, layer_norm_ref
 from fastdiff.ops.rms_norm import RMSNorm, rms_norm, rms_norm_ref
+from fastdiff.ops.modulate import (gate_residual, gate_residual_ref, layer_norm_modulate, layer_norm_modulate_ref,
+                                    modulate, modulate_ref)
+from fastdiff.ops.timestep_embedding import timestep_embedding, timestep_embedding_ref
 from fastdiff.ops.attention import attention, attention_ref
 from fastdiff.ops.conv import Conv2d, conv2d, conv2d_ref
 from fastdiff.ops.linear import Linear, linear, linear_ref
@@ -31,6 +34,14 @@ __all__ = [
     "RMSNorm",
     "rms_norm",
     "rms_norm_ref",
+    "modulate",
+    "modulate_ref",
+    "layer_norm_modulate",
+    "layer_norm_modulate_ref",
+    "gate_residual",
+    "gate_residual_ref",
+    "timestep_embedding",
+    "timestep_embedding_ref",
     "attention",
     "attention_ref",
     "Conv2d",
