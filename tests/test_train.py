@@ -111,3 +111,29 @@ def test_pictures_and_cli_resume(tmp_path):
     assert grid.size[0] > 2 * 32 and grid.size[1] >= 10 * 32  # 10 labelled rows of 2 samples, upscaled 2x
     assert Image.open(run / "loss.png").size == (640, 360)
     assert len(list(run.glob("samples-*.png"))) == 3  # step 2, step 4, latest
+
+
+def test_export_opens_in_diffusers(tmp_path, digits):
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.train.export import export_run, load_exported
+
+    _trainer(tmp_path, digits, max_steps=3).run()
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    ours = load_exported(out)
+    assert ours.prediction == "v" and ours.unet.conv_in.weight.dtype == torch.float32
+    from safetensors.torch import load_file
+    stored = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    ref = diffusers.UNet2DModel.from_pretrained(out / "unet", local_files_only=True).float().eval()
+    sched = diffusers.DDPMScheduler.from_pretrained(out / "scheduler", local_files_only=True)
+    assert sched.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(sched.alphas_cumprod.double(), ours.schedule.alphas_cumprod, rtol=1e-6, atol=1e-7)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.unet(x, torch.tensor([1, 800]), torch.tensor([2, 10])),
+                                   ref(x, torch.tensor([1, 800]), class_labels=torch.tensor([2, 10])).sample,
+                                   rtol=1e-5, atol=1e-5)
+    # the fp16 weights are the EMA weights of the run, rounded
+    ema = load_run_model(tmp_path / "run").unet.state_dict()
+    assert all(torch.equal(ours.unet.state_dict()[k], ema[k].half().float()) for k in ema)
+    assert "3 steps" in (out / "README.md").read_text()

@@ -63,12 +63,13 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], *, size=(640, 360)
     if len(losses) < 2:
         d.text((L + 10, T + 10), "not enough points yet", fill=(0, 0, 0), font=font)
         return img
+    # Bias-corrected EMA whose horizon is ~1/20 of the points, so it tracks the curve at any length.
+    beta = 1.0 - 1.0 / max(1.0, len(losses) / 20.0)
     ema = np.empty_like(losses)
-    beta = min(0.98, 1 - 2 / max(len(losses), 2))
-    acc = losses[0]
+    acc = 0.0
     for i, v in enumerate(losses):
         acc = beta * acc + (1 - beta) * v
-        ema[i] = acc
+        ema[i] = acc / (1 - beta ** (i + 1)) if beta > 0 else v
     ly = np.log10(losses)
     lo, hi = np.percentile(ly, 1), np.max(np.log10(ema)) + 0.05
     lo = min(lo, np.log10(ema).min()) - 0.05
@@ -79,9 +80,7 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], *, size=(640, 360)
         y = T + (hi - np.log10(v)) / (hi - lo) * (H - T - B)
         return float(x), float(min(max(y, T), H - B))
 
-    for s, v in zip(steps, losses):
-        x, y = xy(s, v)
-        d.point((x, y), fill=(190, 190, 190))
+    d.line([xy(s, v) for s, v in zip(steps, losses)], fill=(190, 190, 190), width=1)
     d.line([xy(s, v) for s, v in zip(steps, ema)], fill=(30, 80, 200), width=2)
     for frac in (0.0, 0.5, 1.0):  # y ticks
         v = 10 ** (hi - frac * (hi - lo))
