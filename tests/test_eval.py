@@ -1,10 +1,7 @@
 """fastdiff.eval: Fréchet distance vs closed forms, the shipped classifier on real data, FID Inception layout."""
 from __future__ import annotations
 
-import gzip
 import json
-import math
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +15,6 @@ from fastdiff.eval.data import (
     FASHION_MNIST_DIR,
     class_index,
     load_image_set,
-    read_idx,
     save_image_set,
     to_model_space,
 )
@@ -118,19 +114,7 @@ def test_frechet_bad_input():
 # Data plumbing
 # ------------------------------------------------------------------------------------------------------------
 
-def test_idx_reader_and_padding(tmp_path):
-    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    raw = struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 2, 3, 4) + arr.tobytes()
-    (tmp_path / "a.gz").write_bytes(gzip.compress(raw))
-    (tmp_path / "a").write_bytes(raw)
-    assert np.array_equal(read_idx(tmp_path / "a.gz"), arr) and np.array_equal(read_idx(tmp_path / "a"), arr)
-    (tmp_path / "bad").write_bytes(raw[:-1])
-    with pytest.raises(ValueError, match="bytes follow"):
-        read_idx(tmp_path / "bad")
-    (tmp_path / "notidx").write_bytes(b"\x89PNG....")
-    with pytest.raises(ValueError, match="not an IDX file"):
-        read_idx(tmp_path / "notidx")
-
+def test_padding_to_model_space():
     img = torch.full((1, 28, 28), 255, dtype=torch.uint8)
     x = to_model_space(img)
     assert x.shape == (1, 1, 32, 32)
@@ -274,11 +258,22 @@ def test_inception_fid_quirks():
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def reference():
-    from fastdiff.eval.evaluate import RealReference
+def reference(tmp_path_factory):
+    import os
 
+    from fastdiff.eval import evaluate
+
+    # A fresh feature cache for this module: the reference pass really runs the classifier here, and the CLI
+    # subprocesses (which inherit the variable) reuse its result instead of recomputing it.
+    old = os.environ.get("FASTDIFF_CACHE")
+    os.environ["FASTDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    evaluate._cached_reference.cache_clear()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    return RealReference.build()
+    yield evaluate.RealReference.build()
+    if old is None:
+        del os.environ["FASTDIFF_CACHE"]
+    else:
+        os.environ["FASTDIFF_CACHE"] = old
 
 
 @needs_fashion
@@ -287,36 +282,39 @@ def test_shipped_classifier_accuracy(reference):
 
     assert DEFAULT_CLASSIFIER_PATH.stat().st_size < 2 * 1024 * 1024
     assert len(reference.test_images) == 10_000
-    with torch.no_grad():
-        logits = torch.cat([reference.classifier(reference.test_images[i:i + 1000]) for i in range(0, 10_000, 1000)])
-    acc = (logits.argmax(1) == reference.test_labels).double().mean().item()
+    acc = (reference.test_logits.argmax(1) == reference.test_labels).double().mean().item()
     assert acc >= 0.90
-    # the conditional-accuracy metric on real labelled images is exactly the classifier's accuracy
-    metric, per_class = conditional_accuracy(reference.classifier, reference.test_images, reference.test_labels)
-    assert metric == acc == reference.test_accuracy
-    counts = torch.bincount(reference.test_labels, minlength=10).double()
-    assert float((per_class * counts).sum() / counts.sum()) == pytest.approx(acc, abs=1e-12)
+    assert acc == reference.test_accuracy
+    # the conditional-accuracy metric on real labelled images is exactly the classifier's accuracy (checked on
+    # 2,000 test images against the reference pass's logits, and per class)
+    x, y = reference.test_images[:2000], reference.test_labels[:2000]
+    metric, per_class = conditional_accuracy(reference.classifier, x, y)
+    direct = (reference.test_logits[:2000].argmax(1) == y).double()
+    assert metric == direct.mean().item()
+    for c in range(10):
+        assert per_class[c].item() == pytest.approx(direct[y == c].mean().item(), abs=1e-12)
+    with torch.no_grad():  # the features used for FID are the classifier's own penultimate layer
+        torch.testing.assert_close(reference.classifier.features(x[:100]).double(), reference.test_features[:100])
 
 
 @needs_fashion
 def test_evaluate_real_images(reference):
     from fastdiff.eval.evaluate import evaluate_images, format_table
 
-    x, y = reference.test_images[:2000], reference.test_labels[:2000]
+    x, y = reference.test_images[:1000], reference.test_labels[:1000]
     rep = evaluate_images(x, y, name="real test", reference=reference)
-    with torch.no_grad():
-        direct = (reference.classifier(x).argmax(1) == y).double().mean().item()
-    assert rep.accuracy == pytest.approx(direct, abs=1e-12)
-    # real test images vs the test split: as close to it as the floor (real train images) is
-    assert rep.fid < 2 * rep.fid_floor + 0.05
-    # the whole test split against itself is exactly the reference: FID 0
-    assert frechet_distance(gaussian_stats(reference.features(reference.test_images)), reference.test_stats) < 1e-8
-    # images of the wrong class are recognised as such, and are far from the data in FID
-    bad = evaluate_images(x, (y + 1) % 10, name="wrong labels", reference=reference)
-    assert bad.accuracy < 0.1 and bad.fid == pytest.approx(rep.fid)
-    noise = evaluate_images(torch.rand(500, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+    assert rep.accuracy == (reference.test_logits[:1000].argmax(1) == y).double().mean().item()
+    assert rep.n == 1000 and rep.classifier_real_accuracy == reference.test_accuracy
+    # real test images vs the test split: as close to it as the floor (1000 real train images) is
+    assert 0 < rep.fid < 2 * rep.fid_floor
+    # a set compared with the statistics of itself: FID 0
+    assert frechet_distance(gaussian_stats(reference.test_features), reference.test_stats) < 1e-8
+    # images asked to be of another class are recognised as not that class
+    wrong, _ = conditional_accuracy(reference.classifier, x, (y + 1) % 10)
+    assert wrong < 0.1
+    noise = evaluate_images(torch.rand(300, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1,
                             name="noise", reference=reference)
-    assert noise.fid > 20 * noise.fid_floor
+    assert noise.accuracy is None and noise.fid > 20 * noise.fid_floor
     table = format_table([rep, noise])
     assert "floor" in table and "real test" in table and f"{rep.fid:.3f}" in table
 
@@ -329,9 +327,8 @@ def test_sampling_an_exact_denoiser_recovers_its_targets(reference):
     from fastdiff.eval.generate import sample_per_class
     from fastdiff.samplers import Denoiser, linear_schedule
 
-    with torch.no_grad():
-        pred = reference.classifier(reference.test_images[:200]).argmax(1)
-    targets = torch.stack([reference.test_images[((reference.test_labels[:200] == c) & (pred == c)).nonzero()[0, 0]]
+    pred = reference.test_logits.argmax(1)
+    targets = torch.stack([reference.test_images[((reference.test_labels == c) & (pred == c)).nonzero()[0, 0]]
                            for c in range(10)])
     sched = linear_schedule()
     acp = sched.alphas_cumprod.double()
@@ -365,3 +362,35 @@ def test_cli_eval_images(tmp_path, reference):
     bad = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--images", str(tmp_path / "nope.npz")],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert bad.returncode == 2 and "no such image set" in bad.stderr
+
+
+@needs_fashion
+def test_cli_eval_checkpoint(tmp_path, reference):
+    # A 2-step tiny run written by the trainer, then `fastdiff eval --checkpoint` samples it with two samplers.
+    # Its samples are noise-like, so only the plumbing is checked: N, labels, reproducibility, the table.
+    from fastdiff.eval._checkpoint import load_for_sampling
+    from fastdiff.eval.evaluate import evaluate_images
+    from fastdiff.eval.generate import sample_per_class
+    from fastdiff.io.datasets import load_fashion_mnist as load_ds
+    from fastdiff.train import TrainConfig, train
+
+    ds = load_ds(split="test")
+    ds.images, ds.labels = ds.images[:64], ds.labels[:64]
+    run = tmp_path / "run"
+    train(TrainConfig(run_dir=str(run), model="tiny", max_steps=2, batch_size=8, warmup_steps=1, sample_every=0,
+                      precision="fp32", threads=1), dataset=ds, progress=False)
+    out = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--checkpoint", str(run), "--sampler", "ddim:3",
+                          "--sampler", "dpmpp_2m:2", "--per-class", "2", "--precision", "fp32", "--guidance", "2",
+                          "--json", str(tmp_path / "r.json"), "--threads", "1"],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["name"] for r in rows] == ["ddim 3", "dpmpp_2m 2"] and all(r["n"] == 20 for r in rows)
+    assert "ddim 3" in out.stdout and "dpmpp_2m 2" in out.stdout
+    # the same seed in-process reproduces the CLI's numbers
+    m = load_for_sampling(run, precision="fp32")
+    images, labels, _ = sample_per_class(m.denoiser, m.schedule, sampler="ddim", steps=3, per_class=2,
+                                         num_classes=10, null_label=m.null_label, guidance=2.0, seed=0,
+                                         spacing="trailing")
+    rep = evaluate_images(images, labels, reference=reference)
+    assert rep.accuracy == pytest.approx(rows[0]["accuracy"]) and rep.fid == pytest.approx(rows[0]["fid"])

@@ -42,6 +42,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="steps for a --sampler given without :STEPS")
     p.add_argument("--per-class", type=int, default=100, help="samples per class (default 100, i.e. N = 1000)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--spacing", default="trailing", choices=["leading", "trailing", "linspace"],
+                   help="timestep spacing of the samplers (default trailing: starts at t = T-1 for any step count)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="network precision (sampler state is fp32)")
+    p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=250, help="sampling batch size")
     p.add_argument("--classifier", type=Path, default=None, help="classifier weights (default: the shipped one)")
@@ -63,7 +67,8 @@ def _sampling_runs(args, reference, inception):
 
     from fastdiff.eval._checkpoint import load_for_sampling
 
-    model = load_for_sampling(args.checkpoint)
+    model = load_for_sampling(args.checkpoint, use_ema=not args.raw_weights, precision=args.precision)
+    print(f"model: {model.description}", file=sys.stderr)
     runs = [parse_run(s, args.steps) for s in (args.sampler or [f"ddim:{args.steps}"])]
     for name, _ in runs:
         if name not in SAMPLERS:
@@ -75,7 +80,7 @@ def _sampling_runs(args, reference, inception):
         images, labels, seconds = sample_per_class(
             model.denoiser, model.schedule, sampler=name, steps=steps, per_class=args.per_class,
             num_classes=model.num_classes, null_label=model.null_label, guidance=guidance, seed=args.seed,
-            batch=args.batch)
+            batch=args.batch, spacing=args.spacing)
         if args.save_samples is not None:
             args.save_samples.mkdir(parents=True, exist_ok=True)
             save_image_set(args.save_samples / f"{name}_{steps}.npz", images, labels)

@@ -1,29 +1,23 @@
 """Real Fashion-MNIST for evaluation, in the diffusion model's own pixel space.
 
 Every image the evaluation touches (real or generated) is a float tensor of shape (N, 1, 32, 32) in [-1, 1]:
-the 28x28 Fashion-MNIST digit scaled as ``x / 127.5 - 1`` and padded with 2 px of background (-1) on each
-side. This is the preprocessing the bundled diffusion model trains on, so the classifier sees generated
-samples exactly as the diffusion model produces them.
-
-The loaders of :mod:`fastdiff.io.datasets` are used when that module provides them; otherwise a tiny IDX
-reader here parses the files directly (the IDX format: a big-endian magic ``0x0000 <dtype> <ndim>``, then
-``ndim`` big-endian uint32 sizes, then the raw array).
+the 28x28 Fashion-MNIST image padded with 2 px of background to 32x32 and scaled as ``x * 2/255 - 1``. The
+real images come from the same loader the diffusion model trains on (:mod:`fastdiff.io.datasets`), so the
+classifier sees generated samples exactly as the diffusion model produces them.
 """
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from fastdiff.io import datasets as _datasets
 
 __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_CLASSES",
-    "read_idx",
     "load_fashion_mnist",
     "to_model_space",
     "class_index",
@@ -32,44 +26,8 @@ __all__ = [
 ]
 
 # Where Debian's `dataset-fashion-mnist` package installs the IDX files; FASTDIFF_FASHION_MNIST overrides.
-FASHION_MNIST_DIR = Path(os.environ.get("FASTDIFF_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-
-FASHION_CLASSES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)
-
-# IDX type byte -> numpy dtype (big-endian where it matters).
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (``.gz`` or raw) into a numpy array; a malformed file raises ``ValueError``."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"IDX file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic {data[:4].hex()})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but {len(data) - header} bytes follow")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-
-
-def _find(root: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem):
-        if (root / name).exists():
-            return root / name
-    raise FileNotFoundError(
-        f"Fashion-MNIST file {stem}(.gz) not found in {root}. On Debian/Ubuntu: "
-        "`apt-get install dataset-fashion-mnist`, or set FASTDIFF_FASHION_MNIST to the folder with the IDX files.")
+FASHION_MNIST_DIR = Path(os.environ.get("FASTDIFF_FASHION_MNIST", _datasets.FASHION_MNIST_DIR))
+FASHION_CLASSES = tuple(_datasets.FASHION_MNIST_CLASSES)
 
 
 def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +35,18 @@ def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = Non
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root) if root is not None else FASHION_MNIST_DIR
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST {split}: images {images.shape} and labels {labels.shape} do not match")
-    return to_model_space(torch.from_numpy(images.copy())), torch.from_numpy(labels.astype(np.int64))
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found at {root}. On Debian/Ubuntu: `apt-get install dataset-fashion-mnist`, "
+            "or set FASTDIFF_FASHION_MNIST (or --data) to the folder with the IDX files.")
+    ds = _datasets.load_fashion_mnist(root, split, size=32, fit="pad")
+    return ds.batch(torch.arange(len(ds)))
 
 
 def to_model_space(images: torch.Tensor, size: int = 32) -> torch.Tensor:
-    """uint8 (N, H, W) or (N, 1, H, W) in 0..255 -> float32 (N, 1, size, size) in [-1, 1], padded with -1.
+    """uint8 (N, H, W) or (N, 1, H, W) in 0..255 -> float32 (N, 1, size, size) in [-1, 1], as the trainer sees them.
 
-    Padding (not resizing) keeps the strokes' pixel scale: a 28x28 image gets 2 px of background each side.
+    A smaller image is padded with background (0 -> -1), not resized: 28x28 gets 2 px on each side.
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images in 0..255, got {images.dtype}")
@@ -99,9 +57,7 @@ def to_model_space(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     h, w = images.shape[-2:]
     if h > size or w > size:
         raise ValueError(f"images are {h}x{w}, larger than the {size}x{size} model space")
-    x = images.float() / 127.5 - 1.0
-    top, left = (size - h) // 2, (size - w) // 2
-    return F.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)
+    return _datasets.fit_images(images, size, "pad").float().mul_(2.0 / 255.0).sub_(1.0)
 
 
 def class_index(name: str | int) -> int:

@@ -12,6 +12,7 @@ For N images (optionally each with the class it was generated for):
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdiff.eval import classifier as _classifier_module
 from fastdiff.eval.classifier import DEFAULT_CLASSIFIER_PATH, FashionClassifier, load_classifier
 from fastdiff.eval.data import FASHION_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 from fastdiff.eval.metrics import (
@@ -54,6 +56,8 @@ class RealReference:
     test_labels: torch.Tensor
     train_images: torch.Tensor
     train_labels: torch.Tensor
+    test_features: torch.Tensor  # (10000, D) float64, the classifier's features of the test split
+    test_logits: torch.Tensor    # (10000, classes), from the same forward pass
     test_stats: GaussianStats
     test_accuracy: float
 
@@ -80,14 +84,53 @@ class RealReference:
         return self.train_images[torch.cat(picks)]
 
 
+def _cache_path(classifier_path: str, x_test: torch.Tensor) -> Path | None:
+    """Where the test split's classifier features are cached: keyed by the SHA-256 of the classifier's weights,
+    its source file and the test images, so a changed classifier or dataset can never reuse stale features.
+    ``FASTDIFF_CACHE`` sets the folder (default ~/.cache/fastdiff); ``FASTDIFF_CACHE=off`` disables it."""
+    root = os.environ.get("FASTDIFF_CACHE", str(Path.home() / ".cache" / "fastdiff"))
+    if root.lower() in ("off", "0", "none", ""):
+        return None
+    h = hashlib.sha256(Path(classifier_path).read_bytes())
+    h.update(Path(_classifier_module.__file__).read_bytes())  # the network's code, not only its weights
+    h.update(x_test.numpy().tobytes())
+    return Path(root) / "eval" / f"fashion_test_features_{h.hexdigest()[:24]}.npz"
+
+
+def _write_cache(path: Path, feats: torch.Tensor, logits: torch.Tensor) -> None:
+    # The features are fp32 network outputs, so storing them as fp32 is lossless. Best effort: a read-only
+    # home only costs the recomputation next time.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, features=feats.float().numpy(), logits=logits.float().numpy())
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 @lru_cache(maxsize=2)
 def _cached_reference(classifier_path: str, root: str) -> RealReference:
     clf = load_classifier(classifier_path)
     x_test, y_test = load_fashion_mnist("test", root)
     x_train, y_train = load_fashion_mnist("train", root)
-    feats = extract_features(clf.features, x_test)
-    acc, _ = conditional_accuracy(clf, x_test, y_test)
-    return RealReference(clf, x_test, y_test, x_train, y_train, gaussian_stats(feats), acc)
+    cache = _cache_path(classifier_path, x_test)
+    feats = logits = None
+    if cache is not None and cache.exists():
+        try:
+            with np.load(cache) as z:
+                feats, logits = torch.from_numpy(z["features"]).double(), torch.from_numpy(z["logits"])
+        except (OSError, KeyError, ValueError):
+            feats = logits = None  # a damaged cache entry is recomputed
+    if feats is None or feats.shape[0] != len(x_test):
+        # One pass over the test split gives both the FID reference and the accuracy (logits = fc(features)).
+        feats = extract_features(clf.features, x_test)
+        with torch.no_grad():
+            logits = clf.fc(feats.float())
+        if cache is not None:
+            _write_cache(cache, feats, logits)
+    acc = (logits.argmax(1) == y_test).double().mean().item()
+    return RealReference(clf, x_test, y_test, x_train, y_train, feats, logits, gaussian_stats(feats), acc)
 
 
 @dataclass
