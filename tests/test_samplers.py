@@ -495,14 +495,18 @@ def cond_net(calls):
     return net
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "flow_euler"])
-def test_cfg_one_batched_forward_equals_two_passes(name):
+CFG_CASES = [("ddpm", {}), ("ddpm", dict(clip=1.0)), ("ddim", dict(eta=0.5)), ("ddim", dict(clip=1.0)),
+             ("ddim", dict(eta=1.0, clip=1.0)), ("euler", {}), ("euler_a", {}), ("dpmpp_2m", {}),
+             ("flow_euler", {})]
+
+
+@pytest.mark.parametrize("name,kw", CFG_CASES)
+def test_cfg_one_batched_forward_equals_two_passes(name, kw):
     """guidance g in one batched forward == u + g (c - u) from two separate unbatched forwards."""
     g = 4.5
     cond, uncond = torch.tensor([1, 2]), torch.tensor([0])  # uncond of batch 1 broadcasts
     sched = S.FlowSchedule(shift=3.0) if name == "flow_euler" else S.linear_schedule()
-    pred = "flow" if name == "flow_euler" else "v"
-    kw = dict(eta=0.5) if name == "ddim" else {}
+    pred = "flow" if name == "flow_euler" else ("eps" if "clip" in kw else "v")
     calls = []
     batched = S.SAMPLERS[name](S.Denoiser(cond_net(calls), pred), noise(), sched, steps=8, cond=cond,
                                uncond=uncond, guidance=g, generator=torch.Generator().manual_seed(0), **kw)

@@ -87,14 +87,6 @@ def _update(x, m, g, px, pm, a, b, s=0.0, noise=None, clip=None) -> torch.Tensor
     return sampler_step(x, m, a, b, s, noise, pred=(px, pm), clip=clip, guidance_scale=g)
 
 
-def _guided(m: torch.Tensor, g: float | None) -> torch.Tensor:
-    """Eager CFG combination (only for the few updates that are not of the fused form)."""
-    if g is None:
-        return m
-    u, c = m.float().chunk(2)
-    return (u + g * (c - u)).to(m.dtype)
-
-
 def _spacing(schedule: NoiseSchedule, spacing: str | None, default: str) -> str:
     return spacing or schedule.spacing or default
 
@@ -190,15 +182,17 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
             x = sampler_step(x, m, c_x0 * pm + c_dir * em, c_x0 * px + c_dir * ex, std_noise, noise,
                              pred=(0.0, 1.0), guidance_scale=g)
         else:
-            # Clamping x0 while keeping the model's eps leaves an extra m term: not the fused form.
-            mg = _guided(m, g).float()
-            xf = x.float()
-            x0 = (px * xf + pm * mg).clamp(-clip, clip)
-            eps = ex * xf + em * mg
-            out = c_x0 * x0 + c_dir * eps
-            if noise is not None:
-                out = out + std_noise * noise.float()
-            x = out.to(x.dtype)
+            # Clamping x0 while the direction keeps the model's eps leaves a term in m outside the clamp:
+            #   x' = c_x0 clamp(px x + pm m) + (c_dir ex) x + (c_dir em) m + std z.
+            # The op has one spare input slot: m goes there when there is no noise (eta = 0), else it is one
+            # extra axpy. With guidance, m is the guided output, formed first by the op (one pass).
+            if g is not None:
+                m = sampler_step(x, m, 1.0, 0.0, pred=(0.0, 1.0), guidance_scale=g)
+            if noise is None:
+                x = sampler_step(x, m, c_x0, c_dir * ex, c_dir * em, m, pred=(px, pm), clip=clip)
+            else:
+                y = sampler_step(x, m, c_x0, c_dir * ex, std_noise, noise, pred=(px, pm), clip=clip)
+                x = y.add_(m, alpha=c_dir * em)
         if callback is not None:
             callback(i, float(t), x)
     return x
