@@ -120,8 +120,8 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
         #                                + sqrt(alpha_t) (1 - abar_{t'}) / (1 - abar_t) x_t
         c_x0 = math.sqrt(a_p) * beta_t_step / (1.0 - a_t)
         c_xt = math.sqrt(alpha_t_step) * (1.0 - a_p) / (1.0 - a_t)
-        # DDPM eq. 7 (variance "fixed_small" = beta tilde): (1 - abar_{t'}) / (1 - abar_t) beta_t, floored at
-        # 1e-20 like diffusers. Sec. 3.2 / eq. 6: no noise is added when producing x_0 (the last step).
+        # DDPM eq. 6-7: the posterior q(x_{t'} | x_t, x0) has variance beta tilde = (1 - abar_{t'}) / (1 - abar_t)
+        # beta_t (variance "fixed_small"; floored at 1e-20 like diffusers). Algorithm 2: z = 0 at the last step.
         last = i + 1 == len(ts)
         std = 0.0 if last else math.sqrt(max((1.0 - a_p) / (1.0 - a_t) * beta_t_step, 1e-20))
         px, pm = x0_coefs(model.prediction, math.sqrt(a_t), math.sqrt(1.0 - a_t))
