@@ -600,6 +600,8 @@ def test_errors():
         S.sample_ddpm(m, noise(), sched, steps=1001)
     with pytest.raises(ValueError, match="zero-SNR"):
         S.sample_ddim(m, noise(), S.linear_schedule(zero_snr=True), steps=4, spacing="trailing")
+    with pytest.raises(ValueError, match="outside"):
+        S.sample_ddim(m, noise(), S.linear_schedule(steps_offset=1), steps=1000)
     with pytest.raises(ValueError, match="unknown sampler"):
         S.get_sampler("plms")
     with pytest.raises(ValueError, match="shape"):

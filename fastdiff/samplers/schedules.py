@@ -324,7 +324,11 @@ class NoiseSchedule:
         """:func:`spaced_timesteps` with this schedule's spacing (argument > schedule > ``default_spacing``)."""
         spacing = spacing or self.spacing or default_spacing
         offset = self.steps_offset if steps_offset is None else steps_offset
-        return spaced_timesteps(self.num_train_timesteps, steps, spacing, offset, variant=variant)
+        ts = spaced_timesteps(self.num_train_timesteps, steps, spacing, offset, variant=variant)
+        if ts.size and (ts.max() >= self.num_train_timesteps or ts.min() < 0):
+            raise ValueError(f"{spacing} spacing with steps={steps} and steps_offset={offset} gives timesteps "
+                             f"outside [0, {self.num_train_timesteps}); use fewer steps or another spacing")
+        return ts
 
     @classmethod
     def from_diffusers_config(cls, config: dict) -> "NoiseSchedule":
