@@ -54,7 +54,7 @@ def ref_folder(tmp_path_factory):
     text = _randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**tc)), 3)
     CLIPTokenizer.from_bundled().save_pretrained(d / "_tok")
     tok = transformers.CLIPTokenizer.from_pretrained(d / "_tok", local_files_only=True)
-    sched = diffusers.PNDMScheduler(**{k: v for k, v in ck.SD1_SCHEDULER_CONFIG.items() if k != "_class_name"})
+    sched = diffusers.PNDMScheduler.from_config(ck.SD1_SCHEDULER_CONFIG)  # keeps clip_sample=False for DDIM
     pipe = diffusers.StableDiffusionPipeline(vae=ae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                              safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
@@ -339,3 +339,21 @@ def test_other_architecture_folder(ref_folder, tmp_path):
     shutil.rmtree(tmp_path / "nounet" / "unet")
     with pytest.raises(ck.CheckpointError, match="unet/"):
         load_sd1(tmp_path / "nounet")
+
+
+def test_standalone_vae(ref_folder, good_file, tmp_path):
+    """A lone VAE file in the original layout (as vae-ft-mse-*.safetensors), in diffusers layout, or a vae/ folder."""
+    d, ref = ref_folder
+    sd = load_file(good_file)
+    orig = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    orig["loss.logvar"] = torch.zeros(())  # training leftovers some VAE files carry
+    save_file(orig, tmp_path / "vae_orig.safetensors")
+    want = ref.vae.state_dict()
+    for src in (tmp_path / "vae_orig.safetensors", d / "sd" / "vae",
+                d / "sd" / "vae" / "diffusion_pytorch_model.safetensors"):
+        got = ck.load_vae(src, config=vae.TINY)
+        assert got.state_dict().keys() == want.keys()
+        assert all(torch.equal(got.state_dict()[k], want[k]) for k in want), src
+    assert ck.load_vae(d / "sd" / "vae").config == vae.TINY  # folder: config.json
+    with pytest.raises(ck.CheckpointError, match="full SD checkpoint"):
+        ck.load_vae(good_file)

@@ -48,6 +48,7 @@ __all__ = [
     "infer_sd1_configs",
     "load_sd1_single_file",
     "load_sd1_diffusers",
+    "load_vae",
     "save_sd1_single_file",
     "save_sd1_diffusers",
     "load_state_dict_strict",
@@ -72,6 +73,7 @@ _EMA_PREFIX = "model_ema."
 SD1_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False,
     "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None,
 }
 
@@ -446,6 +448,46 @@ def load_sd1_single_file(path: str | os.PathLike, *, dtype: torch.dtype | None =
 def _rename(sd: Mapping[str, torch.Tensor], to_new: Mapping[str, str], prefix: str) -> dict:
     """Rename by the table; names it does not know keep their (prefixed) original name so errors show them."""
     return {to_new.get(k, prefix + k): v for k, v in sd.items()}
+
+
+def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
+             device: str | torch.device = "cpu", config: VAEConfig | None = None) -> AutoencoderKL:
+    """A standalone SD1 VAE (e.g. ``vae-ft-mse-840000-ema-pruned.safetensors``) -> fastdiff AutoencoderKL.
+
+    Accepts a diffusers ``vae/`` folder, a diffusers-layout file (``encoder.down_blocks.*``), or an original
+    layout file (``encoder.down.*``, optionally under ``first_stage_model.``); loss/discriminator weights that
+    some VAE training checkpoints carry (``loss.*``) are ignored by name.
+    """
+    p = Path(path)
+    if p.is_dir():
+        cfg = config or VAEConfig.from_diffusers(_read_json(p / "config.json"))
+        return load_state_dict_strict(_build(AutoencoderKL, cfg), _weights_in(p, "diffusion_pytorch_model", None),
+                                      f"{p}", dtype=dtype, device=device).eval()
+    sd = read_state_dict(p)
+    sd = {k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k: v for k, v in sd.items()
+          if not k.startswith(("loss.", VAE_PREFIX + "loss."))}
+    if any(k.startswith(UNET_PREFIX) or k.startswith(TEXT_PREFIX) for k in sd):
+        raise CheckpointError(f"{p}: a full SD checkpoint, not a standalone VAE: use load_sd1")
+    if any(k.startswith("encoder.down_blocks.") for k in sd):  # diffusers layout
+        if config is None:
+            n = _max_index(sd, r"encoder\.down_blocks\.(\d+)\.") + 1
+            config = VAEConfig(in_channels=int(sd["encoder.conv_in.weight"].shape[1]),
+                               latent_channels=int(sd["post_quant_conv.weight"].shape[0]),
+                               out_channels=int(sd["decoder.conv_out.weight"].shape[0]),
+                               block_out_channels=tuple(int(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
+                                                        for i in range(n)),
+                               layers_per_block=_max_index(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.") + 1)
+        vsd = {k: (v[:, :, 0, 0] if _is_vae_attn_matrix(k) and v.dim() == 4 else v) for k, v in sd.items()}
+        return load_state_dict_strict(_build(AutoencoderKL, config), vsd, f"VAE {p}", dtype=dtype, device=device).eval()
+    if "encoder.conv_in.weight" not in sd:
+        raise CheckpointError(f"{p}: no VAE weights (encoder.conv_in.weight) found")
+    cfg = config or infer_sd1_configs({VAE_PREFIX + k: v for k, v in sd.items()}, unet=UNetSDConfig(),
+                                      text=CLIPTextConfig()).vae
+    vae = _build(AutoencoderKL, cfg)
+    to_new = {vae_key_to_original(k, cfg): k for k in vae.state_dict()}
+    vsd = {to_new.get(k, k): v for k, v in sd.items()}
+    vsd = {k: (v[:, :, 0, 0] if _is_vae_attn_matrix(k) and v.dim() == 4 else v) for k, v in vsd.items()}
+    return load_state_dict_strict(vae, vsd, f"VAE {p}", dtype=dtype, device=device).eval()
 
 
 # ----------------------------------------------------------------------------------------- diffusers folders
