@@ -14,6 +14,8 @@ __all__ = ["main"]
 # subcommand -> (module, the function adding its parser). Modules are imported only when listed, so
 # `fastdiff info` does not pay for importing the training code.
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("fastdiff.pipelines.cli", "add_generate_parser"),
+    "train": ("fastdiff.train.cli", "add_train_parser"),
     "eval": ("fastdiff.eval.cli", "add_eval_parser"),
 }
 

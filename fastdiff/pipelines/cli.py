@@ -1,0 +1,127 @@
+"""``fastdiff generate``: pictures from a model (the bundled Fashion-MNIST model when no --model is given)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["add_generate_parser"]
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample a model and write a PNG (default: a labelled grid of every class "
+                       "from the bundled model)")
+    p.add_argument("--model", default=None, help="pipeline folder, UNet2DModel folder or training run folder "
+                   "(default: the bundled Fashion-MNIST model)")
+    p.add_argument("--label", default=None, help="class name or index; default: a grid of every class")
+    p.add_argument("--n", type=int, default=None, help="images per class in the grid (default 8), or images of "
+                   "--label (default 16)")
+    p.add_argument("--sampler", default="ddim", help="ddpm, ddim, euler, euler_a, dpmpp_2m (default ddim)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1000 ddpm, 20 dpmpp_2m, "
+                   "else 50)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
+    p.add_argument("--out", default="fastdiff-samples.png", help="output PNG path")
+    p.add_argument("--show-process", action="store_true", help="also write the noising/denoising strip "
+                   "(x_t at a few t) next to --out")
+    p.add_argument("--interpolate", action="store_true", help="also write a slerp between two noises next to "
+                   "--out")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_generate)
+
+
+def _suffixed(out: Path, suffix: str) -> Path:
+    return out.with_name(f"{out.stem}-{suffix}{out.suffix or '.png'}")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from fastdiff.pipelines.generate import class_grid, generate, save_png
+    from fastdiff.pipelines.pixel import DEFAULT_STEPS, load_pixel_pipeline
+    from fastdiff.train.plots import image_grid
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        print(f"error: the folder of --out ({out.parent}) does not exist", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        pipe = load_pixel_pipeline(args.model)
+        steps = args.steps or DEFAULT_STEPS.get(args.sampler, 50)
+        guidance = None if args.guidance == 1.0 else args.guidance
+        info = {"model": pipe.source, "sampler": args.sampler, "steps": steps, "guidance": args.guidance,
+                "seed": args.seed}
+        if args.label is None and pipe.class_names:
+            img = class_grid(pipe, per_class=args.n or 8, seed=args.seed, sampler=args.sampler, steps=steps,
+                             guidance=guidance, progress=not args.quiet)
+            info["labels"] = "all classes"
+        else:
+            n = args.n or 16
+            ims = generate(model=pipe, label=args.label, n=n, seed=args.seed, sampler=args.sampler, steps=steps,
+                           guidance=guidance, progress=not args.quiet)
+            img = image_grid(ims, min(n, 8), row_labels=None)
+            info["labels"] = args.label
+        save_png(img, out, info)
+        print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, {args.sampler}, {steps} steps, seed {args.seed})")
+        if args.show_process:
+            path = _suffixed(out, "process")
+            save_png(_process_strip(pipe, args, steps, guidance), path, info)
+            print(f"wrote {path}")
+        if args.interpolate:
+            path = _suffixed(out, "interpolate")
+            save_png(_interpolation(pipe, args, steps, guidance), path, info)
+            print(f"wrote {path}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _process_strip(pipe, args, steps, guidance, columns: int = 8):
+    """Two labelled rows: the forward (noising) process q(x_t | x_0) of a sample, and the reverse (denoising)
+    trajectory the sampler took to make it, at ``columns`` evenly spaced points."""
+    from fastdiff.train.plots import image_grid, to_pil
+
+    label = [pipe.label_index(args.label) if args.label is not None else 0] if pipe.class_names else None
+    frames: list[torch.Tensor] = []
+    keep = {round(i * (steps - 1) / (columns - 2)) for i in range(columns - 1)}
+
+    def cb(i, t, x):
+        if i in keep:
+            frames.append(x.clone())
+
+    g = torch.Generator().manual_seed(args.seed)
+    x_T = torch.randn((1, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
+                       pipe.unet.config.sample_size), generator=g)
+    x0 = pipe.sample(label, n=1, seed=args.seed, sampler=args.sampler, steps=steps, guidance=guidance,
+                     noise=x_T, callback=cb)
+    denoise = [x_T] + frames[: columns - 1]
+    T = pipe.schedule.num_train_timesteps
+    ts = [round(i * (T - 1) / (columns - 1)) for i in range(columns)]
+    eps = torch.randn(x0.shape, generator=g)
+    noise = [x0] + [pipe.add_noise(x0, t, eps) for t in ts[1:]]
+    ims = to_pil(torch.cat(noise + denoise).clamp(-1, 1))
+    return image_grid(ims, columns, row_labels=["noising", "denoising"], scale=3)
+
+
+def _interpolation(pipe, args, steps, guidance, columns: int = 9):
+    """Samples from slerp(noise_a, noise_b, w) for w in [0, 1]: a smooth walk between two images."""
+    from fastdiff.pipelines.pixel import slerp
+    from fastdiff.train.plots import image_grid, to_pil
+
+    cfg = pipe.unet.config
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    noise = torch.cat([slerp(a, b, i / (columns - 1)) for i in range(columns)])
+    labels = None
+    if pipe.class_names:
+        labels = [pipe.label_index(args.label) if args.label is not None else 0] * columns
+    x = pipe.sample(labels, n=columns, seed=args.seed, sampler=args.sampler, steps=steps, guidance=guidance,
+                    noise=noise)
+    return image_grid(to_pil(x), columns, scale=3)

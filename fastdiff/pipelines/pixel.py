@@ -1,0 +1,219 @@
+"""Pixel-space DDPM pipelines: load a class-conditional (or unconditional) UNet2D, sample it, make pictures.
+
+A pipeline is a folder in diffusers' layout, so the files are useful beyond fastdiff::
+
+    model_index.json
+    unet/config.json + diffusion_pytorch_model.safetensors     (diffusers UNet2DModel)
+    scheduler/scheduler_config.json                            (diffusers DDPMScheduler: betas, prediction)
+
+``load_pixel_pipeline`` also accepts a bare UNet2DModel folder (the DDPM paper's defaults then: linear betas,
+eps prediction) and a fastdiff training run folder (its latest good checkpoint, EMA weights).
+The bundled default model (Fashion-MNIST, 32x32, 10 classes) lives in ``fastdiff/assets/fashion32``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from fastdiff.models.unet2d import UNet2D
+from fastdiff.samplers import Denoiser, get_sampler, make_schedule
+from fastdiff.samplers.schedules import NoiseSchedule, normalize_prediction
+
+__all__ = ["PixelPipeline", "load_pixel_pipeline", "bundled_model_dir", "slerp", "DEFAULT_STEPS"]
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "euler": 50, "euler_a": 50, "dpmpp_2m": 20}
+_PRED_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+_KIND_TO_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def bundled_model_dir() -> Path:
+    """The default model shipped inside the package."""
+    return ASSETS / "fashion32"
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """Spherical interpolation between two Gaussian noises (keeps the norm a Gaussian sample would have)."""
+    af, bf = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(af, bf) / (af.norm() * bf.norm())
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    if float(theta) < 1e-6:
+        return (1 - w) * a + w * b
+    s = torch.sin(theta)
+    return ((torch.sin((1 - w) * theta) / s) * a.double() + (torch.sin(w * theta) / s) * b.double()).to(a.dtype)
+
+
+@dataclass
+class PixelPipeline:
+    """A pixel-space diffusion model and what is needed to sample it."""
+
+    unet: UNet2D
+    schedule: NoiseSchedule
+    prediction: str
+    clip: float | None = 1.0
+    source: str = ""
+
+    @property
+    def class_names(self) -> list[str]:
+        cfg = self.unet.config
+        if not cfg.num_classes:
+            return []
+        return list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
+
+    def label_index(self, label: int | str) -> int:
+        """A class index from an index or a (case-insensitive) class name; the error lists the classes."""
+        names = self.class_names
+        if not names:
+            raise ValueError("this model is unconditional: it takes no label")
+        if isinstance(label, str) and not label.lstrip("-").isdigit():
+            want = label.strip().lower().replace("_", "-").replace(" ", "-")
+            for i, n in enumerate(names):
+                if n.lower().replace("_", "-").replace(" ", "-") == want:
+                    return i
+            raise ValueError(f"unknown class {label!r}; this model knows: {', '.join(names)}")
+        i = int(label)
+        if not 0 <= i < len(names):
+            raise ValueError(f"class index {i} is outside 0..{len(names) - 1} ({', '.join(names)})")
+        return i
+
+    @torch.no_grad()
+    def sample(self, labels: Sequence[int] | torch.Tensor | None, *, n: int | None = None, seed: int = 0,
+               sampler: str = "ddim", steps: int | None = None, guidance: float | None = 3.0,
+               noise: torch.Tensor | None = None, precision: str = "bf16",
+               callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Samples in [-1, 1], shape (N, C, H, W). ``labels``: one class index per sample (None for an
+        unconditional model, then ``n`` samples). The same seed gives the same images."""
+        cfg = self.unet.config
+        fn = get_sampler(sampler)
+        if sampler == "flow_euler":
+            raise ValueError("flow_euler samples rectified-flow models; this is a DDPM (VP) model")
+        steps = steps or DEFAULT_STEPS[sampler]
+        if steps < 1 or steps > self.schedule.num_train_timesteps:
+            raise ValueError(f"steps must be in 1..{self.schedule.num_train_timesteps}, got {steps}")
+        gen = torch.Generator().manual_seed(int(seed))
+        if cfg.num_classes:
+            if labels is None:
+                raise ValueError(f"this model is class-conditional: give labels ({', '.join(self.class_names)})")
+            y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        else:
+            if labels is not None:
+                raise ValueError("this model is unconditional: labels must be None")
+            if not n:
+                raise ValueError("give n, the number of samples")
+            y = None
+        count = len(y) if y is not None else int(n)
+        shape = (count, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if noise is None:
+            x = torch.randn(shape, generator=gen)
+        else:
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+            x = noise.float().clone()
+        use_cfg = y is not None and guidance is not None and guidance != 1.0
+        if use_cfg and not cfg.null_class:
+            raise ValueError("classifier-free guidance needs a model trained with a null class; use guidance=None")
+        uncond = torch.full_like(y, cfg.null_label) if use_cfg else None
+        unet = self.unet
+        dev = next(unet.parameters()).device
+        autocast = precision == "bf16" and next(unet.parameters()).dtype == torch.float32
+
+        def net(xx, tt, yy):
+            # Only the network runs in bf16; the sampler's state and schedule arithmetic stay fp32/fp64.
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
+                return unet(xx.to(dev), tt.to(dev), None if yy is None else yy.to(dev)).float().cpu()
+
+        kwargs = {"clip": self.clip} if sampler in ("ddpm", "ddim") and self.clip else {}
+        if sampler in ("ddpm", "ddim"):
+            kwargs["spacing"] = "trailing" if self.schedule.spacing is None else self.schedule.spacing
+        out = fn(Denoiser(net, self.prediction), x, self.schedule, steps=steps, cond=y, uncond=uncond,
+                 guidance=guidance if use_cfg else None, generator=gen, callback=callback, **kwargs)
+        return out.clamp(-1, 1)
+
+    def add_noise(self, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""
+        a = float(self.schedule.alphas_cumprod[t])
+        return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * noise
+
+    def save(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = torch.float16,
+             card: str | None = None) -> Path:
+        """Write the pipeline folder (diffusers layout). ``dtype`` casts the weights (fp16 halves the file)."""
+        from fastdiff.io.diffusers_unet2d import save_unet2d
+
+        folder = Path(folder)
+        save_unet2d(self.unet, folder / "unet", dtype=dtype)
+        sched = {
+            "_class_name": "DDPMScheduler",
+            "num_train_timesteps": self.schedule.num_train_timesteps,
+            "beta_schedule": _KIND_TO_DIFFUSERS.get(self.schedule.kind, self.schedule.kind),
+            "prediction_type": _PRED_TO_DIFFUSERS[self.prediction],
+            "clip_sample": self.clip is not None,
+            "clip_sample_range": self.clip or 1.0,
+            "rescale_betas_zero_snr": bool(self.schedule.zero_snr),
+            "timestep_spacing": self.schedule.spacing or "trailing",
+            "variance_type": "fixed_small",
+        }
+        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        (folder / "model_index.json").write_text(json.dumps(
+            {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
+        if card is not None:
+            (folder / "README.md").write_text(card)
+        return folder
+
+
+def _schedule_from_diffusers(d: dict, where: str) -> tuple[NoiseSchedule, str, float | None]:
+    kind = d.get("beta_schedule", "linear")
+    if kind not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        raise ValueError(f"{where}: beta_schedule {kind!r} is not supported (linear, scaled_linear, "
+                         "squaredcos_cap_v2)")
+    if d.get("trained_betas") is not None:
+        raise ValueError(f"{where}: trained_betas are not supported")
+    sched = make_schedule(kind, int(d.get("num_train_timesteps", 1000)),
+                          beta_start=d.get("beta_start") if kind != "squaredcos_cap_v2" else None,
+                          beta_end=d.get("beta_end") if kind != "squaredcos_cap_v2" else None,
+                          zero_snr=bool(d.get("rescale_betas_zero_snr", False)),
+                          spacing=d.get("timestep_spacing"), steps_offset=int(d.get("steps_offset", 0)))
+    pred = normalize_prediction(d.get("prediction_type", "epsilon"))
+    clip = float(d.get("clip_sample_range", 1.0)) if d.get("clip_sample", True) else None
+    return sched, pred, clip
+
+
+def load_pixel_pipeline(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> PixelPipeline:
+    """A pipeline folder, a bare UNet2DModel folder, or a fastdiff training run folder (None: the bundled
+    default model). Errors say what the path is missing."""
+    from fastdiff.io.diffusers_unet2d import load_unet2d
+
+    p = Path(path) if path is not None else bundled_model_dir()
+    if not p.exists():
+        if path is None:
+            raise FileNotFoundError(f"the bundled default model is missing from this installation ({p}); "
+                                    "reinstall fastdiff or pass a model path")
+        raise FileNotFoundError(f"model path {p} does not exist")
+    if (p / "latest.json").is_file():  # a training run
+        from fastdiff.train.trainer import load_run_model
+
+        run = load_run_model(p)
+        unet = run.unet.to(device=device, dtype=dtype)
+        return PixelPipeline(unet, run.schedule, run.prediction, 1.0, source=f"{p} (step {run.step}, EMA)")
+    if (p / "unet" / "config.json").is_file():
+        unet = load_unet2d(p / "unet", dtype=dtype).to(device)
+        sc = p / "scheduler" / "scheduler_config.json"
+        if sc.is_file():
+            sched, pred, clip = _schedule_from_diffusers(json.loads(sc.read_text()), str(sc))
+        else:
+            sched, pred, clip = make_schedule("linear", 1000), "eps", 1.0
+        return PixelPipeline(unet, sched, pred, clip, source=str(p))
+    if (p / "config.json").is_file():
+        unet = load_unet2d(p, dtype=dtype).to(device)
+        return PixelPipeline(unet, make_schedule("linear", 1000), "eps", 1.0, source=str(p))
+    raise ValueError(f"{p} is neither a pipeline folder (model_index.json, unet/, scheduler/), a UNet2DModel "
+                     "folder (config.json + diffusion_pytorch_model.safetensors) nor a fastdiff run folder "
+                     "(latest.json)")
