@@ -31,8 +31,10 @@ import triton.language as tl
 __all__ = ["group_norm_fwd", "group_norm_bwd", "configs", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE = 4096          # elements per (channels x positions) tile held in registers
+_TILE = 2048          # elements per (channels x positions) tile held in registers: 8 per thread at 8 warps
+_TILE_BWD = 1024      # the backward keeps three accumulators and recomputes z: half the tile avoids spills
 _NUM_WARPS = 8
+_NUM_WARPS_BWD = 4    # with 8 warps ptxas spilled a few bytes at 32-64 channels per group (AOT, sm_89)
 
 
 def _interpreting() -> bool:
@@ -215,9 +217,9 @@ def _gn_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def _blocks(cpg: int) -> tuple[int, int]:
+def _blocks(cpg: int, tile: int = _TILE) -> tuple[int, int]:
     block_c = triton.next_power_of_2(cpg)
-    return block_c, max(16, _TILE // block_c)
+    return block_c, max(16, tile // block_c)
 
 
 def _view3(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -303,14 +305,14 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, silu=False, resi
     drc = torch.empty((B, C), dtype=torch.float32, device=x.device) if rc is not None else None
     if x.numel() == 0:
         return dx, dwp.sum(0), dbp.sum(0), drc
-    block_c, block_n = _blocks(cpg)
+    block_c, block_n = _blocks(cpg, _TILE_BWD)
     dummy = mean
     _gn_bwd_kernel[(B * G,)](
         x, r if r is not None else x, rc if rc is not None else dummy, w if w is not None else dummy,
         bb if bb is not None else dummy, mean, rstd, dy, dx, dwp, dbp, drc if drc is not None else dummy,
         sb, sc, sn, C, G, cpg, n,
         HAS_R=r is not None, HAS_RC=rc is not None, HAS_W=w is not None, HAS_B=bb is not None, SILU=bool(silu),
-        BLOCK_C=block_c, BLOCK_N=block_n, UPCAST=_interpreting(), num_warps=_NUM_WARPS)
+        BLOCK_C=block_c, BLOCK_N=block_n, UPCAST=_interpreting(), num_warps=_NUM_WARPS_BWD)
     dw = dwp.sum(0) if weight is not None else None
     db = dbp.sum(0) if bias is not None else None
     return dx, dw, db, drc
@@ -322,13 +324,13 @@ def configs() -> list[dict]:
     out = []
     for dtype, ty in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         for block_c in (1, 2, 4, 8, 16, 32, 64):
-            block_n = max(16, _TILE // block_c)
             for has_r in (False, True):
                 for silu in (False, True):
                     for kind, kernel in (("stats", _gn_stats_kernel), ("apply", _gn_apply_kernel),
                                          ("bwd", _gn_bwd_kernel)):
                         if kind == "stats" and silu:
                             continue
+                        block_n = _blocks(block_c, _TILE_BWD if kind == "bwd" else _TILE)[1]
                         constexprs = dict(HAS_R=has_r, HAS_RC=True, BLOCK_C=block_c, BLOCK_N=block_n)
                         if kind != "stats":
                             constexprs.update(HAS_W=True, HAS_B=True, SILU=silu, UPCAST=False)
@@ -346,5 +348,6 @@ def configs() -> list[dict]:
                                 sig[name] = "i32"
                         out.append(dict(kernel=kernel, name=f"group_norm_{kind}",
                                         key=f"{ty} C/G<={block_c} res={int(has_r)}" + (f" silu={int(silu)}" if kind != "stats" else ""),
-                                        signature=sig, constexprs=constexprs, num_warps=_NUM_WARPS, num_stages=1))
+                                        signature=sig, constexprs=constexprs,
+                                        num_warps=_NUM_WARPS_BWD if kind == "bwd" else _NUM_WARPS, num_stages=1))
     return out

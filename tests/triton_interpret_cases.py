@@ -243,3 +243,25 @@ def test_group_norm_lowp_within_2x_torch(dtype):
     ref = _gn_oracle(x.float(), 8, w, b, 1e-5, True, None, None)
     torch_lowp = F.silu(F.group_norm(x, 8, w.to(dtype), b.to(dtype), 1e-5))
     assert_close_lowp(y, ref, torch_lowp, f"group_norm+silu {dtype}")
+
+
+def test_group_norm_public_op_on_triton_backend():
+    """fastdiff.ops.group_norm with the triton backend forced: forward and autograd vs group_norm_ref, with the
+    ResBlock's per-(sample, channel) residual (B, C, 1, 1) and a full residual, channels_last input."""
+    from fastdiff.ops import group_norm, group_norm_ref
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 40, 6, 5, generator=g).to(memory_format=torch.channels_last)
+    w = 1 + 0.3 * torch.randn(40, generator=g)
+    b = 0.2 * torch.randn(40, generator=g)
+    for residual in (torch.randn(2, 40, 1, 1, generator=g), torch.randn(2, 40, 6, 5, generator=g)):
+        a = [t.clone().requires_grad_(True) for t in (x, w, b, residual)]
+        r = [t.clone().requires_grad_(True) for t in (x, w, b, residual)]
+        with ops.use_backend("triton"):
+            y = group_norm(a[0], 4, a[1], a[2], 1e-5, silu=True, residual=a[3])
+        ref = group_norm_ref(r[0], 4, r[1], r[2], 1e-5, silu=True, residual=r[3])
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-5)
+        dy = torch.randn(y.shape, generator=g)
+        for ga, gr in zip(torch.autograd.grad(y, a, dy), torch.autograd.grad(ref, r, dy)):
+            assert ga.shape == gr.shape
+            torch.testing.assert_close(ga, gr, rtol=1e-4, atol=2e-4)
