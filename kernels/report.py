@@ -125,7 +125,30 @@ def _ptxas() -> str:
 
 def _ptxas_usage(ptx: str, cc: int) -> dict:
     """Registers, spill stores/loads, stack and static shared memory from ``ptxas -v``, run with the flags
-    triton itself uses (``-lineinfo -v --regAllocOptLevel=2``) so the numbers are those of the cubin."""
+    triton itself uses (``-lineinfo -v --regAllocOptLevel=2``) so the numbers are those of the cubin.
+    Cached by the PTX's hash (triton caches the compile itself), so a second test run is fast."""
+    import hashlib
+    import json
+
+    cache_dir = os.environ.get("FASTDIFF_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "fastdiff"))
+    key = hashlib.sha256(f"{cc}\0{ptx}".encode()).hexdigest()
+    path = os.path.join(cache_dir, "ptxas", key + ".json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    out = _run_ptxas(ptx, cc)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f)
+    except OSError:
+        pass
+    return out
+
+
+def _run_ptxas(ptx: str, cc: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:

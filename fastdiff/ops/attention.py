@@ -167,6 +167,9 @@ def _triton_reasons(q, k, v, attn_mask=None, scale=None):
     out = tensor_reasons("triton", q, k, v, dtypes=_FLOAT_DTYPES) + _mask_device(q, attn_mask)
     if q.shape[-1] > 256:
         out.append(f"head_dim {q.shape[-1]} > 256 (the largest tile the kernels are compiled for)")
+    elif q.dtype == torch.float32 and q.shape[-1] > 128:
+        out.append(f"head_dim {q.shape[-1]} > 128 in fp32: no tile compiles without register spills on sm_89 "
+                   "(use bf16/fp16)")
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         out.append("attn_mask requires grad: the kernel does not compute a mask gradient")
     return out
