@@ -226,11 +226,11 @@ def test_module_packed_weight_cache():
     torch.manual_seed(0)
     ours, theirs = Conv2d(8, 12, 3, padding=1).eval(), torch.nn.Conv2d(8, 12, 3, padding=1).eval()
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 8, 9, 7)
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x))
         if "cpu" in BACKENDS:
-            assert ours._fd_pack is not None  # inference: the packed weight is cached
+            assert ours._fd_pack is not None  # inference, channels_last: the packed weight is cached
         for update in (lambda m: m.weight.mul_(-2.0),
                        lambda m: m.load_state_dict({"weight": torch.randn(12, 8, 3, 3), "bias": m.bias.clone()})):
             update(ours)
@@ -240,7 +240,9 @@ def test_module_packed_weight_cache():
         got = ours(xc)
         torch.testing.assert_close(got, theirs(xc))
         assert got.is_contiguous(memory_format=torch.channels_last)
-        assert ours(x).is_contiguous()  # an NCHW input gets an NCHW output even with a packed weight
+        xn = x.contiguous()
+        assert ours(xn).is_contiguous()  # an NCHW input gets an NCHW output
+        torch.testing.assert_close(ours(xn), theirs(xn))
         ours_bf16 = copy.deepcopy(ours).bfloat16()
         assert ours_bf16._fd_pack is None
         assert ours_bf16(x.bfloat16()).dtype == torch.bfloat16

@@ -15,8 +15,9 @@ with the elementwise work fused around the convolutions:
 - convolutions and the time projection are fastdiff :class:`~fastdiff.ops.Conv2d` / :class:`~fastdiff.ops.Linear`
   (oneDNN; bf16 computed in fp32 on CPUs where that is faster, see :mod:`fastdiff.ops._onednn`).
 
-Layout: the block keeps its input's memory format (channels_last in, channels_last out); measured ratios of
-NCHW vs channels_last are in benchmarks/bench_conv_block.py.
+Layout: the block computes in channels_last and returns its input's memory format (channels_last in,
+channels_last out; NCHW in, one conversion each way). A model that keeps its activations channels_last pays
+no conversion at all. Measured ratios are in benchmarks/bench_conv_block.py.
 
 Parameter names equal diffusers' (``norm1``, ``conv1``, ``time_emb_proj``, ``norm2``, ``conv2``,
 ``conv_shortcut``), so a diffusers state_dict loads by a strict copy.
@@ -74,6 +75,12 @@ class ResBlock(nn.Module):
                 raise ValueError(f"ResBlock: temb must be (N, temb_channels) with N = {x.shape[0]}, "
                                  f"got {tuple(temb.shape)}")
             t = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (N, C, 1, 1): fused into conv1
+        # Run channels_last inside the block: oneDNN's convolutions read and write it directly, whereas an
+        # NCHW tensor is reordered to a blocked layout and back around every convolution. An NCHW input is
+        # converted once here and the output once at the end (the caller gets its own format back).
+        nchw_in = not x.is_contiguous(memory_format=torch.channels_last)
+        if nchw_in:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = group_norm_silu(x, self.norm1)
         h = self.conv1(h, residual=t)
         h = group_norm_silu(h, self.norm2)
@@ -82,4 +89,4 @@ class ResBlock(nn.Module):
         out = self.conv2(h, residual=skip)
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
-        return out
+        return out.contiguous() if nchw_in else out

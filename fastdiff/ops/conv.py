@@ -21,8 +21,10 @@ identity for the residual. With ``silu`` and grad, SiLU is applied outside the F
 the pre-activation, which the fused op never materialises).
 
 The :class:`Conv2d` module is an ``nn.Conv2d`` (same arguments, defaults, parameters and state_dict) whose
-forward takes optional ``residual`` / ``silu``; in inference it caches the weight pre-packed in oneDNN's
-blocked layout, keyed on the weight's version counter, storage, dtype and the input shape.
+forward takes optional ``residual`` / ``silu``; in inference, for channels_last inputs, it caches the weight
+pre-packed in oneDNN's blocked layout, keyed on the weight's version counter, storage, dtype and the input
+shape. Keep activations channels_last for speed: oneDNN reads and writes that layout directly, whereas NCHW
+tensors are reordered to a blocked layout and back around every convolution.
 """
 from __future__ import annotations
 
@@ -81,7 +83,9 @@ def _onednn_forward(x, weight, bias, residual, stride, padding, dilation, groups
     math = _math_dtype(out_dtype)
     fmt = _out_format(x, weight)
     xm = x.to(math).contiguous(memory_format=fmt)
-    w = packer(math, xm.shape) if packer is not None else None
+    # The pre-packed weight only for channels_last: with it oneDNN writes channels_last even for an NCHW input,
+    # and the copy back to NCHW cost more than the weight reorder it saves (bench_conv_block.py).
+    w = packer(math, xm.shape) if packer is not None and fmt == torch.channels_last else None
     if w is None:
         w = weight.to(math)
     bm = bias.to(math) if bias is not None else None
@@ -95,7 +99,6 @@ def _onednn_forward(x, weight, bias, residual, stride, padding, dilation, groups
         y = torch.ops.mkldnn._convolution_pointwise(
             xm, w, bm, padding, stride, dilation, groups, "swish" if silu else "none", [], None)
     y = y.to(out_dtype)
-    # A pre-packed weight makes oneDNN write channels_last even for an NCHW input: give back torch's format.
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
