@@ -394,3 +394,25 @@ def test_cli_eval_checkpoint(tmp_path, reference):
                                          spacing="trailing")
     rep = evaluate_images(images, labels, reference=reference)
     assert rep.accuracy == pytest.approx(rows[0]["accuracy"]) and rep.fid == pytest.approx(rows[0]["fid"])
+
+
+@needs_fashion
+def test_inception_fid_through_evaluate(reference):
+    # Random-weight FID Inception (the real weights are not available here): the same 4 real images as the
+    # real side give Inception FID 0; other images do not. Checks the [-1, 1] -> [0, 1] plumbing and the cache
+    # of the real side.
+    from fastdiff.eval import evaluate
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3().eval()
+    x, y = reference.test_images[:4], reference.test_labels[:4]
+    same = evaluate.evaluate_images(x, y, reference=reference, inception=net, inception_real=4)
+    with torch.no_grad():
+        feats = net((x + 1) / 2).double()
+    scale = np.trace(np.cov(feats.numpy().T))
+    assert same.inception_real_n == 4 and same.inception_fid == pytest.approx(0.0, abs=1e-9 * scale)
+    other = evaluate.evaluate_images(reference.test_images[4:8], y, reference=reference, inception=net,
+                                     inception_real=4)
+    assert other.inception_fid > 1e-3 * scale
+    assert evaluate._INCEPTION_REAL_STATS[4][0] is net
+    assert "Inception FID" in evaluate.format_table([same, other])

@@ -88,6 +88,14 @@ def _sampling_runs(args, reference, inception):
                               inception_real=args.inception_real, seconds=seconds)
 
 
+def _checkpoint_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from fastdiff.train import CheckpointError
+    except ImportError:
+        return ()
+    return (CheckpointError,)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -115,7 +123,13 @@ def run_eval(args: argparse.Namespace) -> int:
             reports = []
             for r in _sampling_runs(args, reference, inception):
                 reports.append(r)
-    except (FileNotFoundError, ValueError, TypeError) as e:
+                # Runs can take long (DDPM 1000 steps): show each as it finishes, keep the JSON current.
+                acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
+                print(f"  {r.name}: accuracy {acc}, FID {r.fid:.3f} (floor {r.fid_floor:.3f}), "
+                      f"{r.seconds:.1f} s", file=sys.stderr, flush=True)
+                if args.json is not None:
+                    args.json.write_text(json.dumps([x.to_dict() for x in reports], indent=2))
+    except (FileNotFoundError, ValueError, TypeError, *_checkpoint_errors()) as e:
         print(f"fastdiff eval: error: {e}", file=sys.stderr)
         return 2
     print(format_table(reports))

@@ -159,6 +159,9 @@ class EvalReport:
         return d
 
 
+_INCEPTION_REAL_STATS: dict[int, tuple] = {}
+
+
 def _inception_features(inception, images: torch.Tensor, batch: int = 50) -> torch.Tensor:
     # Model space [-1, 1] -> [0, 1], the input convention of FID Inception.
     return extract_features(inception, (images + 1.0) / 2.0, batch=batch)
@@ -188,10 +191,15 @@ def evaluate_images(images: torch.Tensor, labels: torch.Tensor | None = None, *,
     report = EvalReport(name=name, n=n, fid=fid, fid_floor=floor, classifier_real_accuracy=ref.test_accuracy,
                         accuracy=acc, per_class_accuracy=per_class, seconds=seconds)
     if inception is not None:
-        real = ref.test_images[: inception_real or len(ref.test_images)]
-        report.inception_fid = frechet_distance(gaussian_stats(_inception_features(inception, images)),
-                                                gaussian_stats(_inception_features(inception, real)))
-        report.inception_real_n = len(real)
+        n_real = min(inception_real or len(ref.test_images), len(ref.test_images))
+        # The real side is computed once per (network, reference, N), not once per row; the entry holds the
+        # objects themselves so a recycled id() can never match.
+        hit = _INCEPTION_REAL_STATS.get(n_real)
+        if hit is None or hit[0] is not inception or hit[1] is not ref:
+            hit = (inception, ref, gaussian_stats(_inception_features(inception, ref.test_images[:n_real])))
+            _INCEPTION_REAL_STATS[n_real] = hit
+        report.inception_fid = frechet_distance(gaussian_stats(_inception_features(inception, images)), hit[2])
+        report.inception_real_n = n_real
     return report
 
 

@@ -121,7 +121,7 @@ file's metadata). Input (N, 1, 32, 32) in [-1, 1].
 ## Data and preprocessing
 Fashion-MNIST train split (all {stats['train_images']:,} images) from the IDX files of Debian's
 `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist/`). Each 28x28 image is scaled to [-1, 1]
-(`x / 127.5 - 1`) and padded with 2 px of background (-1) on each side to 32x32: the same pixel space the
+(`x * 2/255 - 1`, the loader of `fastdiff.io.datasets`) and padded with 2 px of background (-1) on each side to 32x32: the same pixel space the
 bundled diffusion model is trained in. Augmentation: random shifts of up to +-{stats['max_shift']} px; no flips.
 
 ## Training
