@@ -11,6 +11,10 @@
 
 #include <stdlib.h>
 
+#if defined(FD_ISA_IS_AVX512)
+#include <immintrin.h>
+#endif
+
 #include "fastdiff/math/bf16.h"
 #include "fastdiff/math/group_norm.h"
 #include "group_norm_args.h"
@@ -40,6 +44,145 @@ struct Buf {
 // partial sums stay short (accurate) and the loop still vectorises.
 constexpr int64_t kBlock = 4096;
 
+#if defined(FD_ISA_IS_AVX512)
+// ---- explicit AVX-512 versions of the forward hot loops --------------------------------------------------------
+// GCC vectorises the generic loops, but calls libmvec's expf and divides for the sigmoid, and keeps one
+// accumulator chain in the sums; these versions use an inline exp (Cephes polynomial + vscalefps, which also
+// handles overflow and underflow), rcp14 + one Newton step for 1 / (1 + e), two accumulators, and convert bf16
+// in registers (widen: shift left 16; narrow: round to nearest even, NaN kept quiet).
+namespace v512 {
+
+static inline __m512 ld(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 ld(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 ld(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));  // quiet NaN, not rounded
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+static inline void st(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void st(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
+static inline void st(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+static inline void st(uint16_t* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
+
+// exp(x) = 2^n * e^r, n = round(x / ln2), r = x - n ln2 (two-part ln2), e^r by Cephes' expf polynomial.
+static inline __m512 exp(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// silu(z) = z / (1 + exp(-z)); the reciprocal by rcp14 and one Newton step (~1 ulp short of a division).
+static inline __m512 silu(__m512 z) {
+  // -z clamped to 88 keeps d finite (an infinite d would turn the Newton step into inf * 0 = NaN); for
+  // z < -88 the result is then z * ~0 = -0 as it should. min(NaN, 88) = 88, but z * q keeps a NaN z NaN.
+  const __m512 e = exp(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), _mm512_set1_ps(88.0f)));
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
+  __m512 q = _mm512_rcp14_ps(d);
+  q = _mm512_mul_ps(q, _mm512_fnmadd_ps(d, q, _mm512_set1_ps(2.0f)));
+  return _mm512_mul_ps(z, q);
+}
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+template <class T, bool RES>
+static inline void row_sums(const T* x, const T* r, float off, int64_t n, double& d1, double& d2) {
+  const __m512 o = _mm512_set1_ps(off);
+  for (int64_t lo = 0; lo < n; lo += kBlock) {
+    const int64_t hi = imin(n, lo + kBlock);
+    __m512 a1 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps();
+    int64_t i = lo;
+    for (; i + 32 <= hi; i += 32) {
+      __m512 v = _mm512_add_ps(ld(x + i), o), u = _mm512_add_ps(ld(x + i + 16), o);
+      if (RES) v = _mm512_add_ps(v, ld(r + i)), u = _mm512_add_ps(u, ld(r + i + 16));
+      a1 = _mm512_add_ps(a1, v), b1 = _mm512_add_ps(b1, u);
+      a2 = _mm512_fmadd_ps(v, v, a2), b2 = _mm512_fmadd_ps(u, u, b2);
+    }
+    for (; i < hi; i += 16) {
+      const __mmask16 m = (hi - i) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hi - i)) - 1);
+      __m512 v = _mm512_maskz_add_ps(m, ld(x + i, m), o);
+      if (RES) v = _mm512_add_ps(v, ld(r + i, m));
+      a1 = _mm512_add_ps(a1, v);
+      a2 = _mm512_fmadd_ps(v, v, a2);
+    }
+    d1 += hsum(_mm512_add_ps(a1, b1));
+    d2 += hsum(_mm512_add_ps(a2, b2));
+  }
+}
+
+template <class T, bool RES, bool SILU>
+static inline __m512 affine(const T* x, const T* r, __m512 a, __m512 k, int64_t i) {
+  __m512 u = ld(x + i);
+  if (RES) u = _mm512_add_ps(u, ld(r + i));
+  const __m512 z = _mm512_fmadd_ps(u, a, k);
+  return SILU ? silu(z) : z;
+}
+
+template <class T, bool RES, bool SILU>
+static inline void row_apply(const T* x, const T* r, float af, float kf, int64_t n, T* y) {
+  const __m512 a = _mm512_set1_ps(af), k = _mm512_set1_ps(kf);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 z0 = affine<T, RES, SILU>(x, r, a, k, i), z1 = affine<T, RES, SILU>(x, r, a, k, i + 16);
+    st(y + i, z0), st(y + i + 16, z1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = (n - i) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    __m512 u = ld(x + i, m);
+    if (RES) u = _mm512_add_ps(u, ld(r + i, m));
+    __m512 z = _mm512_fmadd_ps(u, a, k);
+    if (SILU) z = silu(z);
+    st(y + i, z, m);
+  }
+}
+
+// Channels-last, one position: s1[c] += v, s2[c] += v^2 with v = x + r + off[c], for c < C.
+template <class T, bool RES>
+static inline void cl_sums(const T* x, const T* r, const float* off, int64_t C, float* s1, float* s2) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = (C - c) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (C - c)) - 1);
+    __m512 v = _mm512_add_ps(ld(x + c, m), _mm512_maskz_loadu_ps(m, off + c));
+    if (RES) v = _mm512_add_ps(v, ld(r + c, m));
+    _mm512_mask_storeu_ps(s1 + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s1 + c), v));
+    _mm512_mask_storeu_ps(s2 + c, m, _mm512_fmadd_ps(v, v, _mm512_maskz_loadu_ps(m, s2 + c)));
+  }
+}
+
+// Channels-last, one position: y[c] = act((x + r) * a[c] + k[c]).
+template <class T, bool RES, bool SILU>
+static inline void cl_apply(const T* x, const T* r, const float* a, const float* k, int64_t C, T* y) {
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) st(y + c, affine<T, RES, SILU>(x, r, _mm512_loadu_ps(a + c), _mm512_loadu_ps(k + c), c));
+  if (c < C) {
+    const __mmask16 m = (__mmask16)((1u << (C - c)) - 1);
+    __m512 u = ld(x + c, m);
+    if (RES) u = _mm512_add_ps(u, ld(r + c, m));
+    __m512 z = _mm512_fmadd_ps(u, _mm512_maskz_loadu_ps(m, a + c), _mm512_maskz_loadu_ps(m, k + c));
+    if (SILU) z = silu(z);
+    st(y + c, z, m);
+  }
+}
+
+}  // namespace v512
+#endif
+
 // ---- NCHW rows -----------------------------------------------------------------------------------------------
 
 // Shifted sums of v = x (+ r) + add over one row: s1 = sum(v - shift), s2 = sum((v - shift)^2), shift = v[0].
@@ -48,6 +191,12 @@ static inline void row_sums(const T* x, const T* r, float add, int64_t n, float&
   shift = ld(x, 0) + (RES ? ld(r, 0) : 0.f) + add;
   const float off = add - shift;
   double d1 = 0, d2 = 0;
+#if defined(FD_ISA_IS_AVX512)
+  v512::row_sums<T, RES>(x, r, off, n, d1, d2);
+  s1 = static_cast<float>(d1);
+  s2 = static_cast<float>(d2);
+  return;
+#endif
   for (int64_t lo = 0; lo < n; lo += kBlock) {
     const int64_t hi = imin(n, lo + kBlock);
     float a1 = 0.f, a2 = 0.f;
@@ -66,6 +215,10 @@ static inline void row_sums(const T* x, const T* r, float add, int64_t n, float&
 // y = act((x + r) * a + k) over one row.
 template <class T, bool RES, bool SILU>
 static inline void row_apply(const T* x, const T* r, float a, float k, int64_t n, T* y) {
+#if defined(FD_ISA_IS_AVX512)
+  v512::row_apply<T, RES, SILU>(x, r, a, k, n, y);
+  return;
+#endif
   for (int64_t i = 0; i < n; ++i) {
     float z = (ld(x, i) + (RES ? ld(r, i) : 0.f)) * a + k;
     if (SILU) z = fd_silu(z);
@@ -203,6 +356,10 @@ static void fwd_cl_sums(const FdGnArgs& p, int64_t lo, int64_t hi) {
     for (int64_t q = p0; q < p1; ++q) {
       const T* xq = xb + q * C;
       const T* rq = RES ? rb + q * C : nullptr;
+#if defined(FD_ISA_IS_AVX512)
+      v512::cl_sums<T, RES>(xq, rq, off, C, s1, s2);
+      continue;
+#endif
       for (int64_t c = 0; c < C; ++c) {
         const float v = ld(xq, c) + (RES ? ld(rq, c) : 0.f) + off[c];
         s1[c] += v;
@@ -226,6 +383,10 @@ static void fwd_cl_apply(const FdGnArgs& p, int64_t lo, int64_t hi) {
     const float* k = p.ka + b * C;
     for (int64_t q = p0; q < p1; ++q) {
       const int64_t o = (b * p.n + q) * C;
+#if defined(FD_ISA_IS_AVX512)
+      v512::cl_apply<T, RES, SILU>(x + o, RES ? r + o : nullptr, a, k, C, y + o);
+      continue;
+#endif
       for (int64_t c = 0; c < C; ++c) {
         float z = (ld(x, o + c) + (RES ? ld(r, o + c) : 0.f)) * a[c] + k[c];
         if (SILU) z = fd_silu(z);

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdiff import _ext
-from fastdiff.ops._backends import tensor_reasons
+from fastdiff.ops._checks import device_dtype_reasons
 from fastdiff.ops.registry import Op
 
 __all__ = ["GroupNorm", "group_norm", "group_norm_ref"]
@@ -71,9 +71,11 @@ def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Fals
 
 def _reasons(backend, dtypes):
     def reasons(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, residual=None):
-        out = tensor_reasons(backend, x, weight, bias, residual, dtypes=None)
-        if x.dtype not in dtypes:
-            out.append(f"dtype {x.dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})")
+        # weight and bias may be float32 beside a bf16/fp16 x (the kernels read fp32 parameters): only x and the
+        # residual (checked to share x's dtype) decide the dtype; the device check covers all four.
+        out = device_dtype_reasons(backend, x, residual, dtypes=dtypes)
+        if not out and any(t is not None and t.device != x.device for t in (weight, bias)):
+            out = [f"weight/bias are on {(weight if weight is not None else bias).device}, x on {x.device}"]
         if x.numel() == 0:
             out.append("empty input: the reference handles it")
         return out
