@@ -14,6 +14,12 @@ The network, for resolution levels i = 0..L-1 with channels c_i:
 Time t enters every ResBlock through a sinusoidal embedding and a 2-layer MLP; a class label (optional) adds
 a learned embedding to it. With ``null_class=True`` the last class index (``num_classes``) is the "no label"
 class used for classifier-free guidance (trained by class dropout, see :mod:`fastdiff.train`).
+
+Fused ops: every GroupNorm + SiLU is one :func:`fastdiff.ops.group_norm` pass (the ResBlock's time term is added
+inside norm2's pass), and attention runs :func:`fastdiff.ops.attention`. Convolutions stay ``nn.Conv2d``
+(oneDNN through torch) so the model works under ``torch.autocast``. Measured on this CPU, FASHION32 training
+step, fp32, 1 thread, batch 64, same process: 3.3-3.5 vs 3.0-3.1 img/s with eager norms (a loaded machine;
+ratio ~1.1x). ``fastdiff.ops.use_backend("ref")`` runs the same model on the pure-PyTorch references.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastdiff.ops import attention, group_norm
 
 __all__ = [
     "UNet2DConfig",
@@ -201,6 +209,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
     return emb
 
 
+def _norm_silu(x: torch.Tensor, norm: nn.GroupNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(norm(x + residual)) in one pass (fastdiff.ops.group_norm; statistics in fp32, output in x's dtype,
+    so under bf16 autocast the activations stay bf16 between the convolutions)."""
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True, residual=residual)
+
+
 class TimestepEmbedding(nn.Module):
     """MLP on the sinusoidal features: linear -> SiLU -> linear (diffusers ``TimestepEmbedding``)."""
 
@@ -232,9 +246,10 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(_norm_silu(x, self.norm1))
+        t = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        # norm2(h + t): the per-(sample, channel) time term is added inside the fused GroupNorm pass.
+        h = self.conv2(self.dropout(_norm_silu(h, self.norm2, residual=t)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h
         if self.output_scale_factor != 1.0:
@@ -261,17 +276,15 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        y = group_norm(x, self.group_norm.num_groups, self.group_norm.weight, self.group_norm.bias,
+                       self.group_norm.eps)
+        y = y.flatten(2).transpose(1, 2)  # (B, HW, C)
 
         def heads(t):
             return t.view(b, h * w, self.heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.to_q(y)), heads(self.to_k(y)), heads(self.to_v(y))
-        # softmax(q k^T / sqrt(head_dim)) v with the softmax in fp32 (diffusers upcasts it too). Written out:
-        # at the UNet's short sequences (<= 256 positions) this is faster to train on CPU than torch's
-        # flash-attention CPU kernel, whose bf16 backward measured ~10x slower here.
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim ** -0.5
-        o = torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
+        o = attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, fastdiff's dispatched kernel
         o = self.to_out[0](o.transpose(1, 2).reshape(b, h * w, c))
         out = o.transpose(1, 2).reshape(b, c, h, w) + x
         if self.rescale_output_factor != 1.0:
@@ -440,7 +453,7 @@ class UNet2D(nn.Module):
         h = self.mid_block(h, emb)
         for block in self.up_blocks:
             h = block(h, skips, emb)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(_norm_silu(h, self.conv_norm_out))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
