@@ -85,20 +85,54 @@ class StableDiffusion1:
         same image, and diffusers' StableDiffusionPipeline with the matching scheduler gives it too.
         ``sampler``: a name in :data:`fastdiff.samplers.SAMPLERS` (ddim, euler, euler_a, dpmpp_2m, ddpm).
         """
+        if self.is_inpainting:
+            raise ValueError("txt2img: this is an inpainting checkpoint (9-channel UNet): use inpaint(image, mask)")
+        return self._generate("txt2img", prompt, negative_prompt, height, width, steps, guidance, sampler, seed,
+                              generator, num_images_per_prompt, clip_skip, latents, callback)
+
+    @torch.no_grad()
+    def inpaint(self, prompt: str | list[str], image, mask, *, negative_prompt: str | list[str] | None = None,
+                steps: int = 30, guidance: float = 7.5, sampler: str = "euler", seed: int | None = None,
+                generator: torch.Generator | None = None, num_images_per_prompt: int = 1, clip_skip: int = 0,
+                latents: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+        """Repaint where ``mask`` is white, with an SD1.5-inpainting checkpoint (9-channel UNet).
+
+        ``image``: (B|1, 3, H, W) tensor in [0, 1] or a PIL image; ``mask``: (B|1, 1, H, W) tensor in [0, 1] or a
+        PIL image, binarised at 0.5 (1 = repaint). The UNet sees [noisy latents, mask at latent size, latents of
+        the image with the masked area blanked] on its channels, as in diffusers' StableDiffusionInpaintPipeline
+        at strength 1 (random draws in the same order: initial noise, then the masked image's latent sample).
+        """
+        if not self.is_inpainting:
+            raise NotImplementedError(
+                "inpaint: this checkpoint has a 4-channel UNet; mask blending for ordinary checkpoints needs "
+                "img2img-style partial schedules, not available yet: use an SD1.5-inpainting checkpoint")
+        img = _image_tensor(image, "image")
+        m = _image_tensor(mask, "mask", channels=1)
+        if img.shape[-2:] != m.shape[-2:]:
+            raise ValueError(f"inpaint: mask size {tuple(m.shape[-2:])} differs from image size {tuple(img.shape[-2:])}")
+        m = (m >= 0.5).to(img.dtype)
+        height, width = int(img.shape[-2]), int(img.shape[-1])
+        return self._generate("inpaint", prompt, negative_prompt, height, width, steps, guidance, sampler, seed,
+                              generator, num_images_per_prompt, clip_skip, latents, callback, image=img, mask=m)
+
+    def _generate(self, what, prompt, negative_prompt, height, width, steps, guidance, sampler, seed, generator,
+                  num_images_per_prompt, clip_skip, latents, callback, image=None, mask=None) -> torch.Tensor:
+        import torch.nn.functional as F
+
         from fastdiff.samplers import Denoiser, NoiseSchedule, get_sampler
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
-            raise ValueError("txt2img: no prompt given")
+            raise ValueError(f"{what}: no prompt given")
         f = self.vae.downscale
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % 8 or v % f:
-                raise ValueError(f"txt2img: {name} must be a positive multiple of 8 (and of the VAE's "
+                raise ValueError(f"{what}: {name} must be a positive multiple of 8 (and of the VAE's "
                                  f"downscale {f}), got {v!r}")
         if steps < 1:
-            raise ValueError(f"txt2img: steps must be >= 1, got {steps}")
+            raise ValueError(f"{what}: steps must be >= 1, got {steps}")
         if num_images_per_prompt < 1:
-            raise ValueError(f"txt2img: num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+            raise ValueError(f"{what}: num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         sample = get_sampler(sampler)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -111,24 +145,39 @@ class StableDiffusion1:
             neg = [""] * len(prompts) if negative_prompt is None else (
                 [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
             if len(neg) != len(prompts):
-                raise ValueError(f"txt2img: {len(neg)} negative prompts for {len(prompts)} prompts")
+                raise ValueError(f"{what}: {len(neg)} negative prompts for {len(prompts)} prompts")
             uncond = self.encode_prompt(neg, clip_skip=clip_skip).repeat_interleave(num_images_per_prompt, dim=0)
 
         b = cond.shape[0]
-        shape = (b, self.unet.config.in_channels if not self.is_inpainting else 4, height // f, width // f)
+        shape = (b, 4, height // f, width // f)
         if latents is None:
             # diffusers' randn_tensor: one draw of the whole batch on the generator's device, in the UNet dtype
             latents = torch.randn(shape, generator=generator, dtype=self.dtype,
                                   device=generator.device if generator is not None else "cpu")
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"txt2img: latents must have shape {shape}, got {tuple(latents.shape)}")
-        if self.is_inpainting:
-            raise NotImplementedError("txt2img on an inpainting UNet needs a mask and an image (inpaint)")
+            raise ValueError(f"{what}: latents must have shape {shape}, got {tuple(latents.shape)}")
         x = latents.to(self.device, torch.float32)
+
+        unet = self.unet
+        if mask is not None:
+            for name, t in (("image", image), ("mask", mask)):
+                if t.shape[0] not in (1, b) and b % t.shape[0]:
+                    raise ValueError(f"{what}: {t.shape[0]} {name}s do not divide the batch of {b}")
+            masked = (image * 2 - 1) * (mask < 0.5)  # the area to repaint blanked (0 = mid grey in [-1, 1])
+            masked_lat = self.vae.encode(masked.to(self.device, self.vae.dtype)).sample(generator)
+            masked_lat = (masked_lat * self.vae.scaling_factor).to(self.dtype)
+            mask_lat = F.interpolate(mask, size=shape[-2:]).to(self.device, self.dtype)  # nearest
+            masked_lat = masked_lat.repeat(b // masked_lat.shape[0], 1, 1, 1)
+            mask_lat = mask_lat.repeat(b // mask_lat.shape[0], 1, 1, 1)
+
+            def unet(xx, t, c):  # xx is (b or 2b, 4, h, w): the extra channels follow the (guided) batch
+                r = xx.shape[0] // b
+                return self.unet(torch.cat([xx, mask_lat.repeat(r, 1, 1, 1), masked_lat.repeat(r, 1, 1, 1)], 1),
+                                 t, c)
 
         schedule = NoiseSchedule.from_diffusers_config(self.scheduler_config)
         prediction = self.scheduler_config.get("prediction_type", "epsilon")
-        model = Denoiser(lambda xx, t, c: self.unet(xx, t, c), prediction, dtype=self.dtype)
+        model = Denoiser(lambda xx, t, c: unet(xx, t, c), prediction, dtype=self.dtype)
         x = sample(model, x, schedule, steps=steps, cond=cond, uncond=uncond, guidance=guidance if guided else None,
                    generator=generator, callback=callback, **self._sampler_options(sampler))
         return self.decode_latents(x)
@@ -168,6 +217,30 @@ class StableDiffusion1:
         u = self.unet.config
         return (f"StableDiffusion1(unet={u.block_out_channels}, in_channels={u.in_channels}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def _image_tensor(img, name: str, channels: int = 3) -> torch.Tensor:
+    """A (B, C, H, W) float32 tensor in [0, 1] from a tensor or a PIL image (mask: C = 1, grayscale)."""
+    if isinstance(img, torch.Tensor):
+        t = img.float()
+        if t.dim() == 3:
+            t = t[None]
+    else:
+        try:
+            import numpy as np
+            from PIL import Image
+        except ImportError:  # pragma: no cover
+            raise TypeError(f"{name}: expected a tensor or a PIL image") from None
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"{name}: expected a tensor or a PIL image, got {type(img).__name__}")
+        a = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+        t = torch.from_numpy(a.copy())
+        t = t[None, None] if channels == 1 else t.permute(2, 0, 1)[None]
+    if t.dim() != 4 or t.shape[1] != channels:
+        raise ValueError(f"{name}: expected shape (B, {channels}, H, W), got {tuple(t.shape)}")
+    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+        raise ValueError(f"{name}: values must lie in [0, 1]")
+    return t
 
 
 def load_sd1(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
