@@ -116,6 +116,11 @@ _UPCAST_MIN_SCORES = 1_200_000
 
 
 def _cpu_attention(q, k, v, attn_mask=None, scale=None):
+    # torch's CPU flash kernel turns a query row that meets a NaN into zeros (it treats the NaN max like a fully
+    # masked row): silent garbage. Non-finite inputs go to the reference, where NaN propagates as documented.
+    # Three O(L * D) reductions: negligible next to the O(Lq * Lk * D) attention.
+    if not (torch.isfinite(q).all() and torch.isfinite(k).all() and torch.isfinite(v).all()):
+        return attention_ref(q, k, v, attn_mask, scale)
     if q.dtype == torch.bfloat16 and _cpu_bf16_upcast(q, k):
         m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
