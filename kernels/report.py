@@ -237,7 +237,7 @@ def roofline_rows() -> list[tuple]:
     for shape in ((2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 128, 512, 512)):
         n = shape[0] * shape[1] * shape[2] * shape[3]
         rows.append(("group_norm+silu fwd", "x".join(map(str, shape)), 10 * n, e * 3 * n))
-        rows.append(("group_norm+silu+residual fwd", "x".join(map(str, shape)), 11 * n, e * 4 * n))
+        rows.append(("group_norm+silu+full residual", "x".join(map(str, shape)), 11 * n, e * 4 * n))
     # Sampler step with CFG: reads x, model_out (2x), noise; writes x_prev.
     for shape in ((1, 4, 64, 64), (1, 16, 128, 128)):
         n = shape[0] * shape[1] * shape[2] * shape[3]

@@ -61,3 +61,10 @@ def test_roofline_estimate():
     assert r["time_us"] == pytest.approx(4 * 16 * 4096 * 4096 * 40 / 97.5e12 * 1e6)
     r = report.roofline(10 * 2 ** 20, 6 * 2 ** 20)
     assert r["bound"] == "memory" and r["time_us"] == pytest.approx(6 * 2 ** 20 / 716.8e9 * 1e6)
+
+
+def test_report_cli_prints_labelled_roofline(capsys):
+    assert report.main(["--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "Roofline estimate (not a measurement)" in out
+    assert "attention fwd" in out and "group_norm+silu fwd" in out and "sampler_step+cfg" in out
