@@ -106,7 +106,14 @@ def test_dispatch_reasons_and_opcheck():
     x = torch.randn(2, 8)
     assert OP.select(x, (8,), torch.ones(8, dtype=torch.bfloat16)) == "ref"  # mixed dtypes: reference
     assert OP.select(x.half(), (8,)) == "ref"
-    assert OP.select(x, (8,)) == "cpu"
+    # Forward-only ties with F.layer_norm, so automatic dispatch keeps the kernel for training.
+    assert OP.select(x, (8,)) == "ref"
+    assert OP.select(x.requires_grad_(), (8,)) == "cpu"
+    with torch.no_grad():
+        assert OP.select(x, (8,)) == "ref"
+    x = x.detach()
+    with ops.use_backend("cpu"):
+        assert OP.select(x, (8,)) == "cpu"  # an explicit request still runs the kernel
     with ops.use_backend("cpu"):
         with pytest.raises(ops.BackendUnavailable, match="kernels need one dtype"):
             layer_norm(x, 8, torch.ones(8, dtype=torch.bfloat16))
