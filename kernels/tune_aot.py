@@ -17,25 +17,31 @@ from fastdiff.kernels.report import SM89, compile_config
 
 __all__ = ["CANDIDATES", "tune"]
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), preferred first; fp32 tiles take twice the registers, and the
+# "ieee" fp32 dot (FMA, no tensor cores) far more, so fp32 starts smaller (a spilling compile is very slow).
 CANDIDATES = {
-    "fwd": [(128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2),
-            (64, 32, 4, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
-    "bwd_dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1), (32, 64, 8, 1),
-                 (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
-    "bwd_dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1), (64, 32, 8, 1),
-               (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+    ("fwd", False): [(128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2),
+                     (64, 32, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+    ("fwd", True): [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+    ("bwd_dkdv", False): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1),
+                          (32, 64, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+    ("bwd_dkdv", True): [(32, 64, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)],
+    ("bwd_dq", False): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1),
+                        (64, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+    ("bwd_dq", True): [(64, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)],
 }
 
 
-def tune(verbose: bool = True) -> dict:
+def tune(kinds=("fwd", "bwd_dkdv", "bwd_dq"), block_ds=None, verbose: bool = True) -> dict:
+    """(kind, BLOCK_D, fp32, mask) -> the chosen candidate, or None when no candidate fits."""
     table = {}
-    for kind, cands in CANDIDATES.items():
-        for block_d in fa._BLOCK_DS:
+    for kind in kinds:
+        for block_d in block_ds or fa._BLOCK_DS:
             for is_fp32 in (False, True):
                 dtype, precs = (torch.float32, ("ieee", "tf32")) if is_fp32 else (torch.bfloat16, ("ieee",))
                 for has_mask in (False, True):
-                    for cand in cands:
+                    table[(kind, block_d, is_fp32, has_mask)] = None
+                    for cand in CANDIDATES[(kind, is_fp32)]:
                         ok = True
                         for prec in precs:
                             _, r = compile_config(fa.aot_entry(kind, dtype, block_d, has_mask, prec, *cand))
@@ -49,13 +55,15 @@ def tune(verbose: bool = True) -> dict:
                         if ok:
                             table[(kind, block_d, is_fp32, has_mask)] = cand
                             break
-                    else:
-                        raise RuntimeError(f"no candidate fits for {kind} D{block_d} fp32={is_fp32} mask={has_mask}")
     return table
 
 
 if __name__ == "__main__":
-    t = tune()
+    import sys
+
+    kinds = tuple(sys.argv[1].split(",")) if len(sys.argv) > 1 else ("fwd", "bwd_dkdv", "bwd_dq")
+    block_ds = tuple(int(d) for d in sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    t = tune(kinds, block_ds)
     print("_CONFIGS = {")
     for k, v in t.items():
         print(f"    {k!r}: {v!r},")
