@@ -73,32 +73,48 @@ static inline void st(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, 
 static inline void st(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 static inline void st(uint16_t* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
 
-// exp(x) = 2^n * e^r, n = round(x / ln2), r = x - n ln2 (two-part ln2), e^r by Cephes' expf polynomial.
+// exp(x) = 2^n * e^r, n = round(x / ln2), r = x - n ln2, e^r by Cephes' expf polynomial (degree 6, ~1 ulp
+// of fp32). LOWP (bf16 output, 8-bit mantissa): one-part ln2 and degree 4 (relative error ~4e-5, far below half
+// a bf16 ulp, 2e-3): the SiLU is the compute bottleneck of the bf16 pass.
+template <bool LOWP>
 static inline __m512 exp(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 y, r;
+  if (LOWP) {
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.69314718056f), x);
+    y = _mm512_set1_ps(4.1665795894e-2f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  } else {
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  }
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(y, n);
 }
 
-// silu(z) = z / (1 + exp(-z)); the reciprocal by rcp14 and one Newton step (~1 ulp short of a division).
+// silu(z) = z / (1 + exp(-z)); the reciprocal by rcp14 (relative error 2^-14: enough for bf16 output) plus,
+// for fp32, one Newton step (~1 ulp short of a division).
+template <bool LOWP>
 static inline __m512 silu(__m512 z) {
   // -z clamped to 88 keeps d finite (an infinite d would turn the Newton step into inf * 0 = NaN); for
   // z < -88 the result is then z * ~0 = -0 as it should. min(NaN, 88) = 88, but z * q keeps a NaN z NaN.
-  const __m512 e = exp(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), _mm512_set1_ps(88.0f)));
+  const __m512 e = exp<LOWP>(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), _mm512_set1_ps(88.0f)));
   const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
   __m512 q = _mm512_rcp14_ps(d);
-  q = _mm512_mul_ps(q, _mm512_fnmadd_ps(d, q, _mm512_set1_ps(2.0f)));
+  if (!LOWP) q = _mm512_mul_ps(q, _mm512_fnmadd_ps(d, q, _mm512_set1_ps(2.0f)));
   return _mm512_mul_ps(z, q);
 }
+
+// bf16 output (uint16_t) may use the cheaper SiLU.
+template <class T> constexpr bool lowp() { return sizeof(T) == 2; }
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -132,7 +148,7 @@ static inline __m512 affine(const T* x, const T* r, __m512 a, __m512 k, int64_t 
   __m512 u = ld(x + i);
   if (RES) u = _mm512_add_ps(u, ld(r + i));
   const __m512 z = _mm512_fmadd_ps(u, a, k);
-  return SILU ? silu(z) : z;
+  return SILU ? silu<lowp<T>()>(z) : z;
 }
 
 template <class T, bool RES, bool SILU>
@@ -148,7 +164,7 @@ static inline void row_apply(const T* x, const T* r, float af, float kf, int64_t
     __m512 u = ld(x + i, m);
     if (RES) u = _mm512_add_ps(u, ld(r + i, m));
     __m512 z = _mm512_fmadd_ps(u, a, k);
-    if (SILU) z = silu(z);
+    if (SILU) z = silu<lowp<T>()>(z);
     st(y + i, z, m);
   }
 }
@@ -175,7 +191,7 @@ static inline void cl_apply(const T* x, const T* r, const float* a, const float*
     __m512 u = ld(x + c, m);
     if (RES) u = _mm512_add_ps(u, ld(r + c, m));
     __m512 z = _mm512_fmadd_ps(u, _mm512_maskz_loadu_ps(m, a + c), _mm512_maskz_loadu_ps(m, k + c));
-    if (SILU) z = silu(z);
+    if (SILU) z = silu<lowp<T>()>(z);
     st(y + c, z, m);
   }
 }
