@@ -25,7 +25,7 @@ from fastdiff.models.unet2d import UNet2D
 from fastdiff.samplers import Denoiser, get_sampler, make_schedule
 from fastdiff.samplers.schedules import NoiseSchedule, normalize_prediction
 
-__all__ = ["PixelPipeline", "load_pixel_pipeline", "export_run", "bundled_model_dir", "slerp", "DEFAULT_STEPS"]
+__all__ = ["PixelPipeline", "load_pixel_pipeline", "bundled_model_dir", "slerp", "DEFAULT_STEPS"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Defaults sized for the 20-second labelled grid of the bundled model on a 2-core CPU.
@@ -169,21 +169,10 @@ class PixelPipeline:
         return folder
 
 
-def _schedule_from_diffusers(d: dict, where: str) -> tuple[NoiseSchedule, str, float | None]:
-    kind = d.get("beta_schedule", "linear")
-    if kind not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-        raise ValueError(f"{where}: beta_schedule {kind!r} is not supported (linear, scaled_linear, "
-                         "squaredcos_cap_v2)")
-    if d.get("trained_betas") is not None:
-        raise ValueError(f"{where}: trained_betas are not supported")
-    sched = make_schedule(kind, int(d.get("num_train_timesteps", 1000)),
-                          beta_start=d.get("beta_start") if kind != "squaredcos_cap_v2" else None,
-                          beta_end=d.get("beta_end") if kind != "squaredcos_cap_v2" else None,
-                          zero_snr=bool(d.get("rescale_betas_zero_snr", False)),
-                          spacing=d.get("timestep_spacing"), steps_offset=int(d.get("steps_offset", 0)))
+def _schedule_from_diffusers(d: dict) -> tuple[NoiseSchedule, str, float | None]:
     pred = normalize_prediction(d.get("prediction_type", "epsilon"))
     clip = float(d.get("clip_sample_range", 1.0)) if d.get("clip_sample", True) else None
-    return sched, pred, clip
+    return NoiseSchedule.from_diffusers_config(d), pred, clip
 
 
 def load_pixel_pipeline(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
@@ -208,7 +197,7 @@ def load_pixel_pipeline(path: str | os.PathLike | None = None, *, device: str | 
         unet = load_unet2d(p / "unet", dtype=dtype).to(device)
         sc = p / "scheduler" / "scheduler_config.json"
         if sc.is_file():
-            sched, pred, clip = _schedule_from_diffusers(json.loads(sc.read_text()), str(sc))
+            sched, pred, clip = _schedule_from_diffusers(json.loads(sc.read_text()))
         else:
             sched, pred, clip = make_schedule("linear", 1000), "eps", 1.0
         return PixelPipeline(unet, sched, pred, clip, source=str(p))
@@ -219,9 +208,3 @@ def load_pixel_pipeline(path: str | os.PathLike | None = None, *, device: str | 
                      "folder (config.json + diffusion_pytorch_model.safetensors) nor a fastdiff run folder "
                      "(latest.json)")
 
-
-def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, card: str = "",
-               dtype: torch.dtype = torch.float16) -> Path:
-    """Write a training run's latest EMA weights as a pipeline folder (what the bundled model is made with)."""
-    pipe = load_pixel_pipeline(run_dir)
-    return pipe.save(folder, dtype=dtype, card=card or None)
