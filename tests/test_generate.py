@@ -126,3 +126,18 @@ def test_cli_bad_input(tmp_path):
     assert r.returncode == 2 and "neither a pipeline folder" in r.stderr
     with pytest.raises(ValueError, match="text prompt"):
         generate("a cat", model=None)
+
+
+def test_bundled_model_loads_and_matches_diffusers():
+    """The shipped default model is a real diffusers folder: fastdiff and diffusers agree on it."""
+    from diffusers import UNet2DModel
+
+    pipe = load_pixel_pipeline()
+    assert pipe.class_names == list(NAMES)
+    assert pipe.label_index("sneaker") == 7
+    ref = UNet2DModel.from_pretrained(pipe.source + "/unet", torch_dtype=torch.float32).eval()
+    x = torch.randn((2, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999.0, 10.0])
+    y = torch.tensor([7, 10])  # a class and the null class
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, y), ref(x, t, class_labels=y).sample, rtol=1e-4, atol=1e-4)
