@@ -106,10 +106,6 @@ def _cpu_bf16_upcast(q, k) -> bool:
     the upcast pays for its copies; on short sequences (cross-attention Lk=77, 16x16 d160) the bf16 kernel wins.
     The upcast is also more exact (fp32 softmax and accumulation; one rounding at the end).
     """
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        # Training: SDPA's bf16 CPU backward is slow; fwd+bwd at 1024^2 d80 ran 480 ms in bf16 vs 300 ms in fp32
-        # (benchmarks/bench_attention.py, same run), and bf16 fwd+bwd lost to eager (0.91x).
-        return True
     return q.shape[-2] * k.shape[-2] >= _UPCAST_MIN_SCORES
 
 
