@@ -37,6 +37,12 @@ _NUM_WARPS = 8
 _NUM_WARPS_BWD = 4    # with 8 warps ptxas spilled a few bytes at 32-64 channels per group (AOT, sm_89)
 
 
+def _bwd_warps(dtype: torch.dtype) -> int:
+    # fp16 is the exception: at 4 warps ptxas spilled 8 bytes for C/G<=4 with a residual; 8 warps spill nothing
+    # for every fp16 configuration (AOT, sm_89), while bf16/fp32 spill at 8 warps (see above).
+    return 8 if dtype == torch.float16 else _NUM_WARPS_BWD
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -312,7 +318,7 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, silu=False, resi
         bb if bb is not None else dummy, mean, rstd, dy, dx, dwp, dbp, drc if drc is not None else dummy,
         sb, sc, sn, C, G, cpg, n,
         HAS_R=r is not None, HAS_RC=rc is not None, HAS_W=w is not None, HAS_B=bb is not None, SILU=bool(silu),
-        BLOCK_C=block_c, BLOCK_N=block_n, UPCAST=_interpreting(), num_warps=_NUM_WARPS_BWD)
+        BLOCK_C=block_c, BLOCK_N=block_n, UPCAST=_interpreting(), num_warps=_bwd_warps(x.dtype))
     dw = dwp.sum(0) if weight is not None else None
     db = dbp.sum(0) if bias is not None else None
     return dx, dw, db, drc
@@ -349,5 +355,5 @@ def configs() -> list[dict]:
                         out.append(dict(kernel=kernel, name=f"group_norm_{kind}",
                                         key=f"{ty} C/G<={block_c} res={int(has_r)}" + (f" silu={int(silu)}" if kind != "stats" else ""),
                                         signature=sig, constexprs=constexprs,
-                                        num_warps=_NUM_WARPS_BWD if kind == "bwd" else _NUM_WARPS, num_stages=1))
+                                        num_warps=_bwd_warps(dtype) if kind == "bwd" else _NUM_WARPS, num_stages=1))
     return out
