@@ -5,4 +5,13 @@ __version__ = "0.1.0"
 
 _ext.warn_once()
 
-__all__ = ["__version__"]
+
+def generate(prompt=None, **kwargs):
+    """Images from a model as PIL images (the bundled Fashion-MNIST model by default); see
+    :func:`fastdiff.pipelines.generate.generate`. Imported lazily so ``import fastdiff`` stays light."""
+    from fastdiff.pipelines.generate import generate as _generate
+
+    return _generate(prompt, **kwargs)
+
+
+__all__ = ["__version__", "generate"]

@@ -141,3 +141,10 @@ def test_bundled_model_loads_and_matches_diffusers():
     y = torch.tensor([7, 10])  # a class and the null class
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, y), ref(x, t, class_labels=y).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_top_level_generate_uses_the_bundled_model():
+    import fastdiff
+
+    ims = fastdiff.generate(label="trouser", n=2, seed=0, steps=2, progress=False)
+    assert len(ims) == 2 and ims[0].size == (32, 32)
