@@ -1,0 +1,1 @@
+"""Checkpoints, datasets and images: the boundary between files and fastdiff modules."""

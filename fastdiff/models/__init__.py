@@ -1,0 +1,1 @@
+"""Networks: pixel UNet, SD1 (CLIP text encoder, KL-VAE, UNet), shared blocks."""

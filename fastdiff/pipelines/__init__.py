@@ -1,0 +1,1 @@
+"""Pipelines: encode -> sampling loop -> decode, one call each."""
