@@ -17,10 +17,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--model", default=None, help="pipeline folder, UNet2DModel folder or training run folder "
                    "(default: the bundled Fashion-MNIST model)")
     p.add_argument("--label", default=None, help="class name or index; default: a grid of every class")
-    p.add_argument("--n", type=int, default=None, help="images per class in the grid (default 6), or images of "
+    p.add_argument("--n", type=int, default=None, help="images per class in the grid (default 4), or images of "
                    "--label (default 16)")
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim, euler, euler_a, dpmpp_2m (default ddim)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25 ddim, 15 dpmpp_2m, "
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20 ddim, 15 dpmpp_2m, "
                    "30 euler/euler_a, 1000 ddpm)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
@@ -57,7 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
         info = {"model": pipe.source, "sampler": args.sampler, "steps": steps, "guidance": args.guidance,
                 "seed": args.seed}
         if args.label is None and pipe.class_names:
-            img = class_grid(pipe, per_class=args.n or 6, seed=args.seed, sampler=args.sampler, steps=steps,
+            img = class_grid(pipe, per_class=args.n or 4, seed=args.seed, sampler=args.sampler, steps=steps,
                              guidance=guidance, progress=not args.quiet)
             info["labels"] = "all classes"
         else:

@@ -65,7 +65,7 @@ def generate(prompt: str | None = None, *, model: str | os.PathLike | PixelPipel
     return to_pil(x)
 
 
-def class_grid(pipe: PixelPipeline, *, per_class: int = 8, seed: int = 0, sampler: str = "ddim",
+def class_grid(pipe: PixelPipeline, *, per_class: int = 4, seed: int = 0, sampler: str = "ddim",
                steps: int | None = None, guidance: float | None = 3.0, progress: bool = True) -> Image.Image:
     """One labelled row per class, ``per_class`` samples each, all in one batched sampling run."""
     names = pipe.class_names

@@ -29,7 +29,7 @@ __all__ = ["PixelPipeline", "load_pixel_pipeline", "bundled_model_dir", "slerp",
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Defaults sized for the 20-second labelled grid of the bundled model on a 2-core CPU.
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 25, "euler": 30, "euler_a": 30, "dpmpp_2m": 15}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 20, "euler": 30, "euler_a": 30, "dpmpp_2m": 15}
 _PRED_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 _KIND_TO_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
@@ -86,10 +86,13 @@ class PixelPipeline:
     @torch.no_grad()
     def sample(self, labels: Sequence[int] | torch.Tensor | None, *, n: int | None = None, seed: int = 0,
                sampler: str = "ddim", steps: int | None = None, guidance: float | None = 3.0,
-               noise: torch.Tensor | None = None, precision: str = "bf16",
+               noise: torch.Tensor | None = None, precision: str = "fp32",
                callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Samples in [-1, 1], shape (N, C, H, W). ``labels``: one class index per sample (None for an
-        unconditional model, then ``n`` samples). The same seed gives the same images."""
+        unconditional model, then ``n`` samples). The same seed gives the same images.
+
+        ``precision="fp32"`` by default: at the bundled model's width (32-128 channels) bf16 autocast ran ~25%
+        slower than fp32 on the CPU (the casts cost more than the narrower convolutions save)."""
         cfg = self.unet.config
         fn = get_sampler(sampler)
         if sampler == "flow_euler":
