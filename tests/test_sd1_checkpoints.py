@@ -209,7 +209,7 @@ def test_full_size_mapping_matches_diffusers_converter():
     the same diffusers names (tensor identity for the UNet; shape and name for the VAE's reshaped attention)."""
     from diffusers.loaders import single_file_utils as sfu
 
-    from tests.test_sd1_models import SD15_UNET_JSON, SD15_VAE_JSON
+    from test_sd1_models import SD15_UNET_JSON, SD15_VAE_JSON
 
     with torch.device("meta"):
         u, a = unet_sd.UNetSD(unet_sd.SD15), vae.AutoencoderKL(vae.SD15)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastdiff.pipelines.sd1 import load_sd1
-from tests.test_sd1_checkpoints import ref_folder  # noqa: F401  (module fixture: a diffusers-saved tiny SD1)
+from test_sd1_checkpoints import ref_folder  # noqa: F401  (module fixture: a diffusers-saved tiny SD1)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -60,7 +60,7 @@ def test_inpaint_matches_diffusers(tmp_path):
     from fastdiff.models import clip_text, unet_sd, vae
     from fastdiff.models.clip_tokenizer import CLIPTokenizer
     from fastdiff.io import sd_checkpoint as ck
-    from tests.test_sd1_checkpoints import _randomize
+    from test_sd1_checkpoints import _randomize
 
     transformers = pytest.importorskip("transformers")
     ucfg = {**unet_sd.TINY.to_diffusers(), "in_channels": 9}
