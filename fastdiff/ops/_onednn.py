@@ -29,7 +29,7 @@ import torch
 
 from fastdiff.ops._checks import device_dtype_reasons
 
-__all__ = ["CPU_DTYPES", "bf16_math_dtype", "cpu_vendor", "onednn_reasons", "native_bf16_is_fast"]
+__all__ = ["CPU_DTYPES", "autocast_cast", "bf16_math_dtype", "cpu_vendor", "onednn_reasons", "native_bf16_is_fast"]
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)  # fp16 runs at ~2 GFLOP/s on this class of CPU (PLATFORM.md)
 
@@ -83,3 +83,19 @@ def onednn_reasons(*tensors: torch.Tensor | None) -> list[str]:
     if any(t is not None and t.numel() == 0 for t in tensors):
         out.append("empty tensor: oneDNN is not called on empty inputs (the reference returns the empty result)")
     return out
+
+
+def autocast_cast(x: torch.Tensor, *others: torch.Tensor | None) -> tuple:
+    """Apply autocast's rule for conv/linear by hand: under ``torch.autocast`` on x's device, cast x and the
+    other floating tensors (weight, bias, residual) to the autocast dtype, as ``F.conv2d`` / ``F.linear``
+    would (both are on autocast's lower-precision list). Outside autocast the tensors are returned as given.
+
+    Needed because the oneDNN pointwise ops have no autocast kernel: without this a module with fp32 weights
+    would receive bf16 activations under autocast and fail the same-dtype check.
+    """
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return (x,) + others
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
+                 for t in (x,) + others)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops._onednn import bf16_math_dtype, onednn_reasons
+from fastdiff.ops._onednn import autocast_cast, bf16_math_dtype, onednn_reasons
 from fastdiff.ops.registry import Op
 
 __all__ = ["Conv2d", "conv2d", "conv2d_ref"]
@@ -221,6 +221,7 @@ def _out_shape(x, weight, stride, padding, dilation):
 
 def _conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, residual=None, silu=False,
             packer=None):
+    x, weight, bias, residual = autocast_cast(x, weight, bias, residual)
     stride, padding, dilation = _normalize(x, weight, bias, stride, padding, dilation, groups, residual)
     if residual is not None:
         want = _out_shape(x, weight, stride, padding, dilation)

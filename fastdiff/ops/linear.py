@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops._onednn import bf16_math_dtype, onednn_reasons
+from fastdiff.ops._onednn import autocast_cast, bf16_math_dtype, onednn_reasons
 from fastdiff.ops.registry import Op
 
 __all__ = ["ACTIVATIONS", "Linear", "linear", "linear_ref"]
@@ -148,6 +148,7 @@ def _check(x, weight, bias, activation, residual):
 
 
 def _linear(x, weight, bias=None, *, activation=None, residual=None, packer=None):
+    x, weight, bias, residual = autocast_cast(x, weight, bias, residual)
     _check(x, weight, bias, activation, residual)
     if x.dim() == 1:
         r = residual.unsqueeze(0) if residual is not None else None
