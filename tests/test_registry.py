@@ -80,3 +80,48 @@ def test_info_command_lists_every_op():
         if not name.startswith("_probe"):
             assert name in out.stdout
     assert "torch " + torch.__version__ in out.stdout
+
+
+def test_without_compiled_extension(tmp_path):
+    """A checkout whose extension cannot import still works on the references; the cpu paths that are torch's
+    own (SDPA attention, oneDNN conv/linear) stay available, and the ones that need fastdiff._C say why."""
+    script = tmp_path / "no_ext.py"
+    script.write_text(
+        "import sys, warnings\n"
+        "sys.modules['fastdiff._C'] = None  # makes `from fastdiff import _C` raise ImportError\n"
+        "import torch, torch.nn.functional as F\n"
+        "import fastdiff.ops as ops\n"
+        "from fastdiff import _ext\n"
+        "assert _ext.C is None and 'fastdiff._C' in _ext.IMPORT_ERROR\n"
+        "table = {n: op.availability() for n, op in ops.all_ops().items()}\n"
+        "for n in ('attention', 'conv2d', 'linear'):\n"
+        "    assert table[n]['cpu'] == [], (n, table[n]['cpu'])\n"
+        "assert 'fastdiff._C did not import' in table['group_norm']['cpu'][0]\n"
+        "x = torch.randn(2, 8, 5, 5)\n"
+        "y = ops.group_norm(x, 4, silu=True)\n"
+        "ops.group_norm(x, 4)\n"
+        "assert torch.allclose(y, F.silu(F.group_norm(x, 4)), atol=1e-5)\n"
+        "q = torch.randn(1, 2, 7, 16)\n"
+        "assert torch.allclose(ops.attention(q, q, q), F.scaled_dot_product_attention(q, q, q), atol=1e-5)\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "always", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("could not be imported") == 1, out.stderr  # said once
+
+
+def test_backend_checks_are_cached_but_follow_the_environment(monkeypatch):
+    from fastdiff.ops import registry
+
+    calls = []
+    registry.register_backend_check("flash_attn", lambda: calls.append(1) or ["probe"])
+    try:
+        assert registry.backend_reasons("flash_attn") == ["probe"]
+        assert registry.backend_reasons("flash_attn") == ["probe"]
+        assert len(calls) == 1  # cached
+        monkeypatch.setenv("TRITON_INTERPRET", "0" if os.environ.get("TRITON_INTERPRET") == "1" else "1")
+        registry.backend_reasons("flash_attn")
+        assert len(calls) == 2  # a variable the checks read changed: re-run
+    finally:
+        from fastdiff.ops import _backends
+
+        registry.register_backend_check("flash_attn", _backends._flash_attn_check)

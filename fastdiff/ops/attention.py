@@ -118,8 +118,11 @@ _UPCAST_MIN_SCORES = 1_200_000
 def _cpu_attention(q, k, v, attn_mask=None, scale=None):
     # torch's CPU flash kernel turns a query row that meets a NaN into zeros (it treats the NaN max like a fully
     # masked row): silent garbage. Non-finite inputs go to the reference, where NaN propagates as documented.
-    # Three O(L * D) reductions: negligible next to the O(Lq * Lk * D) attention.
-    if not (torch.isfinite(q).all() and torch.isfinite(k).all() and torch.isfinite(v).all()):
+    # A NaN or inf anywhere makes a sum non-finite, so three O(L * D) sums (no boolean temporaries) and one
+    # host sync detect it: negligible next to the O(Lq * Lk * D) attention. (A finite sum that overflows only
+    # sends a valid input to the reference: slower, still right.)
+    if not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32)
+                                + v.sum(dtype=torch.float32))):
         return attention_ref(q, k, v, attn_mask, scale)
     if q.dtype == torch.bfloat16 and _cpu_bf16_upcast(q, k):
         m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
@@ -201,7 +204,7 @@ def _flash_attn_reasons(q, k, v, attn_mask=None, scale=None):
 
 
 _op.register("ref")(attention_ref)
-_op.register("cpu", _cpu_reasons)(_cpu_attention)
+_op.register("cpu", _cpu_reasons, needs_backend=False)(_cpu_attention)  # torch SDPA: no _C
 _op.register("triton", _triton_reasons)(_triton_attention)
 _op.register("flash_attn", _flash_attn_reasons)(_flash_attn_attention)
 

@@ -167,7 +167,7 @@ def _conv2d_ref_impl(x, weight, bias, stride, padding, dilation, groups, residua
 
 
 _op.register("ref")(_conv2d_ref_impl)
-_op.register("cpu", _cpu_reasons)(_conv2d_cpu)
+_op.register("cpu", _cpu_reasons, needs_backend=False)(_conv2d_cpu)  # torch oneDNN: no _C
 
 
 # ---------------------------------------------------------------------------------------------- public API

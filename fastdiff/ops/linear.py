@@ -121,7 +121,7 @@ def _linear_ref_impl(x, weight, bias, activation, residual, packer):
 
 
 _op.register("ref")(_linear_ref_impl)
-_op.register("cpu", _cpu_reasons)(_linear_cpu)
+_op.register("cpu", _cpu_reasons, needs_backend=False)(_linear_cpu)  # torch oneDNN: no _C
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -9,6 +9,12 @@ Choice:
 - automatic: the first backend in :data:`PRIORITY` with no reasons;
 - forced (``FASTDIFF_BACKEND=name`` or ``with use_backend(name):``): that backend or an error listing
   every reason it cannot run the input. ``ref`` runs everything, always.
+
+Cost per call: the whole-backend checks (an import probe, a CUDA query) are machine facts, so their results
+are cached, keyed on the environment variables they read (``TRITON_INTERPRET``); ``refresh_backends()``
+drops the cache (e.g. after installing a package in a running process). An implementation that does not
+use what its backend's whole check guards (the cpu attention is torch's SDPA and needs no fastdiff._C)
+registers with ``needs_backend=False`` and is judged on its own reasons only.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ __all__ = [
     "all_ops",
     "backend_reasons",
     "current_backend",
+    "refresh_backends",
     "register_backend_check",
     "use_backend",
 ]
@@ -34,7 +41,10 @@ PRIORITY: tuple[str, ...] = ("flash_attn", "cuda", "triton", "cpu", "ref")
 
 _state = threading.local()
 _backend_checks: dict[str, Callable[[], list[str]]] = {}
+_backend_cache: dict[tuple, tuple[str, ...]] = {}
 _ops: dict[str, "Op"] = {}
+# Environment variables the whole-backend checks read: part of the cache key, so changing one takes effect.
+_CHECK_ENV = ("TRITON_INTERPRET",)
 
 
 class BackendUnavailable(RuntimeError):
@@ -46,12 +56,29 @@ def register_backend_check(name: str, check: Callable[[], list[str]]) -> None:
     if name not in PRIORITY:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(PRIORITY)}")
     _backend_checks[name] = check
+    refresh_backends()
+
+
+def refresh_backends() -> None:
+    """Forget the cached whole-backend checks (they are re-run on the next call)."""
+    _backend_cache.clear()
+
+
+def _env_token() -> tuple:
+    return tuple(os.environ.get(v) for v in _CHECK_ENV)
+
+
+def _whole_reasons(name: str, token: tuple) -> tuple[str, ...]:
+    hit = _backend_cache.get((name, token))
+    if hit is None:
+        check = _backend_checks.get(name)
+        hit = _backend_cache[(name, token)] = tuple(check()) if check is not None else ()
+    return hit
 
 
 def backend_reasons(name: str) -> list[str]:
     """Reasons the backend as a whole is unavailable on this machine (empty list: available)."""
-    check = _backend_checks.get(name)
-    return list(check()) if check is not None else []
+    return list(_whole_reasons(name, _env_token()))
 
 
 def _validate_backend(name: str) -> str:
@@ -92,6 +119,7 @@ def use_backend(name: str | None) -> Iterator[None]:
 class _Impl:
     fn: Callable
     reasons: Callable[..., list[str]]
+    needs_backend: bool = True  # False: the whole-backend check does not apply (see the module doc)
 
 
 @dataclass
@@ -106,12 +134,17 @@ class Op:
             raise ValueError(f"op {self.name!r} is registered twice")
         _ops[self.name] = self
 
-    def register(self, backend: str, reasons: Callable[..., list[str]] | None = None):
-        """Decorator: ``@op.register("cpu", reasons=_cpu_reasons)`` on the implementation."""
+    def register(self, backend: str, reasons: Callable[..., list[str]] | None = None, *,
+                 needs_backend: bool = True):
+        """Decorator: ``@op.register("cpu", reasons=_cpu_reasons)`` on the implementation.
+
+        ``needs_backend=False``: the implementation does not use what the backend's whole check guards
+        (e.g. a cpu implementation on torch's own oneDNN/SDPA needs no fastdiff._C).
+        """
         _validate_backend(backend)
 
         def deco(fn: Callable) -> Callable:
-            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []))
+            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []), needs_backend)
             return fn
 
         return deco
@@ -121,9 +154,10 @@ class Op:
         impl = self.impls.get(backend)
         if impl is None:
             return [f"{self.name} has no {backend!r} implementation"]
-        out = backend_reasons(backend)
-        if out:
-            return out
+        if impl.needs_backend:
+            out = backend_reasons(backend)
+            if out:
+                return out
         return list(impl.reasons(*args, **kwargs))
 
     def select(self, *args, **kwargs) -> str:
@@ -138,8 +172,12 @@ class Op:
                     + "\nUse fastdiff.ops.use_backend(None) (or unset FASTDIFF_BACKEND) for automatic choice."
                 )
             return forced
+        token = _env_token()  # the same as self.reasons, with the environment read once per call
         for name in PRIORITY:
-            if name in self.impls and not self.reasons(name, *args, **kwargs):
+            impl = self.impls.get(name)
+            if impl is None or (impl.needs_backend and _whole_reasons(name, token)):
+                continue
+            if not impl.reasons(*args, **kwargs):
                 return name
         raise RuntimeError(f"no backend can run {self.name} for this input")  # unreachable: ref runs all
 
@@ -148,7 +186,13 @@ class Op:
 
     def availability(self) -> dict[str, list[str]]:
         """backend -> reasons it cannot run this op on this machine at all (no input needed)."""
-        return {b: ([f"no {b!r} implementation"] if b not in self.impls else backend_reasons(b)) for b in PRIORITY}
+        def why(b: str) -> list[str]:
+            impl = self.impls.get(b)
+            if impl is None:
+                return [f"no {b!r} implementation"]
+            return backend_reasons(b) if impl.needs_backend else []
+
+        return {b: why(b) for b in PRIORITY}
 
     def table(self, *args, **kwargs) -> dict[str, list[str]]:
         """backend -> reasons, for every backend in PRIORITY (used by ``fastdiff info`` and tests)."""
