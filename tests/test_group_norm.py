@@ -163,7 +163,7 @@ def test_cpu_backend_is_chosen_automatically():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled CPU kernels not built")
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512_bf16"])
 def test_each_isa_variant_matches_reference(isa):
     """Every compiled ISA variant (chosen by FASTDIFF_CPU_ISA at first use) gives the reference result, forward
     and backward, in both layouts, both dtypes, with and without residual (odd sizes exercise vector tails)."""

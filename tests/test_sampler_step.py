@@ -144,7 +144,7 @@ def test_cpu_backend_refuses_what_it_cannot_run():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled CPU kernels are not built")
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512_bf16"])
 def test_every_cpu_isa_matches(isa):
     """Each compiled ISA variant (chosen by FASTDIFF_CPU_ISA at first use) gives the reference result."""
     import subprocess
@@ -152,7 +152,7 @@ def test_every_cpu_isa_matches(isa):
     import textwrap
 
     from fastdiff import _ext
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
     if order.index(isa) > order.index(_ext.cpu_capability()):
         pytest.skip(f"this CPU does not support {isa}")
     code = textwrap.dedent("""

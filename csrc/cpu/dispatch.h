@@ -15,6 +15,7 @@
 #define FD_ISA_CALL(name, ...)                                                    \
   do {                                                                            \
     switch (::fastdiff::cpu::isa()) {                                             \
+      case ::fastdiff::cpu::Isa::avx512_bf16:                                     \
       case ::fastdiff::cpu::Isa::avx512: ::fastdiff::cpu::avx512::name(__VA_ARGS__); break; \
       case ::fastdiff::cpu::Isa::avx2: ::fastdiff::cpu::avx2::name(__VA_ARGS__); break;     \
       default: ::fastdiff::cpu::scalar::name(__VA_ARGS__); break;                 \

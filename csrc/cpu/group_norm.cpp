@@ -98,6 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
   at::Tensor rstd = at::empty({B, G}, x.options().dtype(at::kFloat));
   FdGnArgs p;
   p.B = B, p.C = C, p.G = G, p.n = positions(x_in), p.eps = static_cast<float>(eps), p.silu = silu;
+  p.native_bf16 = isa() == Isa::avx512_bf16;
   if (B == 0 || p.n == 0) {  // nothing to normalise (the Python wrapper documents the empty case)
     mean.fill_(NAN);
     rstd.fill_(NAN);
@@ -170,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
   at::Tensor drc = residual_c.has_value() ? at::zeros({B, C}, f32) : at::empty({0}, f32);
   FdGnArgs p;
   p.B = B, p.C = C, p.G = G, p.n = positions(x_in), p.silu = silu;
+  p.native_bf16 = isa() == Isa::avx512_bf16;
   if (B == 0 || p.n == 0) return {from_layout(dx, cl), dw_part.sum(0), db_part.sum(0), drc};
   p.x = x.data_ptr(), p.r = r.defined() ? r.data_ptr() : nullptr, p.dy = dy.data_ptr(), p.y = dx.data_ptr();
   p.w = weight.has_value() ? weight->data_ptr<float>() : nullptr;

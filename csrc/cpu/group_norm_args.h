@@ -21,6 +21,7 @@ struct FdGnArgs {
   int64_t B = 0, C = 0, G = 0, n = 0;  // batch, channels, groups, positions per channel
   float eps = 1e-5f;
   bool silu = false;
+  bool native_bf16 = false;   // bf16 stores by vcvtneps2bf16 (set when isa() is avx512_bf16; see isa.h)
   // Backward outputs, per (b, c): dw_part = sum over positions of dz * xhat, db_part = sum of dz (the caller
   // sums them over the batch), drc = sum of dx (the gradient of the per-(b, c) residual), each may be null.
   float* dw_part = nullptr;

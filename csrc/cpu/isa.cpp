@@ -13,7 +13,7 @@ Isa detect() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return Isa::avx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::avx512_bf16 : Isa::avx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
 #endif
@@ -28,7 +28,9 @@ Isa choose() {
   if (std::strcmp(env, "scalar") == 0) want = Isa::scalar;
   else if (std::strcmp(env, "avx2") == 0) want = Isa::avx2;
   else if (std::strcmp(env, "avx512") == 0) want = Isa::avx512;
-  else throw std::runtime_error(std::string("FASTDIFF_CPU_ISA=") + env + " is not one of scalar, avx2, avx512");
+  else if (std::strcmp(env, "avx512_bf16") == 0) want = Isa::avx512_bf16;
+  else throw std::runtime_error(std::string("FASTDIFF_CPU_ISA=") + env +
+                                " is not one of scalar, avx2, avx512, avx512_bf16");
   if (static_cast<int>(want) > static_cast<int>(best)) {
     throw std::runtime_error(std::string("FASTDIFF_CPU_ISA=") + env + " but this CPU supports at most " +
                              isa_name(best));
@@ -45,6 +47,7 @@ Isa isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "scalar";
