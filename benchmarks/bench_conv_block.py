@@ -107,7 +107,9 @@ def test_conv(compare, case, dtype, layout):
         torch.testing.assert_close(ours(x, residual=r, silu=silu).float(), eager().float(),
                                    rtol=2e-2 if dtype == torch.bfloat16 else 1e-3,
                                    atol=5e-2 if dtype == torch.bfloat16 else 1e-3)
-        ratio = compare("conv2d (+fused) vs eager", f"{shape[1]}->{cout} k{k} {shape[2]}px {fused} {layout} "
+        backend = all_ops()["conv2d"].select(x, ours.weight, ours.bias, (1, 1), (k // 2, k // 2), (1, 1), 1, r,
+                                             silu, None)
+        ratio = compare(f"conv2d (+fused) [{backend}]", f"{shape[1]}->{cout} k{k} {shape[2]}px {fused} {layout} "
                         f"{_dt(dtype)}", lambda: ours(x, residual=r, silu=silu), eager,
                         flops=_conv_flops(shape[0], shape[1], cout, k, shape[2], shape[3]))
     print(f"\nconv {shape}->{cout} k{k} {fused} {layout} {_dt(dtype)}: {ratio:.2f}x eager")
@@ -141,7 +143,8 @@ def test_linear(compare, case, dtype):
         torch.testing.assert_close(ours(x, activation=act).float(), eager_act(theirs(x)).float(),
                                    rtol=2e-2 if dtype == torch.bfloat16 else 1e-3,
                                    atol=5e-2 if dtype == torch.bfloat16 else 1e-3)
-        ratio = compare("linear (+act) vs eager", f"{rows}x{shape[-1]}->{n} {act or ''} {_dt(dtype)}",
+        backend = all_ops()["linear"].select(x, ours.weight, ours.bias, act, None, None)
+        ratio = compare(f"linear (+act) [{backend}]", f"{rows}x{shape[-1]}->{n} {act or ''} {_dt(dtype)}",
                         lambda: ours(x, activation=act), lambda: eager_act(theirs(x)),
                         flops=2.0 * rows * shape[-1] * n)
     print(f"\nlinear {rows}x{shape[-1]}->{n} {act} {_dt(dtype)}: {ratio:.2f}x eager")

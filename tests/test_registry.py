@@ -125,3 +125,32 @@ def test_backend_checks_are_cached_but_follow_the_environment(monkeypatch):
         from fastdiff.ops import _backends
 
         registry.register_backend_check("flash_attn", _backends._flash_attn_check)
+
+
+def test_slower_backend_is_skipped_only_by_automatic_choice():
+    op = Op(f"_probe_{len(ops.all_ops())}")
+    op.register("ref")(lambda x: "ref")
+    op.register("cpu", lambda x: [], needs_backend=False, slower=lambda x: "tiny" if x.numel() < 4 else None)(
+        lambda x: "cpu")
+    assert op(torch.zeros(8)) == "cpu"
+    assert op(torch.zeros(2)) == "ref" and op.why_skipped("cpu", torch.zeros(2)) == "tiny"
+    with ops.use_backend("cpu"):
+        assert op(torch.zeros(2)) == "cpu"  # a forced backend still runs what it can
+
+
+def test_conv_and_linear_routing_follows_measurements():
+    """fp32 convolutions/linears with nothing to fuse and tiny matmuls go to eager torch (measured ties/losses
+    in benchmarks/bench_conv_block.py); fused and bf16 ones take the oneDNN path."""
+    conv, lin = ops.all_ops()["conv2d"], ops.all_ops()["linear"]
+    x, w = torch.randn(2, 64, 16, 16), torch.randn(64, 64, 3, 3)
+    args = (None, (1, 1), (1, 1), (1, 1), 1)
+    assert conv.select(x, w, *args, None, False, None) == "ref"
+    if not conv.reasons("cpu", x, w, *args, x, False, None):
+        assert conv.select(x, w, *args, x, False, None) == "cpu"
+        assert conv.select(x.bfloat16(), w.bfloat16(), *args, None, False, None) == "cpu"
+    a, wl = torch.randn(512, 640), torch.randn(640, 640)
+    assert lin.select(a, wl, None, None, None, None) == "ref"
+    assert lin.select(a[:2, :320], wl[:, :320], None, "silu", None, None) == "ref"  # tiny
+    if not lin.reasons("cpu", a, wl, None, "silu", None, None):
+        assert lin.select(a, wl, None, "silu", None, None) == "cpu"
+        assert lin.select(a.bfloat16(), wl.bfloat16(), None, None, None, None) == "cpu"

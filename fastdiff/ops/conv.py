@@ -162,12 +162,20 @@ def _cpu_reasons(x, weight, bias, stride, padding, dilation, groups, residual, s
     return out
 
 
+def _cpu_slower(x, weight, bias, stride, padding, dilation, groups, residual, silu, packer):
+    """When automatic choice leaves the oneDNN path to eager F.conv2d (benchmarks/bench_conv_block.py)."""
+    if x.dtype == torch.float32 and residual is None and not silu:
+        return ("plain fp32 convolution: F.conv2d runs the same oneDNN kernel (0.97-0.99x measured) and there is "
+                "nothing to fuse")
+    return None
+
+
 def _conv2d_ref_impl(x, weight, bias, stride, padding, dilation, groups, residual, silu, packer):
     return conv2d_ref(x, weight, bias, stride, padding, dilation, groups, residual=residual, silu=silu)
 
 
 _op.register("ref")(_conv2d_ref_impl)
-_op.register("cpu", _cpu_reasons, needs_backend=False)(_conv2d_cpu)  # torch oneDNN: no _C
+_op.register("cpu", _cpu_reasons, needs_backend=False, slower=_cpu_slower)(_conv2d_cpu)  # torch oneDNN: no _C
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -6,7 +6,9 @@ run a given input (an empty list means it can). Backends themselves can be unava
 compiled extension did not import, triton is missing, no CUDA device): those reasons come first.
 
 Choice:
-- automatic: the first backend in :data:`PRIORITY` with no reasons;
+- automatic: the first backend in :data:`PRIORITY` with no reasons, skipping a backend whose ``slower``
+  function says it loses to the next one on this input (measured: e.g. eager F.linear beats the oneDNN path on
+  tiny matmuls, where per-call overhead dominates);
 - forced (``FASTDIFF_BACKEND=name`` or ``with use_backend(name):``): that backend or an error listing
   every reason it cannot run the input. ``ref`` runs everything, always.
 
@@ -120,6 +122,7 @@ class _Impl:
     fn: Callable
     reasons: Callable[..., list[str]]
     needs_backend: bool = True  # False: the whole-backend check does not apply (see the module doc)
+    slower: Callable[..., str | None] | None = None  # why automatic choice skips it for this input (None: it wins)
 
 
 @dataclass
@@ -135,16 +138,18 @@ class Op:
         _ops[self.name] = self
 
     def register(self, backend: str, reasons: Callable[..., list[str]] | None = None, *,
-                 needs_backend: bool = True):
+                 needs_backend: bool = True, slower: Callable[..., str | None] | None = None):
         """Decorator: ``@op.register("cpu", reasons=_cpu_reasons)`` on the implementation.
 
         ``needs_backend=False``: the implementation does not use what the backend's whole check guards
         (e.g. a cpu implementation on torch's own oneDNN/SDPA needs no fastdiff._C).
+        ``slower(*args) -> str | None``: the backend CAN run the input but was measured to lose to the next
+        backend on it; automatic choice then skips it (a forced backend still runs). Return the reason.
         """
         _validate_backend(backend)
 
         def deco(fn: Callable) -> Callable:
-            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []), needs_backend)
+            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []), needs_backend, slower)
             return fn
 
         return deco
@@ -177,7 +182,7 @@ class Op:
             impl = self.impls.get(name)
             if impl is None or (impl.needs_backend and _whole_reasons(name, token)):
                 continue
-            if not impl.reasons(*args, **kwargs):
+            if not impl.reasons(*args, **kwargs) and (impl.slower is None or impl.slower(*args, **kwargs) is None):
                 return name
         raise RuntimeError(f"no backend can run {self.name} for this input")  # unreachable: ref runs all
 
@@ -197,6 +202,11 @@ class Op:
     def table(self, *args, **kwargs) -> dict[str, list[str]]:
         """backend -> reasons, for every backend in PRIORITY (used by ``fastdiff info`` and tests)."""
         return {b: self.reasons(b, *args, **kwargs) for b in PRIORITY}
+
+    def why_skipped(self, backend: str, *args, **kwargs) -> str | None:
+        """Why automatic choice passes over a backend that can run these arguments (None: it does not)."""
+        impl = self.impls.get(backend)
+        return impl.slower(*args, **kwargs) if impl is not None and impl.slower is not None else None
 
 
 def all_ops() -> dict[str, Op]:
