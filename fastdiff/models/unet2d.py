@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastdiff.ops import attention, group_norm
 
@@ -227,7 +228,21 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class ResnetBlock2D(nn.Module):
+class _Checkpointable(nn.Module):
+    """A block whose activations can be recomputed in the backward pass instead of kept (gradient
+    checkpointing, Chen et al. 2016): with ``grad_checkpointing`` set, a training forward keeps only the block's
+    inputs and reruns the block during backward (non-reentrant :func:`torch.utils.checkpoint.checkpoint`,
+    which restores the RNG and autocast state, so the loss and gradients equal the plain pass)."""
+
+    grad_checkpointing: bool = False
+
+    def __call__(self, *args):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(super().__call__, *args, use_reentrant=False)
+        return super().__call__(*args)
+
+
+class ResnetBlock2D(_Checkpointable):
     """GroupNorm -> SiLU -> conv3x3 (+ time projection) -> GroupNorm -> SiLU -> dropout -> conv3x3, plus skip.
 
     out = (shortcut(x) + h) / output_scale_factor, shortcut a 1x1 conv when the channel count changes.
@@ -257,7 +272,7 @@ class ResnetBlock2D(nn.Module):
         return out
 
 
-class SpatialSelfAttention(nn.Module):
+class SpatialSelfAttention(_Checkpointable):
     """Self-attention over the H*W positions with a pre-GroupNorm and a residual (diffusers ``Attention``
     as built for UNet2DModel). Keys: group_norm, to_q, to_k, to_v, to_out.0."""
 
@@ -457,4 +472,17 @@ class UNet2D(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> "UNet2D":
+        """Recompute every ResBlock and attention block in the backward pass instead of keeping its activations
+        (training memory for compute: roughly one extra forward pass). Not part of the config: it changes no
+        weight and no output."""
+        for m in self.modules():
+            if isinstance(m, _Checkpointable):
+                m.grad_checkpointing = bool(enabled)
+        return self
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(m.grad_checkpointing for m in self.modules() if isinstance(m, _Checkpointable))
 

@@ -2,6 +2,11 @@
 
     fastdiff train --run-dir runs/fashion32 --dataset fashion-mnist --max-steps 20000
     fastdiff train --run-dir runs/fashion32 --resume [--max-steps 30000]
+    fastdiff train --plan --model cifar10_ddpm --precision bf16 [--gpu-memory 16] [--optimizer adamw8bit]
+
+``--plan`` prints the GPU memory the configuration needs (weights, gradients, optimizer state, EMA, measured
+activations per sample, with and without gradient checkpointing) and the largest batch that fits, then exits
+without running a step or writing anything (see :mod:`fastdiff.train.plan`).
 
 On ``--resume`` the run's saved configuration is used; only scheduling options (max steps, logging, sampling,
 checkpoint interval, threads, device) may be changed. Standalone: ``python -m fastdiff.train.cli ...``.
@@ -13,6 +18,8 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+
+import torch
 
 __all__ = ["add_train_parser", "run_train", "main"]
 
@@ -37,6 +44,7 @@ _HELP = {
     "ema_decay": "EMA decay of the weights used for sampling",
     "class_dropout": "probability of replacing the label by the null class (for guidance)",
     "hflip": "random horizontal flips",
+    "grad_checkpointing": "recompute ResBlocks and attention in the backward pass (less memory, ~1 more forward)",
     "precision": "bf16 (autocast) | fp32 | fp16 (CUDA, GradScaler)",
     "device": "cpu | cuda",
     "threads": "torch CPU threads",
@@ -61,10 +69,14 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the GPU memory this configuration needs and the largest batch that fits; no training")
+    p.add_argument("--gpu-memory", type=float, default=16.0, metavar="GIB",
+                   help="memory of the target GPU in GiB for --plan (default 16)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw = dict(default=None, help=_HELP.get(f.name, ""))
-        if f.name == "hflip":
+        if f.name in ("hflip", "grad_checkpointing"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "betas":
             p.add_argument(flag, type=float, nargs=2, **kw)
@@ -79,6 +91,18 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from fastdiff.io.datasets import DatasetError
+    from fastdiff.train.checkpoint import CheckpointError
+
+    try:
+        return _run_train(args)
+    except (ValueError, DatasetError, CheckpointError, FileNotFoundError) as e:
+        # Bad input (configuration, dataset, checkpoint): one line naming the problem, no traceback.
+        print(f"fastdiff train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from fastdiff.train.checkpoint import load_checkpoint
     from fastdiff.train.trainer import TrainConfig, Trainer
 
@@ -97,6 +121,13 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**given)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    if args.plan:
+        from fastdiff.train.plan import plan
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        print(plan(cfg, gpu_memory_gb=args.gpu_memory).format())
         return 0
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"fastdiff train: {Path(cfg.run_dir).resolve()}  step {trainer.step} -> {cfg.max_steps}  "

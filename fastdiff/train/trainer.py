@@ -71,6 +71,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     class_dropout: float = 0.1
     hflip: bool = False                    # random horizontal flips (label-preserving for clothes)
+    grad_checkpointing: bool = False       # recompute ResBlocks/attention in backward (memory for compute)
     precision: str = "bf16"                # bf16 | fp32 | fp16 (CUDA only, with GradScaler)
     device: str = "cpu"
     threads: int | None = None             # torch.set_num_threads; None leaves torch's default
@@ -93,6 +94,29 @@ class TrainConfig:
                     num_classes=num_classes, null_class=True, class_names=list(class_names))
         return UNet2DConfig.from_dict(base)
 
+    def check(self) -> None:
+        """Raise ValueError naming the first field with a value no run can use (before any work is done)."""
+        if self.model not in PRESETS:
+            raise ValueError(f"unknown model preset {self.model!r}; choose one of {', '.join(PRESETS)}")
+        if self.precision not in ("bf16", "fp32", "fp16"):
+            raise ValueError(f"precision must be bf16, fp32 or fp16, got {self.precision!r}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+        if self.prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"prediction must be eps, v or x0, got {self.prediction!r}")
+        if self.schedule not in ("linear", "scaled_linear", "cosine"):
+            raise ValueError(f"schedule must be linear, scaled_linear or cosine, got {self.schedule!r}")
+        for name in ("batch_size", "grad_accum", "image_size", "num_train_timesteps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides must be a JSON object of UNet2DConfig fields, got "
+                             f"{self.model_overrides!r}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
@@ -112,7 +136,8 @@ class TrainConfig:
 
 # Fields that may change when a run is resumed (schedule of work, not the math of the run).
 _RESUMABLE_CHANGES = {"run_dir", "max_steps", "log_every", "sample_every", "sample_steps", "sample_guidance",
-                      "samples_per_class", "ckpt_every_minutes", "ckpt_every_steps", "threads", "device"}
+                      "samples_per_class", "ckpt_every_minutes", "ckpt_every_steps", "threads", "device",
+                      "grad_checkpointing"}
 
 
 def _step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -130,12 +155,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
         self.run_dir = Path(cfg.run_dir)
-        if cfg.precision not in ("bf16", "fp32", "fp16"):
-            raise ValueError(f"precision must be bf16, fp32 or fp16, got {cfg.precision!r}")
+        cfg.check()
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 training needs CUDA (fp16 math is very slow on CPU); use bf16 on CPU")
-        if not 0.0 <= cfg.class_dropout < 1.0:
-            raise ValueError(f"class_dropout must be in [0, 1), got {cfg.class_dropout}")
         if resume and latest_step(self.run_dir) is None:
             raise CheckpointError(f"--resume: no checkpoint in {self.run_dir}")
         if not resume and latest_step(self.run_dir) is not None:
@@ -157,6 +179,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = UNet2D(self.unet_config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.step = 0

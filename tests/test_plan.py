@@ -1,0 +1,176 @@
+"""Memory plan (fastdiff train --plan) and gradient checkpointing.
+
+Oracles: the saved tensors found by walking the autograd graph node by node (``grad_fn._saved_*``: independent
+of the saved_tensors_hooks the plan uses), the real optimizer state of torch's AdamW and bitsandbytes' AdamW8bit
+after a step, the published parameter count of the CIFAR-10 DDPM, and the plain (non-checkpointed) pass.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdiff.models.unet2d import CIFAR10_DDPM, TINY, UNet2D
+from fastdiff.train import TrainConfig, plan
+from fastdiff.train.plan import GiB, measure_activations, optimizer_state_bytes, reserve_bytes
+
+torch.set_num_threads(1)
+
+
+def _inputs(cfg, b):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(b, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+            torch.randint(0, 1000, (b,), generator=g), torch.randint(0, cfg.num_class_embeds, (b,), generator=g))
+
+
+def _graph_saved_bytes(model, b, bf16):
+    """Bytes of the unique non-parameter storages held by the autograd graph of one forward pass, found by
+    visiting every node's ``_saved_*`` attributes (and ``saved_tensors`` of custom functions)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(*_inputs(model.config, b))
+    seen, stack, found = set(), [out.grad_fn], {}
+
+    def add(v):
+        if isinstance(v, torch.Tensor):
+            st = v.untyped_storage()
+            if st.data_ptr() not in params:
+                found[st.data_ptr()] = st.nbytes()
+
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                v = getattr(node, name)
+                for x in v if isinstance(v, (tuple, list)) else (v,):
+                    add(x)
+        for v in getattr(node, "saved_tensors", ()) or ():
+            add(v)
+        stack.extend(f for f, _ in node.next_functions)
+    return sum(found.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activations_linear_in_batch_and_match_graph_walk(precision):
+    torch.manual_seed(0)
+    model = UNet2D(TINY).train()
+    act = measure_activations(TINY, precision, batches=(2, 4), model=model)
+    bf16 = precision == "bf16"
+    walk = {b: _graph_saved_bytes(model, b, bf16) for b in (2, 4, 6)}
+    # linear in the batch: the step 2 -> 4 equals the step 4 -> 6, and both equal 2 x the plan's per-sample bytes
+    assert walk[4] - walk[2] == walk[6] - walk[4] == 2 * act.per_sample
+    assert act.at(2) == walk[2] and act.at(4) == walk[4]
+    assert act.per_sample > 0
+
+
+def test_bf16_halves_the_per_sample_activations():
+    fp32 = measure_activations(TINY, "fp32")
+    bf16 = measure_activations(TINY, "bf16")
+    # activations are 2-byte under autocast; the few fp32 leftovers (norm statistics, softmax logsumexp, the
+    # time-embedding MLP input) keep the ratio a little above one half
+    assert 0.45 * fp32.per_sample < bf16.per_sample < 0.6 * fp32.per_sample
+    # the fixed part under autocast holds the bf16 copies of the weights (2 bytes a parameter at most)
+    n = UNet2D(TINY).num_parameters()
+    assert fp32.fixed < 1024 and bf16.fixed <= 2 * n
+
+
+def test_checkpointed_plan_is_smaller():
+    plain = measure_activations(TINY, "bf16")
+    ck = measure_activations(TINY, "bf16", grad_checkpointing=True)
+    assert 0 < ck.per_sample < plain.per_sample
+    p = plan(TrainConfig(model="tiny", image_size=16), channels=1, num_classes=10)
+    assert p.max_batch(grad_checkpointing=True) > p.max_batch()
+
+
+def test_optimizer_state_matches_real_optimizers():
+    torch.manual_seed(0)
+    model = UNet2D(TINY)
+    params = list(model.parameters())
+    # closed forms on hand-made shapes: AdamW 8 bytes a value; AdamW8bit 2 bytes + two fp32 absmax per block of
+    # 256 (4096 values or more), 8 bytes a value below, + two 256-entry fp32 quantisation maps
+    assert optimizer_state_bytes([(5000,), (100,)], "adamw") == 8 * 5100
+    assert optimizer_state_bytes([(5000,), (100,)], "adamw8bit") == (2 * 5000 + 8 * 20) + 8 * 100 + 2048
+    with pytest.raises(ValueError, match="adamw or adamw8bit"):
+        optimizer_state_bytes(params, "sgd")
+    bnb = pytest.importorskip("bitsandbytes")
+    for name, opt in (("adamw", torch.optim.AdamW(params, lr=1e-3)),
+                      ("adamw8bit", bnb.optim.AdamW8bit(params, lr=1e-3))):
+        model.zero_grad()
+        model(*_inputs(TINY, 2)).square().mean().backward()
+        opt.step()
+        storages = {}
+        for st in opt.state.values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.ndim > 0:  # scalar step counters live on the host
+                    storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        assert sum(storages.values()) == optimizer_state_bytes(params, name), name
+
+
+def test_parameter_arithmetic_and_batch_fit():
+    p = plan(TrainConfig(model="cifar10_ddpm", precision="fp32", optimizer="adamw"), channels=3, num_classes=10,
+             probe_batches=(1, 2))
+    # Ho et al.'s CIFAR-10 model (google/ddpm-cifar10-32): 35,746,307 parameters; the trainer adds a class
+    # embedding of 10 classes + the null class, 4 x 128 wide
+    assert UNet2D(CIFAR10_DDPM).num_parameters() == 35_746_307
+    assert p.num_parameters == 35_746_307 + 11 * 4 * 128
+    n = p.num_parameters
+    assert (p.weights, p.gradients, p.ema, p.optimizer_state, p.optimizer_workspace) == (4 * n, 4 * n, 4 * n,
+                                                                                         8 * n, 4 * n)
+    assert p.reserve == reserve_bytes(16 * GiB) == GiB + int(1.6 * GiB)
+    usable = p.gpu_memory - p.reserve
+    for ck in (False, True):
+        b = p.max_batch(grad_checkpointing=ck)
+        assert b > 0 and p.total(b, grad_checkpointing=ck) <= usable < p.total(b + 1, grad_checkpointing=ck)
+    small = plan(TrainConfig(model="cifar10_ddpm", precision="fp32"), channels=3, num_classes=10,
+                 probe_batches=(1, 2), gpu_memory_gb=4)
+    assert small.max_batch() < p.max_batch()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_grad_checkpointing_gives_the_same_loss_and_grads(bf16):
+    torch.manual_seed(0)
+    model = UNet2D(TINY).train()
+    x, t, y = _inputs(TINY, 3)
+    results = []
+    for ck in (False, True):
+        model.set_grad_checkpointing(ck)
+        assert model.grad_checkpointing == ck
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x, t, y).float().square().mean()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fastdiff.train.cli", "train", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_plan_runs_no_step(tmp_path):
+    run = tmp_path / "run"
+    res = _cli("--plan", "--run-dir", str(run), "--model", "tiny", "--dataset", "digits", "--image-size", "16",
+               "--threads", "1", "--gpu-memory", "8")
+    assert res.returncode == 0, res.stderr
+    assert "largest batch that fits" in res.stdout and "GPU 8.0 GiB" in res.stdout
+    assert "with grad checkpointing" in res.stdout
+    assert not run.exists()  # no config, no checkpoint, no folder
+
+
+def test_cli_plan_bad_config_is_a_clear_error(tmp_path):
+    for args, msg in ((["--model", "unet9000"], "unknown model preset 'unet9000'"),
+                      (["--precision", "fp8"], "precision must be bf16, fp32 or fp16"),
+                      (["--batch-size", "0"], "batch_size must be a positive integer"),
+                      (["--gpu-memory", "0", "--dataset", "digits", "--image-size", "16", "--model", "tiny"],
+                       "gpu memory must be positive"),
+                      (["--dataset", str(tmp_path / "missing")], "unknown dataset")):
+        res = _cli("--plan", "--run-dir", str(tmp_path / "r"), *args)
+        assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+    assert not (tmp_path / "r").exists()
