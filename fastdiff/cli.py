@@ -24,6 +24,11 @@ def _info(args: argparse.Namespace) -> int:
     from fastdiff.info import info_text
 
     print(info_text())
+    if args.kernels or args.roofline:
+        from fastdiff.kernels.report import main as report
+
+        print()
+        return report(["--no-compile"] if not args.kernels else (["--quick"] if args.quick else []))
     return 0
 
 
@@ -31,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, CPU features and which backend runs each op")
+    p.add_argument("--kernels", action="store_true",
+                   help="also compile the Triton kernels for sm_89 (RTX 4080) and report registers, spills, "
+                        "shared memory and occupancy, with the labelled roofline estimates (needs triton)")
+    p.add_argument("--quick", action="store_true", help="with --kernels: the bf16 configurations only")
+    p.add_argument("--roofline", action="store_true", help="only the RTX 4080 roofline estimates (no compile)")
     p.set_defaults(func=_info)
     for module, adder in _SUBCOMMANDS.values():
         getattr(importlib.import_module(module), adder)(sub)

@@ -154,3 +154,18 @@ def test_conv_and_linear_routing_follows_measurements():
     if not lin.reasons("cpu", a, wl, None, "silu", None, None):
         assert lin.select(a, wl, None, "silu", None, None) == "cpu"
         assert lin.select(a.bfloat16(), wl.bfloat16(), None, None, None, None) == "cpu"
+
+
+def test_info_roofline_is_labelled_and_follows_the_closed_form():
+    """`fastdiff info --roofline`: estimates, labelled as such; a memory-bound row's time is bytes / 716.8 GB/s,
+    a compute-bound row's is FLOPs / 97.5 TFLOP/s (the RTX 4080's datasheet figures)."""
+    out = subprocess.run([sys.executable, "-m", "fastdiff", "info", "--roofline"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "Roofline estimate (not a measurement)" in out
+    rows = [line.split() for line in out.splitlines() if line.endswith(("memory", "compute"))]
+    assert rows
+    for cols in rows:
+        gflop, mb, est_us, bound = float(cols[-5]), float(cols[-4]), float(cols[-2]), cols[-1]
+        mem_us, flop_us = mb * 1e6 / 716.8e9 * 1e6, gflop * 1e9 / 97.5e12 * 1e6
+        assert est_us == pytest.approx(max(mem_us, flop_us), rel=0.02, abs=0.06)
+        assert bound == ("memory" if mem_us >= flop_us else "compute")
