@@ -98,7 +98,7 @@ def attention_ref(q, k, v, attn_mask=None, scale=None):
 # cpu: torch SDPA
 # ----------------------------------------------------------------------------------------------------------
 
-def _cpu_bf16_upcast(q, k) -> bool:
+def _cpu_bf16_upcast(q, k, v) -> bool:
     """Whether a bf16 attention on CPU runs faster through fp32 SDPA (upcast, compute, round once).
 
     Measured with benchmarks/bench_attention.py on the 2-core Zen 5 (see the README table): torch's bf16 CPU
@@ -106,12 +106,15 @@ def _cpu_bf16_upcast(q, k) -> bool:
     the upcast pays for its copies; on short sequences (cross-attention Lk=77, 16x16 d160) the bf16 kernel wins.
     The upcast is also more exact (fp32 softmax and accumulation; one rounding at the end).
     """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return True  # training: the bf16 backward is the slow part (see _UPCAST_MIN_SCORES)
     return q.shape[-2] * k.shape[-2] >= _UPCAST_MIN_SCORES
 
 
 # Score-matrix size (Lq * Lk per head) from which the fp32 upcast wins in bf16 (see _cpu_bf16_upcast). Measured
 # (upcast time / bf16 SDPA time, same run): 4096^2 d40 0.61, 2048^2 d40 0.82, 1178^2 d64 0.89, 1024^2 d80 1.04,
-# 512^2 d80 1.41, 256^2 d160 1.27, 4096x77 d40 1.92.
+# 512^2 d80 1.41, 256^2 d160 1.27, 4096x77 d40 1.92. With gradients the upcast wins everywhere measured
+# (fwd+bwd, 1 thread, same run): 1024^2 d80 0.55, 256^2 d160 0.61, 4096^2 d40 0.50 of the bf16 SDPA time.
 _UPCAST_MIN_SCORES = 1_200_000
 
 
@@ -124,7 +127,7 @@ def _cpu_attention(q, k, v, attn_mask=None, scale=None):
     if not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32)
                                 + v.sum(dtype=torch.float32))):
         return attention_ref(q, k, v, attn_mask, scale)
-    if q.dtype == torch.bfloat16 and _cpu_bf16_upcast(q, k):
+    if q.dtype == torch.bfloat16 and _cpu_bf16_upcast(q, k, v):
         m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
                                               scale=_scale(q, scale)).to(q.dtype)
