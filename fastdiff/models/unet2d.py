@@ -15,11 +15,13 @@ Time t enters every ResBlock through a sinusoidal embedding and a 2-layer MLP; a
 a learned embedding to it. With ``null_class=True`` the last class index (``num_classes``) is the "no label"
 class used for classifier-free guidance (trained by class dropout, see :mod:`fastdiff.train`).
 
-Fused ops: every GroupNorm + SiLU is one :func:`fastdiff.ops.group_norm` pass (the ResBlock's time term is added
-inside norm2's pass), and attention runs :func:`fastdiff.ops.attention`. Convolutions stay ``nn.Conv2d``
-(oneDNN through torch) so the model works under ``torch.autocast``. Measured on this CPU, FASHION32 training
-step, fp32, 1 thread, batch 64, same process: 3.3-3.5 vs 3.0-3.1 img/s with eager norms (a loaded machine;
-ratio ~1.1x). ``fastdiff.ops.use_backend("ref")`` runs the same model on the pure-PyTorch references.
+Fused ops: the ResBlocks are :class:`fastdiff.models.blocks.ResBlock` (GroupNorm + SiLU in one pass, the time
+term and the skip fused into the convolutions as oneDNN post-ops), attention runs :func:`fastdiff.ops.attention`
+with the residual fused into its output projection, and every convolution and linear layer is fastdiff's
+(:class:`~fastdiff.ops.Conv2d`, :class:`~fastdiff.ops.Linear`: under bf16 autocast they compute in the dtype
+that is fastest on this CPU, see :mod:`fastdiff.ops._onednn`). Activations are channels_last throughout.
+Speed vs diffusers' UNet2DModel on the same weights: benchmarks/bench_unet2d.py.
+``fastdiff.ops.use_backend("ref")`` runs the same model on the pure-PyTorch references.
 """
 from __future__ import annotations
 
@@ -31,7 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastdiff.models.blocks import ResBlock
 from fastdiff.ops import attention, group_norm
+from fastdiff.ops._onednn import bf16_math_dtype
+from fastdiff.ops.conv import Conv2d
+from fastdiff.ops.linear import Linear
 
 __all__ = [
     "UNet2DConfig",
@@ -242,34 +248,16 @@ class _Checkpointable(nn.Module):
         return super().__call__(*args)
 
 
-class ResnetBlock2D(_Checkpointable):
-    """GroupNorm -> SiLU -> conv3x3 (+ time projection) -> GroupNorm -> SiLU -> dropout -> conv3x3, plus skip.
-
-    out = (shortcut(x) + h) / output_scale_factor, shortcut a 1x1 conv when the channel count changes.
-    """
+class ResnetBlock2D(_Checkpointable, ResBlock):
+    """diffusers' ``ResnetBlock2D``: GroupNorm -> SiLU -> conv3x3 (+ time projection) -> GroupNorm -> SiLU ->
+    dropout -> conv3x3, plus the skip; out = (shortcut(x) + h) / output_scale_factor, shortcut a 1x1 conv when
+    the channel count changes. The fused implementation is :class:`fastdiff.models.blocks.ResBlock` (time term
+    and skip as convolution post-ops, channels_last inside); this adds gradient checkpointing."""
 
     def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float, dropout: float,
                  output_scale_factor: float = 1.0):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-        self.output_scale_factor = output_scale_factor
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_norm_silu(x, self.norm1))
-        t = self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        # norm2(h + t): the per-(sample, channel) time term is added inside the fused GroupNorm pass.
-        h = self.conv2(self.dropout(_norm_silu(h, self.norm2, residual=t)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = skip + h
-        if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
-        return out
+        super().__init__(cin, cout, temb, groups=groups, eps=eps, dropout=dropout,
+                         output_scale_factor=output_scale_factor)
 
 
 class SpatialSelfAttention(_Checkpointable):
@@ -283,10 +271,10 @@ class SpatialSelfAttention(_Checkpointable):
         self.heads = channels // head_dim
         self.head_dim = head_dim
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = nn.ModuleList([Linear(channels, channels)])
         self.rescale_output_factor = rescale_output_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,9 +287,21 @@ class SpatialSelfAttention(_Checkpointable):
             return t.view(b, h * w, self.heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.to_q(y)), heads(self.to_k(y)), heads(self.to_v(y))
-        o = attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, fastdiff's dispatched kernel
-        o = self.to_out[0](o.transpose(1, 2).reshape(b, h * w, c))
-        out = o.transpose(1, 2).reshape(b, c, h, w) + x
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and bf16_math_dtype() == torch.float32:
+            # On CPUs without fast bf16 dot products (fastdiff.ops._onednn) torch's bf16 SDPA backward ran
+            # 4-6x slower than fp32 at this model's shapes (b32, 4 heads, 64 tokens, head dim 32: 59 vs 16 ms
+            # fwd+bwd, 1 thread): attend in fp32 and round the output to bf16 once.
+            with torch.autocast("cpu", enabled=False):  # else autocast casts SDPA's inputs back to bf16
+                o = attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+        else:
+            o = attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, fastdiff's dispatched kernel
+        o = o.transpose(1, 2).reshape(b, h * w, c)
+        if self.rescale_output_factor == 1.0 and x.is_contiguous(memory_format=torch.channels_last):
+            # A channels_last map viewed as (B, HW, C) tokens is contiguous: the residual is added as the
+            # output projection's post-op, and the result viewed back is channels_last again.
+            o = self.to_out[0](o, residual=x.flatten(2).transpose(1, 2).to(o.dtype))
+            return o.transpose(1, 2).reshape(b, c, h, w)
+        out = self.to_out[0](o).transpose(1, 2).reshape(b, c, h, w) + x
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor
         return out
@@ -311,7 +311,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x):
         if self.padding == 0:  # TF "SAME" padding for an even input: one extra row/column at the end
@@ -322,7 +322,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -408,7 +408,7 @@ class UNet2D(nn.Module):
         ch = cfg.block_out_channels
         groups = cfg.norm_num_groups
         temb = ch[0] * 4
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb) if cfg.num_class_embeds else None
 
@@ -429,7 +429,7 @@ class UNet2D(nn.Module):
             self.up_blocks.append(UpBlock(cin, cprev, cout, temb, cfg.layers_per_block + 1,
                                           kind == "AttnUpBlock2D", cfg, groups, add_upsample=i < len(ch) - 1))
         self.conv_norm_out = nn.GroupNorm(groups or min(ch[0] // 4, 32), ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -460,7 +460,10 @@ class UNet2D(nn.Module):
         elif class_labels is not None:
             raise ValueError("class_labels given to an unconditional model")
 
-        h = self.conv_in(x)
+        # Activations stay channels_last from here to the output: oneDNN's convolutions read and write that
+        # layout directly (NCHW is reordered around every convolution), the fused GroupNorm has a
+        # channels-last path, and attention's (B, HW, C) token view of a channels_last map is free.
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
         for block in self.down_blocks:
             h, s = block(h, emb)
@@ -468,7 +471,7 @@ class UNet2D(nn.Module):
         h = self.mid_block(h, emb)
         for block in self.up_blocks:
             h = block(h, skips, emb)
-        return self.conv_out(_norm_silu(h, self.conv_norm_out))
+        return self.conv_out(_norm_silu(h, self.conv_norm_out)).contiguous()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
