@@ -25,7 +25,7 @@ from fastdiff.models.unet2d import UNet2D
 from fastdiff.samplers import Denoiser, get_sampler, make_schedule
 from fastdiff.samplers.schedules import NoiseSchedule, normalize_prediction
 
-__all__ = ["PixelPipeline", "load_pixel_pipeline", "bundled_model_dir", "slerp", "DEFAULT_STEPS"]
+__all__ = ["PixelPipeline", "load_pixel_pipeline", "scheduler_config", "bundled_model_dir", "slerp", "DEFAULT_STEPS"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Defaults sized for the 20-second labelled grid of the bundled model on a 2-core CPU.
@@ -151,25 +151,50 @@ class PixelPipeline:
 
         folder = Path(folder)
         save_unet2d(self.unet, folder / "unet", dtype=dtype)
-        sched = {
-            "_class_name": "DDPMScheduler",
-            "num_train_timesteps": self.schedule.num_train_timesteps,
-            "beta_schedule": _KIND_TO_DIFFUSERS.get(self.schedule.kind, self.schedule.kind),
-            "prediction_type": _PRED_TO_DIFFUSERS[self.prediction],
-            "clip_sample": self.clip is not None,
-            "clip_sample_range": self.clip or 1.0,
-            "rescale_betas_zero_snr": bool(self.schedule.zero_snr),
-            "timestep_spacing": self.schedule.spacing or "trailing",
-            "variance_type": "fixed_small",
-        }
         (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        (folder / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(scheduler_config(self.schedule, self.prediction, self.clip), indent=2))
         (folder / "model_index.json").write_text(json.dumps(
             {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
              "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
         if card is not None:
             (folder / "README.md").write_text(card)
         return folder
+
+
+def scheduler_config(schedule: NoiseSchedule, prediction: str, clip: float | None = 1.0) -> dict:
+    """The diffusers ``DDPMScheduler`` config of a schedule and prediction type (what ``save`` writes).
+
+    Linear and scaled-linear betas are written as their recipe and end points (read back from the betas:
+    ``linspace`` keeps both ends); any other schedule, or one rescaled to zero terminal SNR, as the exact
+    ``trained_betas``, so diffusers and :meth:`NoiseSchedule.from_diffusers_config` rebuild the same betas."""
+    cfg = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "prediction_type": _PRED_TO_DIFFUSERS[normalize_prediction(prediction)],
+        "variance_type": "fixed_small",
+        "clip_sample": clip is not None,
+        "clip_sample_range": clip or 1.0,
+        "timestep_spacing": schedule.spacing or "trailing",
+    }
+    betas = schedule.betas.double()
+    if schedule.kind in ("linear", "scaled_linear") and not schedule.zero_snr:
+        cfg.update(beta_schedule=schedule.kind, beta_start=_tidy(float(betas[0])), beta_end=_tidy(float(betas[-1])))
+    elif schedule.kind == "cosine" and not schedule.zero_snr:
+        cfg["beta_schedule"] = _KIND_TO_DIFFUSERS["cosine"]
+    else:
+        cfg.update(beta_schedule="linear", trained_betas=betas.tolist())
+    return cfg
+
+
+def _tidy(x: float) -> float:
+    """The shortest decimal (up to 8 digits) whose fp32 rounding is ``x`` (the betas are made in fp32, as in
+    diffusers): 1e-4 in the JSON instead of 9.999999747378752e-05, rebuilding the same betas; else ``x``."""
+    for digits in range(1, 9):
+        short = float(f"{x:.{digits}g}")
+        if torch.tensor(short, dtype=torch.float32).item() == x:
+            return short
+    return x
 
 
 def _schedule_from_diffusers(d: dict) -> tuple[NoiseSchedule, str, float | None]:

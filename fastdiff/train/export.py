@@ -16,45 +16,25 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.io.diffusers_unet2d import load_unet2d, save_unet2d
-from fastdiff.samplers.schedules import NoiseSchedule
+from fastdiff.pipelines.pixel import PixelPipeline, load_pixel_pipeline
+from fastdiff.pipelines.pixel import scheduler_config as pixel_scheduler_config
+from fastdiff.samplers import make_schedule
 from fastdiff.train.trainer import RunModel, load_run_model
 
 __all__ = ["export_run", "load_exported", "scheduler_config"]
 
-_DIFFUSERS_PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-_DIFFUSERS_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-
 
 def scheduler_config(train: dict) -> dict:
-    """diffusers ``DDPMScheduler`` config equal to the run's schedule and prediction."""
-    cfg = {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": train["num_train_timesteps"],
-        "beta_schedule": _DIFFUSERS_BETAS[train["schedule"]],
-        "prediction_type": _DIFFUSERS_PRED[train["prediction"]],
-        "variance_type": "fixed_small",
-        "clip_sample": True,
-        "clip_sample_range": 1.0,
-        "timestep_spacing": "trailing",
-    }
-    if train["schedule"] == "linear":
-        cfg.update(beta_start=1e-4, beta_end=0.02)
-    elif train["schedule"] == "scaled_linear":
-        cfg.update(beta_start=0.00085, beta_end=0.012)
-    return cfg
+    """diffusers ``DDPMScheduler`` config equal to a run's schedule and prediction (``train``: the run's
+    TrainConfig as a dict); see :func:`fastdiff.pipelines.pixel.scheduler_config`."""
+    return pixel_scheduler_config(make_schedule(train["schedule"], train["num_train_timesteps"]),
+                                  train["prediction"], 1.0)
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
                use_ema: bool = True, notes: str = "") -> Path:
     run = load_run_model(run_dir, use_ema=use_ema)
     out = Path(out)
-    save_unet2d(run.unet, out / "unet", dtype=dtype)
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(run.train), indent=2))
-    (out / "model_index.json").write_text(json.dumps(
-        {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-         "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
     state = json.loads((Path(run_dir) / f"ckpt-{run.step:07d}.json").read_text())
     c = run.unet.config
     t = run.train
@@ -74,17 +54,11 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: tor
 - Data: Fashion-MNIST train split (60,000 images, 28x28 centred on a 32x32 black canvas), scaled to [-1, 1].
 {notes}
 """
-    (out / "README.md").write_text(card)
-    return out
+    return PixelPipeline(run.unet, run.schedule, run.prediction, clip=1.0).save(out, dtype=dtype, card=card)
 
 
 def load_exported(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> RunModel:
-    """An exported folder -> :class:`~fastdiff.train.trainer.RunModel` (UNet in ``dtype``, schedule, prediction)."""
-    folder = Path(folder)
-    unet = load_unet2d(folder / "unet", dtype=dtype)
-    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    inv = {v: k for k, v in _DIFFUSERS_PRED.items()}
-    pred = sched_cfg.get("prediction_type", "epsilon")
-    if pred not in inv:
-        raise ValueError(f"{folder}: unsupported prediction_type {pred!r}")
-    return RunModel(unet.requires_grad_(False), NoiseSchedule.from_diffusers_config(sched_cfg), inv[pred], -1, {})
+    """An exported folder -> :class:`~fastdiff.train.trainer.RunModel` (UNet in ``dtype``, schedule, prediction),
+    read by :func:`fastdiff.pipelines.pixel.load_pixel_pipeline` (the one loader of pipeline folders)."""
+    pipe = load_pixel_pipeline(folder, dtype=dtype)
+    return RunModel(pipe.unet.requires_grad_(False), pipe.schedule, pipe.prediction, -1, {})
