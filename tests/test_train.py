@@ -137,3 +137,93 @@ def test_export_opens_in_diffusers(tmp_path, digits):
     ema = load_run_model(tmp_path / "run").unet.state_dict()
     assert all(torch.equal(ours.unet.state_dict()[k], ema[k].half().float()) for k in ema)
     assert "3 steps" in (out / "README.md").read_text()
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_bad_input_names_the_problem_and_harms_nothing(tmp_path, digits):
+    from fastdiff.io.datasets import DatasetError, ImageDataset
+
+    _trainer(tmp_path, digits, max_steps=3).run()
+    run = tmp_path / "run"
+    before = _snapshot(run)
+    g = torch.Generator().manual_seed(0)
+
+    def data(n=32, c=1, size=16, classes=10):
+        return ImageDataset(torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g),
+                            torch.arange(n) % classes, tuple(str(i) for i in range(classes)), "made-up")
+
+    cfg = TrainConfig(run_dir=str(run), **{**BASE, "max_steps": 6})
+    cases = [
+        (dict(dataset=data(c=3)), ValueError, "3-channel images but the model takes 1 channels"),
+        (dict(dataset=data(classes=5)), ValueError, "has 5 classes but the model was built for 10"),
+        (dict(dataset=data(size=8)), ValueError, r"images of \(8, 8\) pixels but the configuration wants 16x16"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            Trainer(cfg, resume=True, progress=False, **kw)
+    # a checkpoint from another model: the configuration guard names the field
+    with pytest.raises(CheckpointError, match="model: saved 'tiny' vs now 'fashion32'"):
+        Trainer(TrainConfig(run_dir=str(run), **{**BASE, "model": "fashion32", "max_steps": 6}), dataset=digits,
+                resume=True, progress=False)
+    # ... and tensors that do not fit the saved architecture (files copied from another run)
+    other = tmp_path / "other"
+    Trainer(TrainConfig(run_dir=str(other), **{**BASE, "model_overrides": {"block_out_channels": [8, 16]},
+                                                "max_steps": 3}), dataset=digits, progress=False).run()
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for name, content in before.items():
+        (copied / name).write_bytes(content)
+    for p in other.glob("ckpt-*"):
+        (copied / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(CheckpointError, match="block_out_channels|differs"):
+        Trainer(TrainConfig(run_dir=str(copied), **{**BASE, "max_steps": 6}), dataset=digits, resume=True,
+                progress=False)
+    # a label outside the classes never reaches the trainer
+    with pytest.raises(DatasetError, match="label 10 outside the 10 classes"):
+        ImageDataset(torch.zeros(2, 1, 16, 16, dtype=torch.uint8), torch.tensor([3, 10]),
+                     tuple(str(i) for i in range(10)), "bad-labels")
+    # a size the model cannot halve enough times
+    with pytest.raises(ValueError, match="image_size 17 must be a multiple of 2"):
+        Trainer(TrainConfig(run_dir=str(tmp_path / "odd"), **{**BASE, "image_size": 17}), dataset=data(size=17),
+                progress=False)
+    assert not (tmp_path / "odd").exists()
+    # the CLI: a missing / malformed dataset and another model are one line on stderr, exit status 2
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    for args, msg in ((["--dataset", f"mnist:{tmp_path / 'missing'}"], "dataset directory not found"),
+                      (["--dataset", f"npz:{bad}"], "not a readable .npz"),
+                      (["--model", "fashion32"], "model: saved 'tiny' vs now 'fashion32'")):
+        res = subprocess.run([sys.executable, "-m", "fastdiff.train.cli", "train", "--run-dir", str(run), "--resume",
+                              "--max-steps", "6", "--no-progress", *args], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert _snapshot(run) == before  # nothing already saved was touched
+
+
+def test_grad_checkpointing_flag_trains_identically(tmp_path, digits):
+    plain = _trainer(tmp_path, digits, "plain", max_steps=2).run()
+    tr = _trainer(tmp_path, digits, "ck", max_steps=2, grad_checkpointing=True)
+    assert tr.model.grad_checkpointing and not tr.ema.training
+    assert tr.run() == plain
+    # the flag is a schedule-of-work option: a run may be resumed with it switched off
+    _trainer(tmp_path, digits, "ck", resume=True, max_steps=3).run()
+
+
+def test_scheduler_config_round_trips_every_schedule(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.models.unet2d import TINY, UNet2D
+    from fastdiff.pipelines.pixel import PixelPipeline, load_pixel_pipeline
+    from fastdiff.samplers import make_schedule
+
+    for kind, zero_snr in (("linear", False), ("scaled_linear", False), ("cosine", False), ("linear", True)):
+        sched = make_schedule(kind, 1000, zero_snr=zero_snr)
+        out = PixelPipeline(UNet2D(TINY), sched, "eps").save(tmp_path / f"{kind}-{zero_snr}")
+        ref = diffusers.DDPMScheduler.from_pretrained(out / "scheduler", local_files_only=True)
+        torch.testing.assert_close(ref.alphas_cumprod.double(), sched.alphas_cumprod, rtol=1e-5, atol=1e-7)
+        back = load_pixel_pipeline(out).schedule
+        if zero_snr:  # written as trained_betas, which diffusers' format (and its reader) hold in fp32
+            torch.testing.assert_close(back.betas, sched.betas.float().double(), rtol=0, atol=0)
+        else:  # written as the recipe: the very same betas
+            assert torch.equal(back.betas, sched.betas), kind

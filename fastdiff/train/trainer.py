@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastdiff.io.datasets import ImageDataset, load_dataset
+from fastdiff.io.images import image_grid, save_png_atomic, to_pil
 from fastdiff.models.unet2d import PRESETS, UNet2D, UNet2DConfig
 from fastdiff.samplers import Denoiser, make_schedule, sample_ddim
 from fastdiff.samplers.schedules import NoiseSchedule
@@ -43,7 +44,7 @@ from fastdiff.train.checkpoint import (
     set_rng_state,
     write_json_atomic,
 )
-from fastdiff.train.plots import image_grid, loss_curve, save_png_atomic, to_pil
+from fastdiff.train.plots import loss_curve
 
 __all__ = ["TrainConfig", "Trainer", "train", "load_run_model", "sample_grid", "RunModel"]
 
@@ -165,12 +166,18 @@ class Trainer:
                                   "it or choose another run folder")
         self.data = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
         if self.data.image_shape[1:] != (cfg.image_size, cfg.image_size):
-            raise ValueError(f"dataset images are {self.data.image_shape[1:]}, config wants {cfg.image_size}")
+            raise ValueError(f"dataset {self.data.name!r} has images of {self.data.image_shape[1:]} pixels but "
+                             f"the configuration wants {cfg.image_size}x{cfg.image_size} (image_size)")
         self.unet_config = cfg.unet_config(self.data.num_classes, self.data.class_names, self.data.image_shape[0])
         if resume:
             # The run's own architecture, even if the preset it started from has changed since.
-            saved = json.loads((self.run_dir / "config.json").read_text())["unet"]
-            self.unet_config = UNet2DConfig.from_dict(saved)
+            try:
+                saved = json.loads((self.run_dir / "config.json").read_text())["unet"]
+                self.unet_config = UNet2DConfig.from_dict(saved)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{self.run_dir / 'config.json'}: unreadable run configuration "
+                                      f"({type(e).__name__}: {e})") from None
+        self._check_data_fits_model()
         self.schedule: NoiseSchedule = make_schedule(cfg.schedule, cfg.num_train_timesteps)
         # alpha_t, sigma_t per timestep in fp32 on the device (the forward process needs no fp64).
         self._alpha = self.schedule.alphas.float().to(self.device)
@@ -192,6 +199,23 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic({"train": cfg.to_dict(), "unet": self.unet_config.to_dict()},
                               self.run_dir / "config.json")
+
+    def _check_data_fits_model(self):
+        """The dataset must match the network (channels, classes, size): say which, before any step runs."""
+        u, d = self.unet_config, self.data
+        if d.image_shape[0] != u.in_channels:
+            raise ValueError(f"dataset {d.name!r} has {d.image_shape[0]}-channel images but the model takes "
+                             f"{u.in_channels} channels")
+        if u.num_classes and d.num_classes != u.num_classes:
+            raise ValueError(f"dataset {d.name!r} has {d.num_classes} classes but the model was built for "
+                             f"{u.num_classes} ({', '.join(u.class_names) or 'unnamed'})")
+        if d.image_shape[1] != u.sample_size:
+            raise ValueError(f"dataset images are {d.image_shape[1]} pixels but the model was built for "
+                             f"{u.sample_size}")
+        factor = 2 ** (len(u.block_out_channels) - 1)
+        if u.sample_size % factor:
+            raise ValueError(f"image_size {u.sample_size} must be a multiple of {factor} for this model "
+                             f"({len(u.block_out_channels)} resolution levels)")
 
     # ---------------------------------------------------------------------------------------------------
     def _make_optimizer(self):
@@ -218,9 +242,13 @@ class Trainer:
         if state["unet"] != self.unet_config.to_dict():
             raise CheckpointError(f"{self.run_dir}: checkpoint model config {state['unet']} differs from "
                                   f"{self.unet_config.to_dict()}")
-        self.model.load_state_dict(model_sd, strict=True)
-        self.ema.load_state_dict(ema_sd, strict=True)
-        self.optimizer.load_state_dict(opt_sd)
+        try:
+            self.model.load_state_dict(model_sd, strict=True)
+            self.ema.load_state_dict(ema_sd, strict=True)
+            self.optimizer.load_state_dict(opt_sd)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{self.run_dir}: the checkpoint's tensors do not fit this model (was it copied "
+                                  f"from another run?): {str(e).splitlines()[0][:500]}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
