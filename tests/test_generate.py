@@ -91,6 +91,25 @@ def test_guidance_is_one_batched_pass(pipe_dir):
     assert batches == [6, 6, 6]
 
 
+def test_model_default_guidance_round_trips_and_is_used(pipe_dir, tmp_path):
+    """A folder's _fastdiff.default_guidance is read back and is what guidance="model" (the default) samples
+    with; diffusers still opens the folder."""
+    pipe = load_pixel_pipeline(pipe_dir)
+    assert pipe.default_guidance == 3.0  # a folder that names none: the library default
+    pipe.default_guidance = 1.5
+    pipe.save(tmp_path / "g", dtype=None)
+    again = load_pixel_pipeline(tmp_path / "g")
+    assert again.default_guidance == 1.5
+    by_default = again.sample([1, 7], sampler="ddim", steps=3, seed=4)
+    explicit = again.sample([1, 7], sampler="ddim", steps=3, seed=4, guidance=1.5)
+    other = again.sample([1, 7], sampler="ddim", steps=3, seed=4, guidance=3.0)
+    assert torch.equal(by_default, explicit) and not torch.equal(by_default, other)
+    with pytest.raises(ValueError, match="guidance"):
+        again.sample([1], steps=2, guidance="strong")
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.UNet2DModel.from_pretrained(tmp_path / "g" / "unet")
+
+
 def test_slerp_endpoints_and_norm():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4096, generator=g), torch.randn(4096, generator=g)

@@ -22,7 +22,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--sampler", default="ddim", help="ddpm, ddim, euler, euler_a, dpmpp_2m (default ddim)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20 ddim, 15 dpmpp_2m, "
                    "30 euler/euler_a, 1000 ddpm)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1: off; default: the model's own, e.g. 1.5 for the "
+                        "bundled model)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     p.add_argument("--out", default="fastdiff-samples.png", help="output PNG path")
     p.add_argument("--show-process", action="store_true", help="also write the noising/denoising strip "
@@ -53,8 +55,9 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         pipe = load_pixel_pipeline(args.model)
         steps = args.steps or DEFAULT_STEPS.get(args.sampler, 50)
-        guidance = None if args.guidance == 1.0 else args.guidance
-        info = {"model": pipe.source, "sampler": args.sampler, "steps": steps, "guidance": args.guidance,
+        guidance = pipe.resolve_guidance("model" if args.guidance is None else args.guidance)
+        guidance = None if guidance == 1.0 else guidance
+        info = {"model": pipe.source, "sampler": args.sampler, "steps": steps, "guidance": guidance or 1.0,
                 "seed": args.seed}
         if args.label is None and pipe.class_names:
             img = class_grid(pipe, per_class=args.n or 4, seed=args.seed, sampler=args.sampler, steps=steps,

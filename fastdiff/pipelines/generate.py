@@ -33,13 +33,14 @@ def _pipeline(model) -> PixelPipeline:
 
 def generate(prompt: str | None = None, *, model: str | os.PathLike | PixelPipeline | None = None,
              label: int | str | Sequence[int | str] | None = None, n: int = 16, seed: int = 0,
-             sampler: str = "ddim", steps: int | None = None, guidance: float | None = 3.0,
+             sampler: str = "ddim", steps: int | None = None, guidance: float | str | None = "model",
              progress: bool = True) -> list[Image.Image]:
     """``n`` images as PIL images. The same arguments and seed give the same images.
 
     Pixel models (the bundled Fashion-MNIST model by default): ``label`` is a class name (``"sneaker"``) or
-    index (``n`` images of it), or a list of them (one image each); ``None`` cycles through every class. ``guidance`` is the classifier-free guidance
-    scale (None or 1: off).
+    index (``n`` images of it), or a list of them (one image each); ``None`` cycles through every class.
+    ``guidance`` is the classifier-free guidance scale: ``"model"`` (default) uses the scale the model was
+    measured best at (its folder's ``_fastdiff.default_guidance``); None or 1: off.
     """
     if prompt is not None:
         raise ValueError("this model is a class-conditional pixel model and takes no text prompt; use "
@@ -66,7 +67,7 @@ def generate(prompt: str | None = None, *, model: str | os.PathLike | PixelPipel
 
 
 def class_grid(pipe: PixelPipeline, *, per_class: int = 4, seed: int = 0, sampler: str = "ddim",
-               steps: int | None = None, guidance: float | None = 3.0, progress: bool = True) -> Image.Image:
+               steps: int | None = None, guidance: float | str | None = "model", progress: bool = True) -> Image.Image:
     """One labelled row per class, ``per_class`` samples each, all in one batched sampling run."""
     names = pipe.class_names
     if not names:

@@ -50,6 +50,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     return ((torch.sin((1 - w) * theta) / s) * a.double() + (torch.sin(w * theta) / s) * b.double()).to(a.dtype)
 
 
+# Guidance scale for models whose folder does not name one (the scale most class-conditional DDPM write-ups use).
+DEFAULT_GUIDANCE = 3.0
+
+
 @dataclass
 class PixelPipeline:
     """A pixel-space diffusion model and what is needed to sample it."""
@@ -59,6 +63,9 @@ class PixelPipeline:
     prediction: str
     clip: float | None = 1.0
     source: str = ""
+    # The guidance scale this model samples best at (measured; stored in unet/config.json as
+    # ``_fastdiff.default_guidance``); ``guidance="model"`` in :meth:`sample` uses it.
+    default_guidance: float | None = DEFAULT_GUIDANCE
 
     @property
     def class_names(self) -> list[str]:
@@ -85,15 +92,19 @@ class PixelPipeline:
 
     @torch.no_grad()
     def sample(self, labels: Sequence[int] | torch.Tensor | None, *, n: int | None = None, seed: int = 0,
-               sampler: str = "ddim", steps: int | None = None, guidance: float | None = 3.0,
+               sampler: str = "ddim", steps: int | None = None, guidance: float | str | None = "model",
                noise: torch.Tensor | None = None, precision: str = "fp32",
                callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Samples in [-1, 1], shape (N, C, H, W). ``labels``: one class index per sample (None for an
         unconditional model, then ``n`` samples). The same seed gives the same images.
 
         ``precision="fp32"`` by default: at the bundled model's width (32-128 channels) bf16 autocast ran ~25%
-        slower than fp32 on the CPU (the casts cost more than the narrower convolutions save)."""
+        slower than fp32 on the CPU (the casts cost more than the narrower convolutions save).
+
+        ``guidance``: the classifier-free guidance scale; ``"model"`` (default) takes the model's own
+        :attr:`default_guidance`; None or 1 turn guidance off."""
         cfg = self.unet.config
+        guidance = self.resolve_guidance(guidance)
         fn = get_sampler(sampler)
         if sampler == "flow_euler":
             raise ValueError("flow_euler samples rectified-flow models; this is a DDPM (VP) model")
@@ -139,6 +150,14 @@ class PixelPipeline:
                  guidance=guidance if use_cfg else None, generator=gen, callback=callback, **kwargs)
         return out.clamp(-1, 1)
 
+    def resolve_guidance(self, guidance: float | str | None) -> float | None:
+        """``"model"`` -> this model's default guidance; numbers and None pass through (checked)."""
+        if guidance == "model":
+            return self.default_guidance
+        if guidance is not None and (not isinstance(guidance, (int, float)) or guidance < 0):
+            raise ValueError(f"guidance must be a number >= 0, None or 'model', got {guidance!r}")
+        return guidance
+
     def add_noise(self, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""
         a = float(self.schedule.alphas_cumprod[t])
@@ -151,6 +170,11 @@ class PixelPipeline:
 
         folder = Path(folder)
         save_unet2d(self.unet, folder / "unet", dtype=dtype)
+        if self.default_guidance != DEFAULT_GUIDANCE:
+            cfg_path = folder / "unet" / "config.json"
+            d = json.loads(cfg_path.read_text())
+            d.setdefault("_fastdiff", {})["default_guidance"] = self.default_guidance
+            cfg_path.write_text(json.dumps(d, indent=2))
         (folder / "scheduler").mkdir(parents=True, exist_ok=True)
         (folder / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(scheduler_config(self.schedule, self.prediction, self.clip), indent=2))
@@ -228,7 +252,9 @@ def load_pixel_pipeline(path: str | os.PathLike | None = None, *, device: str | 
             sched, pred, clip = _schedule_from_diffusers(json.loads(sc.read_text()))
         else:
             sched, pred, clip = make_schedule("linear", 1000), "eps", 1.0
-        return PixelPipeline(unet, sched, pred, clip, source=str(p))
+        ext = json.loads((p / "unet" / "config.json").read_text()).get("_fastdiff", {})
+        return PixelPipeline(unet, sched, pred, clip, source=str(p),
+                             default_guidance=ext.get("default_guidance", DEFAULT_GUIDANCE))
     if (p / "config.json").is_file():
         unet = load_unet2d(p, dtype=dtype).to(device)
         return PixelPipeline(unet, make_schedule("linear", 1000), "eps", 1.0, source=str(p))
