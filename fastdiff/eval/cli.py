@@ -44,6 +44,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--spacing", default="trailing", choices=["leading", "trailing", "linspace"],
                    help="timestep spacing of the samplers (default trailing: starts at t = T-1 for any step count)")
+    p.add_argument("--clip", default="1.0",
+                   help="DDPM/DDIM x0 clamp range, or 'none' (default 1.0, diffusers' clip_sample; with strong "
+                        "guidance the clamp distorts v-prediction models: the bundled model samples unclipped)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="network precision (sampler state is fp32)")
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA weights")
     p.add_argument("--seed", type=int, default=0)
@@ -74,13 +77,15 @@ def _sampling_runs(args, reference, inception):
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
     guidance = args.guidance if args.guidance is not None else model.default_guidance
+    clip = None if str(args.clip).lower() == "none" else float(args.clip)
     for name, steps in runs:
         print(f"sampling {args.per_class} x {model.num_classes} classes with {name}, {steps} steps"
-              + (f", guidance {guidance}" if guidance not in (None, 1.0) else "") + " ...", file=sys.stderr, flush=True)
+              + (f", guidance {guidance}" if guidance not in (None, 1.0) else "")
+              + (", no x0 clamp" if clip is None else "") + " ...", file=sys.stderr, flush=True)
         images, labels, seconds = sample_per_class(
             model.denoiser, model.schedule, sampler=name, steps=steps, per_class=args.per_class,
             num_classes=model.num_classes, null_label=model.null_label, guidance=guidance, seed=args.seed,
-            batch=args.batch, spacing=args.spacing)
+            batch=args.batch, spacing=args.spacing, clip=clip)
         if args.save_samples is not None:
             args.save_samples.mkdir(parents=True, exist_ok=True)
             save_image_set(args.save_samples / f"{name}_{steps}.npz", images, labels)

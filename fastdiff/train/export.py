@@ -32,7 +32,8 @@ def scheduler_config(train: dict) -> dict:
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
-               use_ema: bool = True, notes: str = "", default_guidance: float | None = None) -> Path:
+               use_ema: bool = True, notes: str = "", default_guidance: float | None = None,
+               clip: float | None = 1.0) -> Path:
     run = load_run_model(run_dir, use_ema=use_ema)
     out = Path(out)
     state = json.loads((Path(run_dir) / f"ckpt-{run.step:07d}.json").read_text())
@@ -54,7 +55,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: tor
 - Data: Fashion-MNIST train split (60,000 images, 28x28 centred on a 32x32 black canvas), scaled to [-1, 1].
 {notes}
 """
-    pipe = PixelPipeline(run.unet, run.schedule, run.prediction, clip=1.0)
+    pipe = PixelPipeline(run.unet, run.schedule, run.prediction, clip=clip)  # clip: DDPM/DDIM x0 clamp (None: off)
     if default_guidance is not None:  # the scale measured best for this model (fastdiff eval), kept in its folder
         pipe.default_guidance = default_guidance
     return pipe.save(out, dtype=dtype, card=card)
