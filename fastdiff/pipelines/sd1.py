@@ -91,6 +91,31 @@ class StableDiffusion1:
                               generator, num_images_per_prompt, clip_skip, latents, callback)
 
     @torch.no_grad()
+    def img2img(self, prompt: str | list[str], image, *, strength: float = 0.8,
+                negative_prompt: str | list[str] | None = None, steps: int = 30, guidance: float = 7.5,
+                sampler: str = "euler", seed: int | None = None, generator: torch.Generator | None = None,
+                num_images_per_prompt: int = 1, clip_skip: int = 0, callback=None) -> torch.Tensor:
+        """Re-draw ``image`` ((B|1, 3, H, W) tensor in [0, 1] or a PIL image) towards the prompt.
+
+        ``strength`` in [0, 1]: how much of the schedule is re-run, as diffusers' StableDiffusionImg2ImgPipeline:
+        the last ``int(steps * strength)`` steps run, starting from the image's latents noised to the first of
+        them (random draws in diffusers' order: the VAE's latent sample, then the noise). Output size = input.
+        """
+        if self.is_inpainting:
+            raise ValueError("img2img: this is an inpainting checkpoint (9-channel UNet): use inpaint(image, mask)")
+        if not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"img2img: strength must be a number in [0, 1], got {strength!r}")
+        img = _image_tensor(image, "image")
+        run = min(int(steps * float(strength)), steps)
+        if run < 1:
+            raise ValueError(f"img2img: strength {strength} x {steps} steps leaves no step to run; raise the "
+                             "strength or the steps (at least one step must run)")
+        height, width = int(img.shape[-2]), int(img.shape[-1])
+        return self._generate("img2img", prompt, negative_prompt, height, width, steps, guidance, sampler, seed,
+                              generator, num_images_per_prompt, clip_skip, None, callback, image=img,
+                              start=steps - run)
+
+    @torch.no_grad()
     def inpaint(self, prompt: str | list[str], image, mask, *, negative_prompt: str | list[str] | None = None,
                 steps: int = 30, guidance: float = 7.5, sampler: str = "euler", seed: int | None = None,
                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1, clip_skip: int = 0,
@@ -116,7 +141,8 @@ class StableDiffusion1:
                               generator, num_images_per_prompt, clip_skip, latents, callback, image=img, mask=m)
 
     def _generate(self, what, prompt, negative_prompt, height, width, steps, guidance, sampler, seed, generator,
-                  num_images_per_prompt, clip_skip, latents, callback, image=None, mask=None) -> torch.Tensor:
+                  num_images_per_prompt, clip_skip, latents, callback, image=None, mask=None,
+                  start=None) -> torch.Tensor:
         import torch.nn.functional as F
 
         from fastdiff.samplers import Denoiser, NoiseSchedule, get_sampler
@@ -150,6 +176,13 @@ class StableDiffusion1:
 
         b = cond.shape[0]
         shape = (b, 4, height // f, width // f)
+        init = None
+        if start is not None:  # img2img: the image's latents (one VAE sample per given image), then the noise
+            if image.shape[0] not in (1, b) and b % image.shape[0]:
+                raise ValueError(f"{what}: {image.shape[0]} images do not divide the batch of {b}")
+            init = self.vae.encode((image * 2 - 1).to(self.device, self.vae.dtype)).sample(generator)
+            init = (init * self.vae.scaling_factor).to(self.dtype)
+            init = init.repeat(b // init.shape[0], 1, 1, 1).to(torch.float32)
         if latents is None:
             # diffusers' randn_tensor: one draw of the whole batch on the generator's device, in the UNet dtype
             latents = torch.randn(shape, generator=generator, dtype=self.dtype,
@@ -178,8 +211,13 @@ class StableDiffusion1:
         schedule = NoiseSchedule.from_diffusers_config(self.scheduler_config)
         prediction = self.scheduler_config.get("prediction_type", "epsilon")
         model = Denoiser(lambda xx, t, c: unet(xx, t, c), prediction, dtype=self.dtype)
+        opts = self._sampler_options(sampler)
+        if start is not None:
+            if sampler not in ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m"):
+                raise ValueError(f"{what}: sampler {sampler!r} has no partial-schedule (img2img) support")
+            opts.update(init=init, start=start)
         x = sample(model, x, schedule, steps=steps, cond=cond, uncond=uncond, guidance=guidance if guided else None,
-                   generator=generator, callback=callback, **self._sampler_options(sampler))
+                   generator=generator, callback=callback, **opts)
         return self.decode_latents(x)
 
     def _sampler_options(self, sampler: str) -> dict:

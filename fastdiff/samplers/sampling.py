@@ -13,6 +13,10 @@
   Noise is drawn in the same order and shape as diffusers draws it, so a seeded run reproduces diffusers.
 - ``callback(i, t, x)``: after step ``i`` (timestep ``t``) with the new state, in the parameterisation of the
   matching diffusers scheduler (sigma-scaled for Euler samplers).
+- img2img (DDPM, DDIM, Euler, Euler a, DPM++ 2M): ``init`` = the clean sample x0 and ``start`` = the first
+  step to run; ``x`` is then the noise, and the state starts as ``init`` noised to step ``start``'s level by
+  that scheduler's own ``add_noise`` (diffusers' img2img: ``timesteps[t_start:]``, ``add_noise(init, noise,
+  timesteps[t_start])``).
 
 Every one-step update is ``out = a * x0 + b * x + s * noise`` with ``x0`` linear in (x, model output); the
 coefficients are derived in fp64 and the update runs through :func:`fastdiff.ops.sampler_step` (fused CFG +
@@ -87,6 +91,21 @@ def _update(x, m, g, px, pm, a, b, s=0.0, noise=None, clip=None) -> torch.Tensor
     return sampler_step(x, m, a, b, s, noise, pred=(px, pm), clip=clip, guidance_scale=g)
 
 
+def _check_start(init, start: int, n: int, x: torch.Tensor) -> None:
+    """img2img arguments: ``init`` (the clean sample) with x's shape, ``start`` a step index of the schedule."""
+    if not isinstance(start, int) or not 0 <= start < n:
+        raise ValueError(f"start must be a step index in 0..{n - 1}, got {start!r} (img2img: strength too low?)")
+    if start and init is None:
+        raise ValueError("start > 0 needs init, the clean sample to noise to that step (img2img)")
+    if init is not None and tuple(init.shape) != tuple(x.shape):
+        raise ValueError(f"init must have the noise's shape {tuple(x.shape)}, got {tuple(init.shape)}")
+
+
+def _vp_noised(init: torch.Tensor, noise: torch.Tensor, abar: float) -> torch.Tensor:
+    """q(x_t | x0) = sqrt(abar) x0 + sqrt(1 - abar) eps (diffusers' DDPM/DDIM ``add_noise``)."""
+    return init.to(noise.dtype) * math.sqrt(abar) + noise * math.sqrt(1.0 - abar)
+
+
 def _spacing(schedule: NoiseSchedule, spacing: str | None, default: str) -> str:
     return spacing or schedule.spacing or default
 
@@ -98,7 +117,8 @@ def _spacing(schedule: NoiseSchedule, spacing: str | None, default: str) -> str:
 def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
                 guidance: float | None = None, generator=None, callback: Callback | None = None,
                 clip: float | None = None, spacing: str | None = None,
-                steps_offset: int | None = None) -> torch.Tensor:
+                steps_offset: int | None = None, init: torch.Tensor | None = None,
+        start: int = 0) -> torch.Tensor:
     """Ancestral sampling from the DDPM posterior q(x_{t'} | x_t, x0) with x0 predicted by the model.
 
     With ``steps < T`` the chain jumps between the spaced timesteps t -> t' using the posterior of that
@@ -110,7 +130,12 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
     ts = schedule.timesteps(steps, variant="ddim", spacing=_spacing(schedule, spacing, "leading"),
                             steps_offset=steps_offset)
     acp = schedule.alphas_cumprod.tolist()
+    _check_start(init, start, len(ts), x)
+    if init is not None:
+        x = _vp_noised(init, x, acp[int(ts[start])])
     for i, t in enumerate(ts.tolist()):
+        if i < start:
+            continue
         prev = ts[i + 1] if i + 1 < len(ts) else -1
         a_t = acp[t]
         a_p = acp[prev] if prev >= 0 else 1.0
@@ -140,7 +165,8 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
 def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
                 guidance: float | None = None, generator=None, callback: Callback | None = None,
                 eta: float = 0.0, clip: float | None = None, set_alpha_to_one: bool = True,
-                spacing: str | None = None, steps_offset: int | None = None) -> torch.Tensor:
+                spacing: str | None = None, steps_offset: int | None = None, init: torch.Tensor | None = None,
+        start: int = 0) -> torch.Tensor:
     """DDIM, eq. 12 with sigma_t(eta) of eq. 16; eta = 0 is deterministic, eta = 1 DDPM-like.
 
     As diffusers, the previous timestep is ``t - T // steps`` for every spacing (for ``linspace`` this can
@@ -157,7 +183,12 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
     acp = schedule.alphas_cumprod.tolist()
     final = 1.0 if set_alpha_to_one else acp[0]
     jump = schedule.num_train_timesteps // steps
+    _check_start(init, start, len(ts), x)
+    if init is not None:
+        x = _vp_noised(init, x, acp[int(ts[start])])
     for i, t in enumerate(ts.tolist()):
+        if i < start:
+            continue
         prev = t - jump
         a_t = acp[t]
         a_p = acp[prev] if prev >= 0 else final
@@ -230,15 +261,21 @@ def _sigma_x0_coefs(prediction: str, sigma: float) -> tuple[float, float]:
 def sample_euler(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
                  guidance: float | None = None, generator=None, callback: Callback | None = None,
                  karras: bool = False, spacing: str | None = None,
-                 steps_offset: int | None = None) -> torch.Tensor:
+                 steps_offset: int | None = None, init: torch.Tensor | None = None,
+        start: int = 0) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022, Alg. 1 with
     churn 0), as diffusers' EulerDiscreteScheduler. ``karras=True``: EDM sigmas (``use_karras_sigmas``).
     Default spacing ``linspace``. ``generator`` is unused (deterministic); accepted for the common signature."""
     _check_inputs(x, schedule, NoiseSchedule)
     model = as_denoiser(model, "eps")
     ts, sigmas, sp = _euler_sigmas(schedule, steps, spacing, steps_offset, karras)
-    x = x * _init_sigma(sigmas, sp)
+    _check_start(init, start, len(ts), x)
+    # txt2img: unit noise scaled to the first sigma (init_noise_sigma); img2img: x0 + sigma_start * noise
+    # (diffusers' EulerDiscreteScheduler.add_noise in sigma space).
+    x = x * _init_sigma(sigmas, sp) if init is None else init.to(x.dtype) + x * float(sigmas[start])
     for i, t in enumerate(ts.tolist()):
+        if i < start:
+            continue
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
         m, g = guided_forward(model, x * c_in, t, cond, uncond, guidance)
@@ -254,7 +291,8 @@ def sample_euler(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int,
 def sample_euler_ancestral(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None,
                            uncond=None, guidance: float | None = None, generator=None,
                            callback: Callback | None = None, spacing: str | None = None,
-                           steps_offset: int | None = None) -> torch.Tensor:
+                           steps_offset: int | None = None, init: torch.Tensor | None = None,
+        start: int = 0) -> torch.Tensor:
     """Euler ancestral (k-diffusion ``sample_euler_ancestral``, eta 1), as diffusers' EulerAncestralDiscreteScheduler.
 
     Each step goes deterministically down to sigma_down and adds fresh noise of std sigma_up, with
@@ -264,8 +302,13 @@ def sample_euler_ancestral(model, x: torch.Tensor, schedule: NoiseSchedule, *, s
     _check_inputs(x, schedule, NoiseSchedule)
     model = as_denoiser(model, "eps")
     ts, sigmas, sp = _euler_sigmas(schedule, steps, spacing, steps_offset, karras=False)
-    x = x * _init_sigma(sigmas, sp)
+    _check_start(init, start, len(ts), x)
+    # txt2img: unit noise scaled to the first sigma (init_noise_sigma); img2img: x0 + sigma_start * noise
+    # (diffusers' EulerDiscreteScheduler.add_noise in sigma space).
+    x = x * _init_sigma(sigmas, sp) if init is None else init.to(x.dtype) + x * float(sigmas[start])
     for i, t in enumerate(ts.tolist()):
+        if i < start:
+            continue
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
         sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
@@ -303,7 +346,8 @@ def _dpm_timesteps_sigmas(schedule: NoiseSchedule, steps: int, spacing, steps_of
 def sample_dpmpp_2m(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
                     guidance: float | None = None, generator=None, callback: Callback | None = None,
                     karras: bool = False, spacing: str | None = None,
-                    steps_offset: int | None = None) -> torch.Tensor:
+                    steps_offset: int | None = None, init: torch.Tensor | None = None,
+        start: int = 0) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2 (multistep, data prediction), in VP space.
 
     With lambda = log(alpha / sigma) and h = lambda_{t'} - lambda_t:
@@ -321,8 +365,14 @@ def sample_dpmpp_2m(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: i
         a = 1.0 / math.sqrt(k_sigma * k_sigma + 1.0)
         return a, k_sigma * a
 
+    _check_start(init, start, len(ts), x)
+    if init is not None:  # diffusers' DPMSolverMultistepScheduler.add_noise: alpha_t x0 + sigma_t eps (VP)
+        a0, s0 = alpha_sigma(float(sigmas[start]))
+        x = init.to(x.dtype) * a0 + x * s0
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts.tolist()):
+        if i < start:
+            continue  # the multistep history starts empty at `start`: its first step is first order
         alpha_s, sigma_s = alpha_sigma(float(sigmas[i]))
         m, g = guided_forward(model, x, t, cond, uncond, guidance)
         px, pm = x0_coefs(model.prediction, alpha_s, sigma_s)
