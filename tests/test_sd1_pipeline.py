@@ -81,6 +81,28 @@ def test_img2img_bad_input(ref_folder):  # noqa: F811
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+def test_inpaint_by_mask_blending_matches_diffusers(ref_folder, sampler):  # noqa: F811
+    """An ordinary 4-channel checkpoint inpaints by mask blending: the same image as diffusers'
+    StableDiffusionInpaintPipeline (which blends for 4-channel UNets) on the same weights and seed."""
+    d, ref = ref_folder
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**{**ref.components, "scheduler": getattr(
+        diffusers, _SCHEDULERS[sampler]).from_config(ref.scheduler.config)})
+    inpaint.set_progress_bar_config(disable=True)
+    pipe = load_sd1(d / "sd")
+    image = (0.5 + 0.4 * torch.cos(torch.linspace(0, 7, 3 * 64 * 48)).reshape(1, 3, 64, 48)).clamp(0, 1)
+    mask = torch.zeros(1, 1, 64, 48)
+    mask[..., 16:48, 8:40] = 1.0
+    ours = pipe.inpaint(["a red ball", "a dog"], image, mask, steps=4, sampler=sampler, guidance=5.0,
+                        generator=torch.Generator().manual_seed(11))
+    theirs = inpaint(["a red ball", "a dog"], image=image, mask_image=mask, num_inference_steps=4, guidance_scale=5.0,
+                     height=64, width=48, generator=torch.Generator().manual_seed(11), output_type="pt").images
+    assert ours.shape == theirs.shape == (2, 3, 64, 48)
+    assert ((ours > 0.01) & (ours < 0.99)).float().mean() > 0.1
+    err = (ours - theirs.float()).abs().max().item()
+    assert err <= 1 / 255, f"max per-pixel difference {err * 255:.3f}/255"
+
+
 def test_txt2img_seed_and_inputs(ref_folder):  # noqa: F811
     d, ref = ref_folder
     pipe = load_sd1(d / "sd")

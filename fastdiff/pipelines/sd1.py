@@ -120,17 +120,15 @@ class StableDiffusion1:
                 steps: int = 30, guidance: float = 7.5, sampler: str = "euler", seed: int | None = None,
                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1, clip_skip: int = 0,
                 latents: torch.Tensor | None = None, callback=None) -> torch.Tensor:
-        """Repaint where ``mask`` is white, with an SD1.5-inpainting checkpoint (9-channel UNet).
+        """Repaint where ``mask`` is white: with an SD1.5-inpainting checkpoint (9-channel UNet), or with an
+        ordinary 4-channel checkpoint by mask blending (after every step the unmasked area is reset to the image's
+        latents noised to the next step's level, as diffusers' StableDiffusionInpaintPipeline does then).
 
         ``image``: (B|1, 3, H, W) tensor in [0, 1] or a PIL image; ``mask``: (B|1, 1, H, W) tensor in [0, 1] or a
         PIL image, binarised at 0.5 (1 = repaint). The UNet sees [noisy latents, mask at latent size, latents of
         the image with the masked area blanked] on its channels, as in diffusers' StableDiffusionInpaintPipeline
         at strength 1 (random draws in the same order: initial noise, then the masked image's latent sample).
         """
-        if not self.is_inpainting:
-            raise NotImplementedError(
-                "inpaint: this checkpoint has a 4-channel UNet; mask blending for ordinary checkpoints needs "
-                "img2img-style partial schedules, not available yet: use an SD1.5-inpainting checkpoint")
         img = _image_tensor(image, "image")
         m = _image_tensor(mask, "mask", channels=1)
         if img.shape[-2:] != m.shape[-2:]:
@@ -183,16 +181,34 @@ class StableDiffusion1:
             init = self.vae.encode((image * 2 - 1).to(self.device, self.vae.dtype)).sample(generator)
             init = (init * self.vae.scaling_factor).to(self.dtype)
             init = init.repeat(b // init.shape[0], 1, 1, 1).to(torch.float32)
-        if latents is None:
+        keep = None
+        if mask is not None and not self.is_inpainting:
+            # mask blending (4-channel UNet), diffusers' draws in order: the image's latent sample, the noise, and
+            # the masked image's latent sample (which a 4-channel UNet never reads; drawn to keep the stream).
+            for name, t in (("image", image), ("mask", mask)):
+                if t.shape[0] not in (1, b) and b % t.shape[0]:
+                    raise ValueError(f"{what}: {t.shape[0]} {name}s do not divide the batch of {b}")
+            img_lat = self.vae.encode((image * 2 - 1).to(self.device, self.vae.dtype)).sample(generator)
+            img_lat = (img_lat * self.vae.scaling_factor).to(self.dtype)
+            noise = torch.randn(shape, generator=generator, dtype=self.dtype,
+                                device=generator.device if generator is not None else "cpu")
+            torch.randn(img_lat.shape, generator=generator, dtype=self.vae.dtype,
+                        device=generator.device if generator is not None else "cpu")
+            mask_lat = F.interpolate(mask, size=shape[-2:]).to(self.device, torch.float32)  # nearest
+            keep = (img_lat.repeat(b // img_lat.shape[0], 1, 1, 1).float(), noise.to(self.device, torch.float32),
+                    mask_lat.repeat(b // mask_lat.shape[0], 1, 1, 1))
+            if latents is None:
+                latents = noise
+        if latents is None and keep is None:
             # diffusers' randn_tensor: one draw of the whole batch on the generator's device, in the UNet dtype
             latents = torch.randn(shape, generator=generator, dtype=self.dtype,
                                   device=generator.device if generator is not None else "cpu")
-        elif tuple(latents.shape) != shape:
+        elif latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"{what}: latents must have shape {shape}, got {tuple(latents.shape)}")
         x = latents.to(self.device, torch.float32)
 
         unet = self.unet
-        if mask is not None:
+        if mask is not None and self.is_inpainting:
             for name, t in (("image", image), ("mask", mask)):
                 if t.shape[0] not in (1, b) and b % t.shape[0]:
                     raise ValueError(f"{what}: {t.shape[0]} {name}s do not divide the batch of {b}")
@@ -212,6 +228,8 @@ class StableDiffusion1:
         prediction = self.scheduler_config.get("prediction_type", "epsilon")
         model = Denoiser(lambda xx, t, c: unet(xx, t, c), prediction, dtype=self.dtype)
         opts = self._sampler_options(sampler)
+        if keep is not None:
+            opts["keep"] = keep
         if start is not None:
             if sampler not in ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m"):
                 raise ValueError(f"{what}: sampler {sampler!r} has no partial-schedule (img2img) support")

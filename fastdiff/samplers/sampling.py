@@ -17,6 +17,9 @@
   step to run; ``x`` is then the noise, and the state starts as ``init`` noised to step ``start``'s level by
   that scheduler's own ``add_noise`` (diffusers' img2img: ``timesteps[t_start:]``, ``add_noise(init, noise,
   timesteps[t_start])``).
+- inpainting by mask blending (same samplers): ``keep=(x0, noise, mask)``; after every step the state outside
+  the mask (mask 0) is replaced by ``x0`` noised with ``noise`` to the next step's level (the clean ``x0`` after
+  the last step), as diffusers' StableDiffusionInpaintPipeline does for 4-channel UNets.
 
 Every one-step update is ``out = a * x0 + b * x + s * noise`` with ``x0`` linear in (x, model output); the
 coefficients are derived in fp64 and the update runs through :func:`fastdiff.ops.sampler_step` (fused CFG +
@@ -101,6 +104,27 @@ def _check_start(init, start: int, n: int, x: torch.Tensor) -> None:
         raise ValueError(f"init must have the noise's shape {tuple(x.shape)}, got {tuple(init.shape)}")
 
 
+def _keep_blend(x: torch.Tensor, keep: tuple, ref: torch.Tensor) -> torch.Tensor:
+    """Inpainting by mask blending: where ``mask`` is 0 the state is replaced by ``ref`` (the original, noised to
+    the next step's level), where 1 it keeps the sample: ``(1 - mask) * ref + mask * x`` as diffusers."""
+    mask = keep[2]
+    return (1 - mask) * ref + mask * x
+
+
+def _check_keep(keep, x: torch.Tensor) -> None:
+    if keep is None:
+        return
+    if not isinstance(keep, (tuple, list)) or len(keep) != 3:
+        raise ValueError("keep must be (x0, noise, mask): the original sample, its noise and the repaint mask")
+    x0, noise, mask = keep
+    if tuple(x0.shape) != tuple(x.shape) or tuple(noise.shape) != tuple(x.shape):
+        raise ValueError(f"keep: x0 and noise must have the sample's shape {tuple(x.shape)}")
+    try:
+        torch.broadcast_shapes(tuple(mask.shape), tuple(x.shape))
+    except RuntimeError:
+        raise ValueError(f"keep: mask {tuple(mask.shape)} does not broadcast to {tuple(x.shape)}") from None
+
+
 def _vp_noised(init: torch.Tensor, noise: torch.Tensor, abar: float) -> torch.Tensor:
     """q(x_t | x0) = sqrt(abar) x0 + sqrt(1 - abar) eps (diffusers' DDPM/DDIM ``add_noise``)."""
     return init.to(noise.dtype) * math.sqrt(abar) + noise * math.sqrt(1.0 - abar)
@@ -118,7 +142,7 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
                 guidance: float | None = None, generator=None, callback: Callback | None = None,
                 clip: float | None = None, spacing: str | None = None,
                 steps_offset: int | None = None, init: torch.Tensor | None = None,
-        start: int = 0) -> torch.Tensor:
+        start: int = 0, keep: tuple | None = None) -> torch.Tensor:
     """Ancestral sampling from the DDPM posterior q(x_{t'} | x_t, x0) with x0 predicted by the model.
 
     With ``steps < T`` the chain jumps between the spaced timesteps t -> t' using the posterior of that
@@ -131,8 +155,12 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
                             steps_offset=steps_offset)
     acp = schedule.alphas_cumprod.tolist()
     _check_start(init, start, len(ts), x)
+    _check_keep(keep, x)
     if init is not None:
         x = _vp_noised(init, x, acp[int(ts[start])])
+
+    def keep_ref(j):  # the original noised to step j's level (diffusers' add_noise at timesteps[j])
+        return keep[0] if j >= len(ts) else _vp_noised(keep[0], keep[1], acp[int(ts[j])])
     for i, t in enumerate(ts.tolist()):
         if i < start:
             continue
@@ -153,6 +181,8 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
         m, g = guided_forward(model, x, t, cond, uncond, guidance)
         noise = _randn(x, generator) if std > 0.0 else None
         x = _update(x, m, g, px, pm, c_x0, c_xt, std, noise, clip)
+        if keep is not None:
+            x = _keep_blend(x, keep, keep_ref(i + 1))
         if callback is not None:
             callback(i, float(t), x)
     return x
@@ -166,7 +196,7 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
                 guidance: float | None = None, generator=None, callback: Callback | None = None,
                 eta: float = 0.0, clip: float | None = None, set_alpha_to_one: bool = True,
                 spacing: str | None = None, steps_offset: int | None = None, init: torch.Tensor | None = None,
-        start: int = 0) -> torch.Tensor:
+        start: int = 0, keep: tuple | None = None) -> torch.Tensor:
     """DDIM, eq. 12 with sigma_t(eta) of eq. 16; eta = 0 is deterministic, eta = 1 DDPM-like.
 
     As diffusers, the previous timestep is ``t - T // steps`` for every spacing (for ``linspace`` this can
@@ -184,8 +214,12 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
     final = 1.0 if set_alpha_to_one else acp[0]
     jump = schedule.num_train_timesteps // steps
     _check_start(init, start, len(ts), x)
+    _check_keep(keep, x)
     if init is not None:
         x = _vp_noised(init, x, acp[int(ts[start])])
+
+    def keep_ref(j):  # the original noised to step j's level (diffusers' add_noise at timesteps[j])
+        return keep[0] if j >= len(ts) else _vp_noised(keep[0], keep[1], acp[int(ts[j])])
     for i, t in enumerate(ts.tolist()):
         if i < start:
             continue
@@ -224,6 +258,8 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
             else:
                 y = sampler_step(x, m, c_x0, c_dir * ex, std_noise, noise, pred=(px, pm), clip=clip)
                 x = y.add_(m, alpha=c_dir * em)
+        if keep is not None:
+            x = _keep_blend(x, keep, keep_ref(i + 1))
         if callback is not None:
             callback(i, float(t), x)
     return x
@@ -262,7 +298,7 @@ def sample_euler(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int,
                  guidance: float | None = None, generator=None, callback: Callback | None = None,
                  karras: bool = False, spacing: str | None = None,
                  steps_offset: int | None = None, init: torch.Tensor | None = None,
-        start: int = 0) -> torch.Tensor:
+        start: int = 0, keep: tuple | None = None) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022, Alg. 1 with
     churn 0), as diffusers' EulerDiscreteScheduler. ``karras=True``: EDM sigmas (``use_karras_sigmas``).
     Default spacing ``linspace``. ``generator`` is unused (deterministic); accepted for the common signature."""
@@ -270,9 +306,13 @@ def sample_euler(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int,
     model = as_denoiser(model, "eps")
     ts, sigmas, sp = _euler_sigmas(schedule, steps, spacing, steps_offset, karras)
     _check_start(init, start, len(ts), x)
+    _check_keep(keep, x)
     # txt2img: unit noise scaled to the first sigma (init_noise_sigma); img2img: x0 + sigma_start * noise
     # (diffusers' EulerDiscreteScheduler.add_noise in sigma space).
     x = x * _init_sigma(sigmas, sp) if init is None else init.to(x.dtype) + x * float(sigmas[start])
+
+    def keep_ref(j):  # the original at step j's sigma (diffusers' add_noise at timesteps[j])
+        return keep[0] if j >= len(ts) else keep[0] + keep[1] * float(sigmas[j])
     for i, t in enumerate(ts.tolist()):
         if i < start:
             continue
@@ -283,6 +323,8 @@ def sample_euler(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int,
         # Alg. 1 step: d = (x - x0) / sigma; x' = x + (sigma' - sigma) d = (sigma'/sigma) x + (1 - sigma'/sigma) x0
         r = sigma_next / sigma
         x = _update(x, m, g, px, pm, 1.0 - r, r)
+        if keep is not None:
+            x = _keep_blend(x, keep, keep_ref(i + 1))
         if callback is not None:
             callback(i, float(t), x)
     return x
@@ -292,7 +334,7 @@ def sample_euler_ancestral(model, x: torch.Tensor, schedule: NoiseSchedule, *, s
                            uncond=None, guidance: float | None = None, generator=None,
                            callback: Callback | None = None, spacing: str | None = None,
                            steps_offset: int | None = None, init: torch.Tensor | None = None,
-        start: int = 0) -> torch.Tensor:
+        start: int = 0, keep: tuple | None = None) -> torch.Tensor:
     """Euler ancestral (k-diffusion ``sample_euler_ancestral``, eta 1), as diffusers' EulerAncestralDiscreteScheduler.
 
     Each step goes deterministically down to sigma_down and adds fresh noise of std sigma_up, with
@@ -303,9 +345,13 @@ def sample_euler_ancestral(model, x: torch.Tensor, schedule: NoiseSchedule, *, s
     model = as_denoiser(model, "eps")
     ts, sigmas, sp = _euler_sigmas(schedule, steps, spacing, steps_offset, karras=False)
     _check_start(init, start, len(ts), x)
+    _check_keep(keep, x)
     # txt2img: unit noise scaled to the first sigma (init_noise_sigma); img2img: x0 + sigma_start * noise
     # (diffusers' EulerDiscreteScheduler.add_noise in sigma space).
     x = x * _init_sigma(sigmas, sp) if init is None else init.to(x.dtype) + x * float(sigmas[start])
+
+    def keep_ref(j):  # the original at step j's sigma (diffusers' add_noise at timesteps[j])
+        return keep[0] if j >= len(ts) else keep[0] + keep[1] * float(sigmas[j])
     for i, t in enumerate(ts.tolist()):
         if i < start:
             continue
@@ -318,6 +364,8 @@ def sample_euler_ancestral(model, x: torch.Tensor, schedule: NoiseSchedule, *, s
         r = sigma_down / sigma
         noise = _randn(x, generator) if sigma_up > 0.0 else None  # sigma_up = 0 exactly at the last step
         x = _update(x, m, g, px, pm, 1.0 - r, r, sigma_up, noise)
+        if keep is not None:
+            x = _keep_blend(x, keep, keep_ref(i + 1))
         if callback is not None:
             callback(i, float(t), x)
     return x
@@ -347,7 +395,7 @@ def sample_dpmpp_2m(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: i
                     guidance: float | None = None, generator=None, callback: Callback | None = None,
                     karras: bool = False, spacing: str | None = None,
                     steps_offset: int | None = None, init: torch.Tensor | None = None,
-        start: int = 0) -> torch.Tensor:
+        start: int = 0, keep: tuple | None = None) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2 (multistep, data prediction), in VP space.
 
     With lambda = log(alpha / sigma) and h = lambda_{t'} - lambda_t:
@@ -366,9 +414,16 @@ def sample_dpmpp_2m(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: i
         return a, k_sigma * a
 
     _check_start(init, start, len(ts), x)
+    _check_keep(keep, x)
     if init is not None:  # diffusers' DPMSolverMultistepScheduler.add_noise: alpha_t x0 + sigma_t eps (VP)
         a0, s0 = alpha_sigma(float(sigmas[start]))
         x = init.to(x.dtype) * a0 + x * s0
+
+    def keep_ref(j):  # the original at step j's (alpha, sigma) (diffusers' add_noise at timesteps[j])
+        if j >= len(ts):
+            return keep[0]
+        a, sg = alpha_sigma(float(sigmas[j]))
+        return keep[0] * a + keep[1] * sg
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts.tolist()):
         if i < start:
@@ -394,6 +449,8 @@ def sample_dpmpp_2m(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: i
                 # x' = c_x x + c_d ((1 + 1/(2r)) x0 - 1/(2r) x0_prev): the op's "noise" slot carries x0_prev.
                 x = sampler_step(x, x0, c_d * (1.0 + 0.5 / r), c_x, -c_d * 0.5 / r, x0_prev)
         x0_prev, h_prev = x0, h
+        if keep is not None:
+            x = _keep_blend(x, keep, keep_ref(i + 1))
         if callback is not None:
             callback(i, float(t), x)
     return x
