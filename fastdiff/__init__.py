@@ -14,4 +14,12 @@ def generate(prompt=None, **kwargs):
     return _generate(prompt, **kwargs)
 
 
-__all__ = ["__version__", "generate"]
+def load_pipeline(path=None, **kwargs):
+    """The pipeline a path holds (SD1 diffusers folder or single file, pixel model, training run); see
+    :func:`fastdiff.pipelines.load.load_pipeline`. Imported lazily."""
+    from fastdiff.pipelines.load import load_pipeline as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "generate", "load_pipeline"]

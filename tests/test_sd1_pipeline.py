@@ -162,3 +162,49 @@ def test_inpaint_matches_diffusers(tmp_path):
         pipe.inpaint("x", image, mask[..., :16, :], steps=1)
     with pytest.raises(ValueError, match="inpainting checkpoint"):
         pipe.txt2img("x", height=32, width=32, steps=1)
+
+
+def test_load_pipeline_and_generate_with_a_prompt(ref_folder, tmp_path):  # noqa: F811
+    """fastdiff.load_pipeline recognises SD1 folders and single files; fastdiff.generate(prompt, model=...) and
+    `fastdiff generate --prompt` give the pipeline's own image (same seed), with the settings in the PNG."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    import fastdiff
+    from fastdiff.models.unet_sd import UNetSD
+
+    d, _ = ref_folder
+    pipe = fastdiff.load_pipeline(d / "sd")
+    assert isinstance(pipe.unet, UNetSD)
+    pipe.save_single_file(tmp_path / "tiny.safetensors")
+    again = fastdiff.load_pipeline(tmp_path / "tiny.safetensors")
+    assert type(again) is type(pipe)
+    want = pipe.txt2img("a cat", height=32, width=32, steps=2, sampler="ddim", seed=3, guidance=4.0)
+    ims = fastdiff.generate("a cat", model=d / "sd", height=32, width=32, steps=2, sampler="ddim", seed=3,
+                            guidance=4.0, progress=False)
+    assert len(ims) == 1 and ims[0].size == (32, 32)
+    got = torch.from_numpy(__import__("numpy").asarray(ims[0])).permute(2, 0, 1).float() / 255
+    assert (got - want[0]).abs().max() <= 1 / 255 + 1e-6
+    out = tmp_path / "cat.png"
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "generate", "--model", str(d / "sd"), "--prompt", "a cat",
+                        "--height", "32", "--width", "32", "--steps", "2", "--sampler", "ddim", "--seed", "3",
+                        "--guidance", "4", "--quiet", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    png = Image.open(out)
+    assert png.text["fastdiff:prompt"] == "a cat" and png.text["fastdiff:seed"] == "3"
+    assert png.text["fastdiff:sampler"] == "ddim" and png.text["fastdiff:steps"] == "2"
+    assert (torch.from_numpy(__import__("numpy").asarray(png.convert("RGB"))).permute(2, 0, 1).float() / 255
+            - want[0]).abs().max() <= 1 / 255 + 1e-6
+    # bad input: clear errors, exit code 2, nothing written
+    bad = subprocess.run([sys.executable, "-m", "fastdiff", "generate", "--model", str(d / "sd"), "--prompt", "x",
+                          "--height", "30", "--quiet", "--out", str(tmp_path / "bad.png")], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "multiple of 8" in bad.stderr and not (tmp_path / "bad.png").exists()
+    with pytest.raises(ValueError, match="cannot be read"):
+        fastdiff.generate("x", model=pipe, init_image=tmp_path / "cat.txt", progress=False)
+    with pytest.raises(ValueError, match="Stable Diffusion checkpoint"):
+        fastdiff.generate("a cat")
+    with pytest.raises(ValueError, match="pixel model"):
+        fastdiff.generate("a cat", model=fastdiff.load_pipeline())

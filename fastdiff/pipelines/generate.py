@@ -31,20 +31,29 @@ def _pipeline(model) -> PixelPipeline:
     return load_pixel_pipeline(model)
 
 
-def generate(prompt: str | None = None, *, model: str | os.PathLike | PixelPipeline | None = None,
-             label: int | str | Sequence[int | str] | None = None, n: int = 16, seed: int = 0,
-             sampler: str = "ddim", steps: int | None = None, guidance: float | str | None = "model",
-             progress: bool = True) -> list[Image.Image]:
+def generate(prompt: str | None = None, *, model=None,
+             label: int | str | Sequence[int | str] | None = None, n: int | None = None, seed: int = 0,
+             sampler: str | None = None, steps: int | None = None, guidance: float | str | None = "model",
+             progress: bool = True, negative_prompt: str | None = None, height: int = 512, width: int = 512,
+             init_image=None, strength: float = 0.8, mask=None) -> list[Image.Image]:
     """``n`` images as PIL images. The same arguments and seed give the same images.
 
     Pixel models (the bundled Fashion-MNIST model by default): ``label`` is a class name (``"sneaker"``) or
     index (``n`` images of it), or a list of them (one image each); ``None`` cycles through every class.
     ``guidance`` is the classifier-free guidance scale: ``"model"`` (default) uses the scale the model was
     measured best at (its folder's ``_fastdiff.default_guidance``); None or 1: off.
+
+    Stable Diffusion (``model`` = a diffusers folder or an original single file): ``prompt`` gives text-to-image
+    (``height`` x ``width``, ``n`` images per prompt, default 1, sampler default euler, 30 steps, guidance 7.5,
+    ``negative_prompt``); with ``init_image`` (a path or PIL image) img2img at ``strength``; with ``mask`` as
+    well (white = repaint) inpainting.
     """
-    if prompt is not None:
-        raise ValueError("this model is a class-conditional pixel model and takes no text prompt; use "
-                         "label=... (text-to-image needs a Stable Diffusion checkpoint as model=...)")
+    if prompt is not None or init_image is not None or mask is not None:
+        return _generate_sd(prompt, model=model, n=n or 1, seed=seed, sampler=sampler or "euler", steps=steps,
+                            guidance=guidance, progress=progress, negative_prompt=negative_prompt, height=height,
+                            width=width, init_image=init_image, strength=strength, mask=mask)
+    n = 16 if n is None else n
+    sampler = sampler or "ddim"
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     pipe = _pipeline(model)
@@ -64,6 +73,55 @@ def generate(prompt: str | None = None, *, model: str | os.PathLike | PixelPipel
     finally:
         bar.close()
     return to_pil(x)
+
+
+def _open_image(img, what: str, mode: str):
+    """A PIL image from a path or a PIL image (tensors pass through); errors name the unreadable file."""
+    if img is None or isinstance(img, (Image.Image, torch.Tensor)):
+        return img
+    try:
+        with Image.open(img) as im:
+            return im.convert(mode)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {img}: cannot be read as an image ({e})") from None
+
+
+def _generate_sd(prompt, *, model, n, seed, sampler, steps, guidance, progress, negative_prompt, height, width,
+                 init_image, strength, mask) -> list[Image.Image]:
+    """Text-to-image / img2img / inpainting with a Stable Diffusion checkpoint (see :func:`generate`)."""
+    from fastdiff.pipelines.load import load_pipeline
+    from fastdiff.pipelines.sd1 import StableDiffusion1
+
+    if prompt is None:
+        raise ValueError("init_image / mask need a text prompt (prompt=...)")
+    if model is None:
+        raise ValueError("a text prompt needs a Stable Diffusion checkpoint: model=PATH (a diffusers folder or an "
+                         "original .safetensors / .ckpt file); the bundled model is class-conditional (label=...)")
+    pipe = model if isinstance(model, (StableDiffusion1, PixelPipeline)) else load_pipeline(model)
+    if not isinstance(pipe, StableDiffusion1):
+        raise ValueError(f"{getattr(pipe, 'source', model)} is a class-conditional pixel model and takes no text "
+                         "prompt; use label=...")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    steps = steps or 30
+    guidance = 7.5 if guidance == "model" else (1.0 if guidance is None else guidance)
+    image = _open_image(init_image, "init_image", "RGB")
+    m = _open_image(mask, "mask", "L")
+    cb, bar = progress_callback(steps, enabled=progress)
+    kw = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
+              num_images_per_prompt=n, callback=cb)
+    try:
+        if m is not None:
+            if image is None:
+                raise ValueError("mask needs init_image, the picture to repaint")
+            x = pipe.inpaint(prompt, image, m, **kw)
+        elif image is not None:
+            x = pipe.img2img(prompt, image, strength=strength, **kw)
+        else:
+            x = pipe.txt2img(prompt, height=height, width=width, **kw)
+    finally:
+        bar.close()
+    return to_pil(x * 2 - 1)
 
 
 def class_grid(pipe: PixelPipeline, *, per_class: int = 4, seed: int = 0, sampler: str = "ddim",

@@ -1,0 +1,76 @@
+"""``fastdiff.load_pipeline``: one entry point that recognises what a path holds and returns its pipeline.
+
+    pipeline folder with model_index.json  -> by its ``_class_name``:
+        StableDiffusionPipeline / ...Img2Img / ...Inpaint  -> StableDiffusion1 (fastdiff/pipelines/sd1.py)
+        DDPMPipeline / DDIMPipeline                        -> PixelPipeline (fastdiff/pipelines/pixel.py)
+        StableDiffusion3Pipeline                           -> not supported yet (clear error)
+    original single file (.safetensors / .ckpt)  -> SD1 (the error names SD2 / SDXL / SD3 / Flux files)
+    UNet2DModel folder, training run folder      -> PixelPipeline
+    None                                         -> the bundled default model
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_pipeline", "pipeline_kind"]
+
+_SD1 = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+_PIXEL = {"DDPMPipeline", "DDIMPipeline"}
+_SD3 = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
+
+
+def pipeline_kind(path: str | os.PathLike | None) -> str:
+    """'sd1', 'pixel' or 'sd3' for what ``path`` holds (None: the bundled model, 'pixel'); errors say why not."""
+    if path is None:
+        return "pixel"
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model path {p} does not exist")
+    if p.is_file():
+        from fastdiff.io.sd_checkpoint import CheckpointError, detect_architecture, read_state_dict
+
+        sd = read_state_dict(p)
+        try:
+            detect_architecture(sd)
+        except CheckpointError as e:
+            if "SD3" in str(e):
+                return "sd3"
+            raise
+        return "sd1"
+    index = p / "model_index.json"
+    if index.is_file():
+        try:
+            name = json.loads(index.read_text()).get("_class_name", "")
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{index} is not readable JSON: {e}") from None
+        if name in _SD1:
+            return "sd1"
+        if name in _PIXEL:
+            return "pixel"
+        if name in _SD3:
+            return "sd3"
+        raise ValueError(f"{p}: model_index.json names {name!r}; fastdiff loads "
+                         f"{', '.join(sorted(_SD1 | _PIXEL))} folders")
+    return "pixel"  # a UNet2DModel folder or a training run: load_pixel_pipeline says what is missing
+
+
+def load_pipeline(path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = torch.float32,
+                  device: str | torch.device = "cpu"):
+    """The pipeline for ``path`` (see the module doc): an SD1 file/folder gives a
+    :class:`~fastdiff.pipelines.sd1.StableDiffusion1` whose ``.unet``, ``.vae``, ``.text_encoder`` and
+    ``.tokenizer`` are fastdiff modules; a pixel model gives a :class:`~fastdiff.pipelines.pixel.PixelPipeline`."""
+    kind = pipeline_kind(path)
+    if kind == "sd1":
+        from fastdiff.pipelines.sd1 import load_sd1
+
+        return load_sd1(path, dtype=dtype, device=device)
+    if kind == "sd3":
+        raise NotImplementedError(f"{path} is a Stable Diffusion 3 model; SD3 pipelines are not in this version "
+                                  "of fastdiff yet")
+    from fastdiff.pipelines.pixel import load_pixel_pipeline
+
+    return load_pixel_pipeline(path, device=device, dtype=dtype or torch.float32)
