@@ -22,6 +22,21 @@ from conftest import _ROWS
 
 diffusers = pytest.importorskip("diffusers")
 
+def time_pair(fast, slow, rounds: int = 2, min_time: float = 0.0) -> tuple[float, float]:
+    """Best-of-``rounds`` seconds of each side, interleaved, after one warm-up call each (seconds-long calls: the
+    conftest timer's three warm-ups and seven rounds would take minutes per case)."""
+    fast(), slow()
+    tf, te = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fast()
+        tf.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        slow()
+        te.append(time.perf_counter() - t0)
+    return min(tf), min(te)
+
+
 class _Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
