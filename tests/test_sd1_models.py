@@ -243,3 +243,34 @@ def test_full_size_key_sets_equal_references():
     assert _shapes(ours_t) == {"text_model." + k.removeprefix("text_model."): s for k, s in _shapes(ref_t).items()}
     assert sum(v.numel() for v in ours_u.parameters()) == 859_520_964  # the published SD1.5 UNet size
     assert _shapes(ours_ui)["conv_in.weight"] == (320, 9, 3, 3)
+
+
+def test_vae_tiled_decode_and_encode_match_diffusers_tiling():
+    """fastdiff's tiled decode/encode equal diffusers' AutoencoderKL with enable_tiling() on the same weights
+    (small tiles so a multi-tile image exercises both blends); one tile is exactly the untiled decode."""
+    from fastdiff.models.vae_tiling import tiled_decode, tiled_encode
+
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(**{k: v for k, v in vae.TINY.to_diffusers().items() if k != "_class_name"}).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            is_norm = p.dim() == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if is_norm else 0.1 * torch.randn(p.shape, generator=g))
+    ours = vae.AutoencoderKL(vae.TINY).eval()
+    ours.load_state_dict(ref.state_dict())
+    ref.enable_tiling()
+    ref.tile_sample_min_size, ref.tile_latent_min_size = 16, 16 // ours.downscale
+    z = torch.randn(1, 4, 20, 28, generator=g)
+    x = torch.rand(1, 3, 40, 56, generator=g) * 2 - 1
+    with torch.no_grad():
+        want = ref.decode(z).sample
+        got = tiled_decode(ours, z, tile=16)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        want_e = ref.encode(x).latent_dist.mean
+        got_e = tiled_encode(ours, x, tile=16).mean
+        torch.testing.assert_close(got_e, want_e, rtol=1e-4, atol=1e-4)
+        small = torch.randn(1, 4, 2, 2, generator=g)  # one tile: exactly the untiled decode
+        torch.testing.assert_close(tiled_decode(ours, small, tile=16), ours.decode(small), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple"):
+        tiled_decode(ours, z, tile=15)

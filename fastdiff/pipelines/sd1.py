@@ -253,12 +253,25 @@ class StableDiffusion1:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """UNet latents -> images in [0, 1] (fp32): VAE decode of ``latents / scaling_factor``."""
-        img = self.vae.decode((latents / self.vae.scaling_factor).to(self.vae.dtype)).float()
+        z = (latents / self.vae.scaling_factor).to(self.vae.dtype)
+        tile = getattr(self, "vae_tile", None)
+        if tile:
+            from fastdiff.models.vae_tiling import tiled_decode
+
+            img = tiled_decode(self.vae, z, tile=tile).float()
+        else:
+            img = self.vae.decode(z).float()
         if not torch.isfinite(img).all():
             raise FloatingPointError(
                 f"the VAE decode produced NaN/inf in {self.vae.dtype}; SD1 VAEs can overflow in float16: "
                 "decode in float32 or bfloat16 (pipe.vae.to(dtype=torch.float32))")
         return (img / 2 + 0.5).clamp(0, 1)
+
+    def enable_vae_tiling(self, tile: int | None = 512) -> "StableDiffusion1":
+        """Decode images larger than ``tile`` pixels in overlapping tiles (bounded memory, as diffusers'
+        ``enable_tiling``; see :mod:`fastdiff.models.vae_tiling`). ``None`` turns it off."""
+        self.vae_tile = tile
+        return self
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         variant: str | None = None) -> None:
