@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.ops._backends import tensor_reasons
+from fastdiff.ops._onednn import bf16_math_dtype
 from fastdiff.ops.registry import Op
 
 __all__ = ["attention", "attention_ref"]
@@ -107,7 +108,9 @@ def _cpu_bf16_upcast(q, k, v) -> bool:
     The upcast is also more exact (fp32 softmax and accumulation; one rounding at the end).
     """
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return True  # training: the bf16 backward is the slow part (see _UPCAST_MIN_SCORES)
+        # training: the bf16 backward is the slow part (see _UPCAST_MIN_SCORES), unless this CPU has fast bf16
+        # dot products or FASTDIFF_CPU_BF16_MATH=native asks for the native kernels (fastdiff.ops._onednn)
+        return bf16_math_dtype() == torch.float32
     return q.shape[-2] * k.shape[-2] >= _UPCAST_MIN_SCORES
 
 
