@@ -1,11 +1,16 @@
-"""The default model (FASHION32) and the CIFAR-10 preset: training step and sampling forward,
-fastdiff (dispatched fused ops) vs diffusers' UNet2DModel with the same config and weights, in one run.
+"""The default model (FASHION32) and the CIFAR-10 preset: training throughput and the sampling forward,
+fastdiff (dispatched fused ops) vs the same model on the ``ref`` ops vs diffusers' UNet2DModel with the same
+config and weights, in one run, fp32 and bf16 autocast.
 
     pytest benchmarks/bench_unet2d.py --benchmark-only -s
 
-"eager" in the summary table is diffusers; the ``ref`` rows run fastdiff's model on its pure-PyTorch references.
-TFLOP/s counts the forward FLOPs (x3 for a training step: forward + two backward matmuls per layer).
+One thread (the machine is shared with a training run): images/s of each side and the ratios are in each
+benchmark's ``extra_info`` and printed with ``-s``. TFLOP/s counts the forward FLOPs x3 for a training step.
 """
+import copy
+import statistics
+import time
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -14,6 +19,7 @@ from fastdiff.models.unet2d import CIFAR10_DDPM, FASHION32, UNet2D
 from fastdiff.ops import use_backend
 
 diffusers = pytest.importorskip("diffusers")
+torch.set_num_threads(1)
 
 _KEYS = ("sample_size", "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
          "layers_per_block", "attention_head_dim", "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift",
@@ -56,33 +62,51 @@ def _train_step(call, params, bf16):
     return step
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def _time_interleaved(fns: dict, rounds: int = 3) -> dict:
+    """Median seconds per call of each callable, one call of each per round (a burst of load from the other
+    processes on this machine hits every side alike); one warm-up call each first."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("preset,batch", [(FASHION32, 32), (CIFAR10_DDPM, 8)], ids=["fashion32", "cifar10"])
-def test_train_step_vs_diffusers(compare, preset, batch, bf16):
+def test_train_throughput(benchmark, preset, batch, precision):
+    """Images/s of a training step (forward + backward + AdamW step) of the same model and weights three ways:
+    fastdiff (dispatched fused ops), fastdiff's model on the ``ref`` ops, and diffusers' UNet2DModel."""
+    bf16 = precision == "bf16"
     ours, ref = _pair(preset)
+    on_ref_ops = copy.deepcopy(ours)
     x, t, y = _inputs(preset, batch)
-    fast = _train_step(lambda: ours(x, t, y), ours.parameters(), bf16)
-    eager = _train_step(lambda: ref(x, t, class_labels=y).sample, ref.parameters(), bf16)
+
+    def ref_ops_forward():
+        with use_backend("ref"):
+            return on_ref_ops(x, t, y)
+
+    steps = {
+        "fastdiff": _train_step(lambda: ours(x, t, y), ours.parameters(), bf16),
+        "ref ops": _train_step(ref_ops_forward, on_ref_ops.parameters(), bf16),
+        "diffusers": _train_step(lambda: ref(x, t, class_labels=y).sample, ref.parameters(), bf16),
+    }
+    sec = _time_interleaved(steps)
     flops = 3 * _fwd_flops(ours, x, t, y)
     name = "fashion32" if preset is FASHION32 else "cifar10"
-    ratio = compare("unet2d train step vs diffusers", f"{name} b{batch} {'bf16' if bf16 else 'fp32'}", fast, eager,
-                    flops=flops)
-    print(f"train step b{batch}: {ratio:.2f}x diffusers")
-
-
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_train_step_vs_ref_ops(compare, bf16):
-    ours, _ = _pair(FASHION32)
-    x, t, y = _inputs(FASHION32, 32)
-    fast = _train_step(lambda: ours(x, t, y), ours.parameters(), bf16)
-
-    def on_ref():
-        with use_backend("ref"):
-            return ours(x, t, y)
-
-    eager = _train_step(on_ref, ours.parameters(), bf16)
-    compare("unet2d train step vs ref ops", f"fashion32 b32 {'bf16' if bf16 else 'fp32'}", fast, eager,
-            flops=3 * _fwd_flops(ours, x, t, y))
+    info = {f"img_per_s_{k.replace(' ', '_')}": batch / v for k, v in sec.items()}
+    info.update(ratio_vs_diffusers=sec["diffusers"] / sec["fastdiff"], ratio_vs_ref_ops=sec["ref ops"] / sec["fastdiff"],
+                tflops_fastdiff=flops / sec["fastdiff"] / 1e12, batch=batch, threads=torch.get_num_threads())
+    benchmark.extra_info.update(info)
+    benchmark.group = "unet2d train step (img/s)"
+    benchmark.pedantic(steps["fastdiff"], rounds=1, iterations=1)
+    print(f"\ntrain {name} b{batch} {precision}: fastdiff {info['img_per_s_fastdiff']:.2f} img/s, ref ops "
+          f"{info['img_per_s_ref_ops']:.2f}, diffusers {info['img_per_s_diffusers']:.2f}; "
+          f"{info['ratio_vs_diffusers']:.2f}x diffusers, {info['ratio_vs_ref_ops']:.2f}x ref ops")
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
