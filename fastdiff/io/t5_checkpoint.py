@@ -146,10 +146,11 @@ def load_t5_encoder(path: str | os.PathLike, *, dtype: torch.dtype | None = torc
 
 def quantize_8bit(model: T5EncoderModel, *, threshold: float = 6.0) -> T5EncoderModel:
     """Replace the encoder's projections (q, k, v, o, wi_0, wi_1 / wi, wo) by bitsandbytes' LLM.int8()
-    ``Linear8bitLt`` (int8 weights, outlier features above ``threshold`` in fp16), in place.
+    ``Linear8bitLt`` (per-row absmax int8 weights; activation features above ``threshold`` in fp16), in place.
 
-    Needs ``bitsandbytes`` (optional; CUDA, and CPU from 0.50). Embeddings, norms and the position bias stay in
-    the model's dtype. The 8-bit layers hold their weights on the device the model is on when called.
+    Needs the optional ``bitsandbytes`` (CUDA; CPU too from 0.50). Embeddings, norms and the position bias keep
+    the model's dtype; the attribute paths (``...SelfAttention.q.weight``) stay. On CPU bitsandbytes 0.50 runs
+    these as weight-only int8 (floating activations); tests/test_t5.py checks them against that rounding.
     """
     try:
         import bitsandbytes as bnb
@@ -158,6 +159,7 @@ def quantize_8bit(model: T5EncoderModel, *, threshold: float = 6.0) -> T5Encoder
             from None
     from fastdiff.models.t5 import T5Attention, T5DenseActDense, T5DenseGatedActDense
 
+    cls = _int8_linear_class(bnb)
     device = model.shared.weight.device
     for module in list(model.modules()):
         if isinstance(module, T5Attention):
@@ -170,29 +172,33 @@ def quantize_8bit(model: T5EncoderModel, *, threshold: float = 6.0) -> T5Encoder
             continue
         for name in names:
             lin = getattr(module, name)
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False,
-                                    threshold=threshold)
+            q = cls(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False, threshold=threshold)
+            # Int8Params quantizes when moved to the device (bitsandbytes' convention)
             q.weight = bnb.nn.Int8Params(lin.weight.detach().to("cpu", torch.float16), requires_grad=False,
                                          has_fp16_weights=False)
-            setattr(module, name, _Int8Linear(q.to(device)))
+            setattr(module, name, q.to(device))
     return model
 
 
-class _Int8Linear(torch.nn.Module):
-    """A bitsandbytes 8-bit linear with fastdiff Linear's call signature (``activation``, ``residual``)."""
+_INT8_CLASS = None
 
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
 
-    def forward(self, x, activation: str | None = None, residual: torch.Tensor | None = None):
+def _int8_linear_class(bnb):
+    """``Linear8bitLt`` with fastdiff Linear's call signature (``activation``, ``residual``), made once."""
+    global _INT8_CLASS
+    if _INT8_CLASS is None:
         import torch.nn.functional as F
 
-        y = self.inner(x).to(x.dtype)
-        if residual is not None:
-            y = y + residual
-        if activation == "gelu_tanh":
-            y = F.gelu(y, approximate="tanh")
-        elif activation is not None:
-            raise ValueError(f"unsupported activation {activation!r}")
-        return y
+        class Int8Linear(bnb.nn.Linear8bitLt):
+            def forward(self, x, activation: str | None = None, residual: torch.Tensor | None = None):
+                y = super().forward(x).to(x.dtype)
+                if residual is not None:
+                    y = y + residual
+                if activation == "gelu_tanh":
+                    y = F.gelu(y, approximate="tanh")
+                elif activation is not None:
+                    raise ValueError(f"unsupported activation {activation!r}")
+                return y
+
+        _INT8_CLASS = Int8Linear
+    return _INT8_CLASS
