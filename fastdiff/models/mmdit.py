@@ -182,7 +182,7 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         h, w = hh // p, ww // p
         # (B, C, h, p, w, p) -> (B, h, w, C, p, p): each token's patch in the conv weight's (C, kh, kw) order
-        patches = x.view(b, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * p * p)
+        patches = x.reshape(b, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * p * p)
         pos = self.cropped_pos_embed(h, w).to(x.dtype).expand(b, -1, -1)
         return linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias, residual=pos)
 
