@@ -88,6 +88,7 @@ def test_matches_diffusers_fp32(style):
         t = torch.tensor([999.0, 3.5])
         want = ref(x, ctx, pooled, t).sample
         _assert_close(ours(x, t, ctx, pooled), want)
+        _assert_close(ours(x.to(memory_format=torch.channels_last), t, ctx, pooled), want)
         # the timesteps really are per sample: swapping them changes each output
         assert (ours(x, t.flip(0), ctx, pooled) - want).abs().amax((1, 2, 3)).min() > 1e-3
         # odd crop offsets (7x5 patches of 24: top 8, left 9), batch 1, scalar timestep, another text length
