@@ -18,18 +18,22 @@ should run in depends on the CPU:
 
 So on the last two classes the cpu backends upcast bf16 operands to fp32, run the fp32 oneDNN kernel and round
 the result to bf16 once. That is also more accurate than the bf16 kernel (one rounding at the end), so it
-stays inside the low-precision test rule. ``FASTDIFF_CPU_BF16_MATH=native|fp32`` overrides the choice.
+stays inside the low-precision test rule. ``FASTDIFF_CPU_BF16_MATH=native|fp32`` overrides the choice; where
+oneDNN has no bf16 kernels at all (AVX2-only CPUs such as AMD Zen 2/3: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
+is False, and a bf16 primitive cannot even be created), ``native`` falls back to fp32 math with a warning.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
 from fastdiff.ops._checks import device_dtype_reasons
 
-__all__ = ["CPU_DTYPES", "autocast_cast", "bf16_math_dtype", "cpu_vendor", "onednn_reasons", "native_bf16_is_fast"]
+__all__ = ["CPU_DTYPES", "autocast_cast", "bf16_math_dtype", "cpu_vendor", "onednn_has_bf16", "onednn_math_dtype",
+           "onednn_reasons", "native_bf16_is_fast"]
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)  # fp16 runs at ~2 GFLOP/s on this class of CPU (PLATFORM.md)
 
@@ -56,8 +60,25 @@ def native_bf16_is_fast() -> bool:
     return cpu_vendor() == "AuthenticAMD" and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_has_bf16() -> bool:
+    """True when oneDNN can build bf16 convolution / inner-product primitives on this CPU at all."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe()) if probe is not None else True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_native_bf16() -> None:
+    warnings.warn("FASTDIFF_CPU_BF16_MATH=native: oneDNN has no bf16 kernels on this CPU (no AVX512-BF16 / AMX); "
+                  "bf16 convolutions and linears compute in fp32 instead", RuntimeWarning, stacklevel=3)
+
+
 def bf16_math_dtype() -> torch.dtype:
-    """The dtype the cpu conv/linear paths compute bf16 inputs in (bf16 or fp32; env override)."""
+    """The bf16 math policy (bf16 or fp32; env override): what the cpu paths compute bf16 inputs in.
+
+    Attention follows it as is (torch's bf16 SDPA runs on any CPU); conv/linear ask
+    :func:`onednn_math_dtype`, which also knows whether oneDNN has bf16 kernels here.
+    """
     choice = os.environ.get("FASTDIFF_CPU_BF16_MATH", "").strip().lower()
     if choice in ("native", "bf16"):
         return torch.bfloat16
@@ -66,6 +87,18 @@ def bf16_math_dtype() -> torch.dtype:
     if choice not in ("", "auto"):
         raise ValueError(f"FASTDIFF_CPU_BF16_MATH must be 'native', 'fp32' or 'auto', got {choice!r}")
     return torch.bfloat16 if native_bf16_is_fast() else torch.float32
+
+
+def onednn_math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a oneDNN conv/linear computes ``dtype`` inputs in: the bf16 policy, except that a CPU whose
+    oneDNN has no bf16 kernels computes in fp32 (with a warning when native bf16 was asked for)."""
+    if dtype != torch.bfloat16:
+        return dtype
+    math = bf16_math_dtype()
+    if math == torch.bfloat16 and not onednn_has_bf16():
+        _warn_no_native_bf16()
+        return torch.float32
+    return math
 
 
 @functools.lru_cache(maxsize=None)

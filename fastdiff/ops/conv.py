@@ -12,7 +12,7 @@ inductor emits for conv + pointwise): the bias, the residual add (a oneDNN *bina
 write of the activation per fused op. oneDNN's binary post-ops cannot be followed by swish, so
 ``residual`` + ``silu`` fuses the add and applies SiLU in place afterwards.
 
-bf16 inputs are computed in :func:`fastdiff.ops._onednn.bf16_math_dtype` (fp32 on CPUs where oneDNN's bf16
+bf16 inputs are computed in :func:`fastdiff.ops._onednn.onednn_math_dtype` (fp32 on CPUs where oneDNN's bf16
 convolution is slower than its fp32 one, see that module) and rounded to bf16 once.
 
 Autograd: the oneDNN op has no derivative, so when an input requires grad the op runs inside
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops._onednn import autocast_cast, bf16_math_dtype, onednn_reasons
+from fastdiff.ops._onednn import autocast_cast, onednn_math_dtype, onednn_reasons
 from fastdiff.ops.registry import Op
 
 __all__ = ["Conv2d", "conv2d", "conv2d_ref"]
@@ -74,7 +74,7 @@ def conv2d_ref(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 # ---------------------------------------------------------------------------------------------- oneDNN path
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return bf16_math_dtype() if dtype == torch.bfloat16 else dtype
+    return onednn_math_dtype(dtype)
 
 
 def _onednn_forward(x, weight, bias, residual, stride, padding, dilation, groups, silu, packer=None):

@@ -11,7 +11,7 @@ Why not ``F.linear``: on this class of CPU the fp32 BLAS path of ``torch.matmul`
 for linear + pointwise) is faster and applies the activation (a *unary* post-op) or the residual add (a
 *binary* post-op) to each output block before it is stored. Measured ratios are in
 benchmarks/bench_conv_block.py. As for the convolution, bf16 inputs are computed in
-:func:`fastdiff.ops._onednn.bf16_math_dtype` (fp32 where oneDNN's bf16 kernels lose to its fp32 ones).
+:func:`fastdiff.ops._onednn.onednn_math_dtype` (fp32 where oneDNN's bf16 kernels lose to its fp32 ones).
 
 Autograd: the oneDNN op has no derivative; with grad the matmul + bias + residual runs inside
 :class:`_LinearFn` (backward: ``grad @ W``, ``grad^T @ x``, ``sum(grad)``), and the activation is applied
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops._onednn import autocast_cast, bf16_math_dtype, onednn_reasons
+from fastdiff.ops._onednn import autocast_cast, onednn_math_dtype, onednn_reasons
 from fastdiff.ops.registry import Op
 
 __all__ = ["ACTIVATIONS", "Linear", "linear", "linear_ref"]
@@ -55,7 +55,7 @@ def linear_ref(x, weight, bias=None, *, activation=None, residual=None):
 # ---------------------------------------------------------------------------------------------- oneDNN path
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return bf16_math_dtype() if dtype == torch.bfloat16 else dtype
+    return onednn_math_dtype(dtype)
 
 
 def _onednn_forward(x, weight, bias, residual, activation, packer=None):
