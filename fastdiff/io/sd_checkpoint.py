@@ -46,6 +46,7 @@ __all__ = [
     "vae_key_to_original",
     "text_key_to_original",
     "infer_sd1_configs",
+    "infer_vae_config",
     "load_sd1_single_file",
     "load_sd1_diffusers",
     "load_vae",
@@ -315,16 +316,7 @@ def infer_sd1_configs(sd: Mapping[str, torch.Tensor], *, unet: UNetSDConfig | No
                             cross_attention=tuple(attn), layers_per_block=lpb, cross_attention_dim=int(ctx.shape[1]),
                             use_linear_projection=proj is not None and proj.dim() == 2)
     if vae is None:
-        v = {k[len(VAE_PREFIX):]: t for k, t in sd.items() if k.startswith(VAE_PREFIX)}
-        if "encoder.conv_in.weight" not in v:
-            raise CheckpointError("no VAE weights (first_stage_model.encoder.*) in the checkpoint")
-        levels = _max_index(v, r"encoder\.down\.(\d+)\.") + 1
-        lpb = _max_index(v, r"encoder\.down\.0\.block\.(\d+)\.") + 1
-        chans = tuple(int(v[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels))
-        vae = VAEConfig(in_channels=int(v["encoder.conv_in.weight"].shape[1]),
-                        out_channels=int(v["decoder.conv_out.weight"].shape[0]),
-                        latent_channels=int(v["post_quant_conv.weight"].shape[0]), block_out_channels=chans,
-                        layers_per_block=lpb)
+        vae = infer_vae_config({k[len(VAE_PREFIX):]: t for k, t in sd.items() if k.startswith(VAE_PREFIX)})
     if text is None:
         t = {k[len(TEXT_PREFIX):]: w for k, w in sd.items() if k.startswith(TEXT_PREFIX)}
         tok = t.get("text_model.embeddings.token_embedding.weight")
@@ -337,6 +329,22 @@ def infer_sd1_configs(sd: Mapping[str, torch.Tensor], *, unet: UNetSDConfig | No
                               intermediate_size=int(t["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
                               max_position_embeddings=int(t["text_model.embeddings.position_embedding.weight"].shape[0]))
     return SD1Configs(unet, vae, text)
+
+
+def infer_vae_config(v: Mapping[str, torch.Tensor], **fixed) -> VAEConfig:
+    """The KL-VAE config of original-layout VAE keys (``encoder.down.{i}.block.{j}``, no prefix) from shapes:
+    channels, depth, latent channels (4 for SD1, 16 for SD3) and whether the quant convs exist. ``fixed``
+    sets what shapes cannot show (scaling_factor, shift_factor, norm groups)."""
+    if "encoder.conv_in.weight" not in v:
+        raise CheckpointError("no VAE weights (first_stage_model.encoder.*) in the checkpoint")
+    levels = _max_index(v, r"encoder\.down\.(\d+)\.") + 1
+    lpb = _max_index(v, r"encoder\.down\.0\.block\.(\d+)\.") + 1
+    chans = tuple(int(v[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels))
+    return VAEConfig(in_channels=int(v["encoder.conv_in.weight"].shape[1]),
+                     out_channels=int(v["decoder.conv_out.weight"].shape[0]),
+                     latent_channels=int(v["decoder.conv_in.weight"].shape[1]), block_out_channels=chans,
+                     layers_per_block=lpb, use_quant_conv="quant_conv.weight" in v,
+                     use_post_quant_conv="post_quant_conv.weight" in v, **fixed)
 
 
 # ------------------------------------------------------------------------------------------- strict loading
@@ -472,8 +480,10 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
         if config is None:
             n = _max_index(sd, r"encoder\.down_blocks\.(\d+)\.") + 1
             config = VAEConfig(in_channels=int(sd["encoder.conv_in.weight"].shape[1]),
-                               latent_channels=int(sd["post_quant_conv.weight"].shape[0]),
+                               latent_channels=int(sd["decoder.conv_in.weight"].shape[1]),
                                out_channels=int(sd["decoder.conv_out.weight"].shape[0]),
+                               use_quant_conv="quant_conv.weight" in sd,
+                               use_post_quant_conv="post_quant_conv.weight" in sd,
                                block_out_channels=tuple(int(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
                                                         for i in range(n)),
                                layers_per_block=_max_index(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.") + 1)
@@ -481,8 +491,7 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
         return load_state_dict_strict(_build(AutoencoderKL, config), vsd, f"VAE {p}", dtype=dtype, device=device).eval()
     if "encoder.conv_in.weight" not in sd:
         raise CheckpointError(f"{p}: no VAE weights (encoder.conv_in.weight) found")
-    cfg = config or infer_sd1_configs({VAE_PREFIX + k: v for k, v in sd.items()}, unet=UNetSDConfig(),
-                                      text=CLIPTextConfig()).vae
+    cfg = config or infer_vae_config(sd)
     vae = _build(AutoencoderKL, cfg)
     to_new = {vae_key_to_original(k, cfg): k for k in vae.state_dict()}
     vsd = {to_new.get(k, k): v for k, v in sd.items()}

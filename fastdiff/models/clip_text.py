@@ -23,7 +23,8 @@ from torch import nn
 
 from fastdiff.models import _sd_ops as ops
 
-__all__ = ["CLIPTextConfig", "CLIPTextTransformer", "CLIPTextModel", "CLIP_L14", "SD15", "TINY", "PRESETS"]
+__all__ = ["CLIPTextConfig", "CLIPTextTransformer", "CLIPTextModel", "CLIP_L14", "CLIP_L14_PROJ", "CLIP_BIGG14", "SD15",
+           "TINY", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"  # "gelu" for OpenCLIP towers (SD2, SD3's CLIP-G)
     eos_token_id: int = 49407  # the pooled output is taken at the first eos
+    projection_dim: int | None = None  # CLIPTextModelWithProjection's text_projection width (SD3), else None
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -54,23 +56,31 @@ class CLIPTextConfig:
                    intermediate_size=cfg.get("intermediate_size", 2048),
                    max_position_embeddings=cfg.get("max_position_embeddings", 77),
                    layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), hidden_act=cfg.get("hidden_act", "quick_gelu"),
-                   eos_token_id=cfg.get("eos_token_id", 49407))
+                   eos_token_id=cfg.get("eos_token_id", 49407),
+                   projection_dim=(cfg.get("projection_dim", 768) if "WithProjection" in
+                                   "".join(cfg.get("architectures") or ()) else None))
 
     def to_transformers(self) -> dict:
         """config.json dict for transformers' ``CLIPTextModel``."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": self.vocab_size,
+        arch = "CLIPTextModelWithProjection" if self.projection_dim else "CLIPTextModel"
+        return {"architectures": [arch], "model_type": "clip_text_model", "vocab_size": self.vocab_size,
                 "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
                 "num_attention_heads": self.num_heads, "intermediate_size": self.intermediate_size,
                 "max_position_embeddings": self.max_position_embeddings, "layer_norm_eps": self.layer_norm_eps,
                 "hidden_act": self.hidden_act, "bos_token_id": 49406, "eos_token_id": self.eos_token_id,
-                "pad_token_id": 1, "projection_dim": self.hidden_size, "torch_dtype": "float32"}
+                "pad_token_id": 1, "projection_dim": self.projection_dim or self.hidden_size, "torch_dtype": "float32"}
 
 
 CLIP_L14 = CLIPTextConfig()
 SD15 = CLIP_L14
 # Small test tower; the real vocabulary size, so real tokenizer ids are valid inputs.
 TINY = CLIPTextConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=37)
-PRESETS = {"sd15": SD15, "clip_l14": CLIP_L14, "tiny": TINY}
+# SD3's towers (text_encoder/ and text_encoder_2/ of the diffusers folders)
+CLIP_L14_PROJ = CLIPTextConfig(projection_dim=768)
+CLIP_BIGG14 = CLIPTextConfig(hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, hidden_act="gelu",
+                             projection_dim=1280)
+PRESETS = {"sd15": SD15, "clip_l14": CLIP_L14, "clip_l14_proj": CLIP_L14_PROJ, "clip_bigg14": CLIP_BIGG14,
+           "tiny": TINY}
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -155,6 +165,8 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
+        if cfg.projection_dim:
+            self.text_projection = ops.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -168,26 +180,54 @@ class CLIPTextModel(nn.Module):
             return causal
         return causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(last hidden state after the final layer norm, pooled output at the first eos token)."""
+    def _run(self, input_ids, attention_mask, stop: int, keep: int | None = None):
+        """Embeddings through the first ``stop`` blocks; also the output of block ``keep`` (0 = embeddings)."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer (batch, tokens) tensor, got {tuple(input_ids.shape)} "
                              f"{input_ids.dtype}")
         n = input_ids.shape[1]
         if n > self.config.max_position_embeddings:
             raise ValueError(f"{n} tokens exceed the {self.config.max_position_embeddings} positions of this encoder")
-        if not 0 <= clip_skip < self.config.num_layers:
-            raise ValueError(f"clip_skip must be in [0, {self.config.num_layers}), got {clip_skip}")
         tm = self.text_model
         x = tm.embeddings(input_ids)
         mask = self._mask(attention_mask, n, x.device)
-        for layer in tm.encoder.layers[: self.config.num_layers - clip_skip]:
+        kept = x if keep == 0 else None
+        for i, layer in enumerate(tm.encoder.layers[:stop]):
             x = layer(x, mask)
-        x = tm.final_layer_norm(x)
-        eos = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eos]
-        return x, pooled
+            if keep == i + 1:
+                kept = x
+        return x, kept
+
+    def _pooled(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final-normed state at the eos token. Configs with eos_token_id 2 (the hub's CLIP configs of SD3 and
+        older ones) take the position of the largest id, as transformers does for them: that is the first
+        <|endoftext|> (49407, the largest id) of a CLIP-tokenized prompt."""
+        if self.config.eos_token_id == 2:
+            eos = input_ids.to(torch.int).argmax(dim=-1)
+        else:
+            eos = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), eos]
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last hidden state after the final layer norm, pooled output at the first eos token)."""
+        if not 0 <= clip_skip < self.config.num_layers:
+            raise ValueError(f"clip_skip must be in [0, {self.config.num_layers}), got {clip_skip}")
+        x, _ = self._run(input_ids, attention_mask, self.config.num_layers - clip_skip)
+        x = self.text_model.final_layer_norm(x)
+        return x, self._pooled(x, input_ids)
+
+    def encode_sd3(self, input_ids: torch.Tensor, *, clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """What SD3 takes from a CLIP tower: (the output of block ``L - 1 - clip_skip``, without the final layer
+        norm: transformers' ``hidden_states[-(clip_skip + 2)]``; the projected pooled output ``text_embeds``)."""
+        L = self.config.num_layers
+        if not 0 <= clip_skip < L:
+            raise ValueError(f"clip_skip must be in [0, {L}), got {clip_skip}")
+        if not self.config.projection_dim:
+            raise ValueError("encode_sd3 needs a CLIP tower with text_projection (CLIPTextModelWithProjection)")
+        x, hidden = self._run(input_ids, None, L, keep=L - 1 - clip_skip)
+        pooled = self._pooled(self.text_model.final_layer_norm(x), input_ids)
+        return hidden, self.text_projection(pooled)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 clip_skip: int = 0) -> torch.Tensor:

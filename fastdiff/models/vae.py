@@ -12,6 +12,10 @@ Attribute paths equal diffusers' keys (``encoder.down_blocks.0.resnets.0.norm1.w
 
 Latents the UNet sees are ``scaling_factor * z`` (0.18215 for SD1); ``encode``/``decode`` work on unscaled z
 like diffusers, and the pipeline applies the factor.
+
+SD3's VAE is the same network with 16 latent channels, no ``quant_conv`` / ``post_quant_conv`` (its config
+says ``use_quant_conv: false``), and latents ``scaling_factor * (z - shift_factor)`` (1.5305, 0.0609): preset
+``SD3``. :meth:`AutoencoderKL.to_latents` / :meth:`from_latents` apply either convention.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from torch import nn
 
 from fastdiff.models import _sd_ops as ops
 
-__all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "SD15", "TINY", "PRESETS"]
+__all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "SD15", "SD3", "TINY", "TINY_SD3", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class VAEConfig:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
     sample_size: int = 512
 
     def __post_init__(self):
@@ -51,16 +58,17 @@ class VAEConfig:
             got = tuple(cfg.get(key, (want,) * n))
             if got != (want,) * n:
                 raise ValueError(f"unsupported AutoencoderKL {key} {got}: fastdiff's VAE has {want} blocks")
-        for key in ("use_quant_conv", "use_post_quant_conv"):
-            if not cfg.get(key, True):
-                raise ValueError(f"unsupported AutoencoderKL config: {key}=False")
         if cfg.get("act_fn", "silu") != "silu" or cfg.get("mid_block_add_attention", True) is False:
             raise ValueError("unsupported AutoencoderKL config (act_fn / mid_block_add_attention)")
         return cls(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
                    latent_channels=cfg.get("latent_channels", 4),
                    block_out_channels=tuple(cfg.get("block_out_channels", (64,))),
                    layers_per_block=cfg.get("layers_per_block", 1), norm_num_groups=cfg.get("norm_num_groups", 32),
-                   scaling_factor=cfg.get("scaling_factor", 0.18215), sample_size=cfg.get("sample_size", 512))
+                   scaling_factor=cfg.get("scaling_factor", 0.18215),
+                   shift_factor=float(cfg.get("shift_factor") or 0.0),
+                   use_quant_conv=bool(cfg.get("use_quant_conv", True)),
+                   use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
+                   sample_size=cfg.get("sample_size", 512))
 
     def to_diffusers(self) -> dict:
         n = len(self.block_out_channels)
@@ -69,12 +77,21 @@ class VAEConfig:
                 "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
                 "norm_num_groups": self.norm_num_groups, "scaling_factor": self.scaling_factor,
                 "sample_size": self.sample_size, "down_block_types": ["DownEncoderBlock2D"] * n,
-                "up_block_types": ["UpDecoderBlock2D"] * n}
+                "up_block_types": ["UpDecoderBlock2D"] * n,
+                "shift_factor": self.shift_factor if self.shift_factor else None,
+                "use_quant_conv": self.use_quant_conv, "use_post_quant_conv": self.use_post_quant_conv}
 
 
 SD15 = VAEConfig()
+# SD3 / SD3.5: 16 latent channels, no quant convs, shifted latents (diffusers' stabilityai/stable-diffusion-3-medium
+# vae/config.json)
+SD3 = VAEConfig(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False, sample_size=1024)
 TINY = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
-PRESETS = {"sd15": SD15, "tiny": TINY}
+TINY_SD3 = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32,
+                     latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                     use_post_quant_conv=False)
+PRESETS = {"sd15": SD15, "sd3": SD3, "tiny": TINY, "tiny_sd3": TINY_SD3}
 
 _EPS = 1e-6  # every VAE norm uses eps 1e-6 (the UNet uses 1e-5)
 
@@ -219,16 +236,31 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = ops.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = ops.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        # absent in SD3's VAE: identity maps then (diffusers stores no weights for them either)
+        self.quant_conv = (ops.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+                           if cfg.use_quant_conv else nn.Identity())
+        self.post_quant_conv = (ops.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+                                if cfg.use_post_quant_conv else nn.Identity())
 
     @property
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
 
     @property
+    def shift_factor(self) -> float:
+        return self.config.shift_factor
+
+    def to_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE space -> the space the denoiser works in: ``scaling_factor * (z - shift_factor)``."""
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def from_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_latents`: ``latents / scaling_factor + shift_factor``."""
+        return latents / self.config.scaling_factor + self.config.shift_factor
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+        return self.encoder.conv_in.weight.dtype
 
     @property
     def downscale(self) -> int:

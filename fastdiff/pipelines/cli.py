@@ -14,7 +14,7 @@ __all__ = ["add_generate_parser"]
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample a model and write a PNG (default: a labelled grid of every class "
                        "from the bundled model)")
-    p.add_argument("--model", default=None, help="Stable Diffusion 1.x diffusers folder or .safetensors/.ckpt file "
+    p.add_argument("--model", default=None, help="Stable Diffusion 1.x / 3 diffusers folder or .safetensors/.ckpt file "
                    "(with --prompt), pipeline folder, UNet2DModel folder or training run folder (default: the bundled "
                    "Fashion-MNIST model)")
     p.add_argument("--prompt", default=None, help="text prompt (Stable Diffusion --model)")
@@ -27,9 +27,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--label", default=None, help="class name or index; default: a grid of every class")
     p.add_argument("--n", type=int, default=None, help="images per class in the grid (default 4), or images of "
                    "--label (default 16)")
-    p.add_argument("--sampler", default="ddim", help="ddpm, ddim, euler, euler_a, dpmpp_2m (default ddim)")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_a, dpmpp_2m, flow_euler (default: ddim "
+                   "for pixel models, euler for SD1, flow_euler for SD3)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20 ddim, 15 dpmpp_2m, "
-                   "30 euler/euler_a, 1000 ddpm)")
+                   "30 euler/euler_a, 1000 ddpm; SD1 30, SD3 28)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: off; default: the model's own, e.g. 1.5 for the "
                         "bundled model)")
@@ -62,6 +63,7 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.prompt is not None or args.init_image is not None or args.mask is not None:
         return _run_prompt(args, out, t0)
+    args.sampler = args.sampler or "ddim"
     try:
         pipe = load_pixel_pipeline(args.model)
         steps = args.steps or DEFAULT_STEPS.get(args.sampler, 50)
@@ -97,28 +99,33 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
     """``--prompt``: text-to-image (img2img with --init-image, inpainting with --mask) with Stable Diffusion."""
-    from fastdiff.pipelines.generate import generate, save_png
+    from fastdiff.pipelines.generate import generate, save_png, sd_defaults
+    from fastdiff.pipelines.load import load_pipeline
     from fastdiff.train.plots import image_grid
 
-    steps = args.steps or 30
     try:
-        ims = generate(args.prompt, model=args.model, n=args.n or 1, seed=args.seed, sampler=args.sampler,
-                       steps=steps, guidance="model" if args.guidance is None else args.guidance,
-                       progress=not args.quiet, negative_prompt=args.negative_prompt, height=args.height,
-                       width=args.width, init_image=args.init_image, strength=args.strength, mask=args.mask)
+        if args.model is None:
+            raise ValueError("--prompt needs a Stable Diffusion checkpoint: --model PATH (a diffusers folder or an "
+                             "original .safetensors / .ckpt file); the bundled model is class-conditional (--label)")
+        pipe = load_pipeline(args.model)
+        sampler, steps, default_guidance = sd_defaults(pipe, args.sampler, args.steps)
+        guidance = default_guidance if args.guidance is None else args.guidance
+        ims = generate(args.prompt, model=pipe, n=args.n or 1, seed=args.seed, sampler=sampler,
+                       steps=steps, guidance=guidance, progress=not args.quiet,
+                       negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                       init_image=args.init_image, strength=args.strength, mask=args.mask)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
-            "sampler": args.sampler, "steps": steps, "guidance": 7.5 if args.guidance is None else args.guidance,
-            "seed": args.seed}
+            "sampler": sampler, "steps": steps, "guidance": guidance, "seed": args.seed}
     if args.init_image is not None:
         info.update(init_image=args.init_image, strength=args.strength)
     if args.mask is not None:
         info["mask"] = args.mask
     img = ims[0] if len(ims) == 1 else image_grid(ims, min(len(ims), 4), row_labels=None)
     save_png(img, out, info)
-    print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, {args.sampler}, {steps} steps, seed {args.seed})")
+    print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, {sampler}, {steps} steps, seed {args.seed})")
     return 0
 
 

@@ -44,12 +44,12 @@ def generate(prompt: str | None = None, *, model=None,
     measured best at (its folder's ``_fastdiff.default_guidance``); None or 1: off.
 
     Stable Diffusion (``model`` = a diffusers folder or an original single file): ``prompt`` gives text-to-image
-    (``height`` x ``width``, ``n`` images per prompt, default 1, sampler default euler, 30 steps, guidance 7.5,
-    ``negative_prompt``); with ``init_image`` (a path or PIL image) img2img at ``strength``; with ``mask`` as
-    well (white = repaint) inpainting.
+    (``height`` x ``width``, ``n`` images per prompt, default 1, ``negative_prompt``); with ``init_image`` (a
+    path or PIL image) img2img at ``strength``; with ``mask`` as well (white = repaint) inpainting (SD1).
+    Defaults per family: SD1 euler, 30 steps, guidance 7.5; SD3 flow_euler, 28 steps, guidance 7.0.
     """
     if prompt is not None or init_image is not None or mask is not None:
-        return _generate_sd(prompt, model=model, n=n or 1, seed=seed, sampler=sampler or "euler", steps=steps,
+        return _generate_sd(prompt, model=model, n=n or 1, seed=seed, sampler=sampler, steps=steps,
                             guidance=guidance, progress=progress, negative_prompt=negative_prompt, height=height,
                             width=width, init_image=init_image, strength=strength, mask=mask)
     n = 16 if n is None else n
@@ -91,22 +91,27 @@ def _generate_sd(prompt, *, model, n, seed, sampler, steps, guidance, progress, 
     """Text-to-image / img2img / inpainting with a Stable Diffusion checkpoint (see :func:`generate`)."""
     from fastdiff.pipelines.load import load_pipeline
     from fastdiff.pipelines.sd1 import StableDiffusion1
+    from fastdiff.pipelines.sd3 import StableDiffusion3
 
     if prompt is None:
         raise ValueError("init_image / mask need a text prompt (prompt=...)")
     if model is None:
         raise ValueError("a text prompt needs a Stable Diffusion checkpoint: model=PATH (a diffusers folder or an "
                          "original .safetensors / .ckpt file); the bundled model is class-conditional (label=...)")
-    pipe = model if isinstance(model, (StableDiffusion1, PixelPipeline)) else load_pipeline(model)
-    if not isinstance(pipe, StableDiffusion1):
+    pipe = model if isinstance(model, (StableDiffusion1, StableDiffusion3, PixelPipeline)) else load_pipeline(model)
+    if not isinstance(pipe, (StableDiffusion1, StableDiffusion3)):
         raise ValueError(f"{getattr(pipe, 'source', model)} is a class-conditional pixel model and takes no text "
                          "prompt; use label=...")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    steps = steps or 30
-    guidance = 7.5 if guidance == "model" else (1.0 if guidance is None else guidance)
+    sd3 = isinstance(pipe, StableDiffusion3)
+    sampler, steps, default_guidance = sd_defaults(pipe, sampler, steps)
+    guidance = default_guidance if guidance == "model" else (1.0 if guidance is None else guidance)
     image = _open_image(init_image, "init_image", "RGB")
     m = _open_image(mask, "mask", "L")
+    if sd3 and m is not None:
+        raise ValueError("inpainting (mask=...) is implemented for Stable Diffusion 1.x checkpoints; this is an SD3 "
+                         "model: use init_image + strength (img2img) or txt2img")
     cb, bar = progress_callback(steps, enabled=progress)
     kw = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
               num_images_per_prompt=n, callback=cb)
@@ -122,6 +127,16 @@ def _generate_sd(prompt, *, model, n, seed, sampler, steps, guidance, progress, 
     finally:
         bar.close()
     return to_pil(x * 2 - 1)
+
+
+def sd_defaults(pipe, sampler: str | None, steps: int | None) -> tuple[str, int, float]:
+    """(sampler, steps, guidance) a Stable Diffusion pipeline uses when not told: SD1 euler / 30 / 7.5,
+    SD3 flow_euler / 28 / 7.0 (the settings of diffusers' pipelines and the model cards)."""
+    from fastdiff.pipelines.sd3 import StableDiffusion3
+
+    if isinstance(pipe, StableDiffusion3):
+        return sampler or "flow_euler", steps or 28, 7.0
+    return sampler or "euler", steps or 30, 7.5
 
 
 def class_grid(pipe: PixelPipeline, *, per_class: int = 4, seed: int = 0, sampler: str = "ddim",

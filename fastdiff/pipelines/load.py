@@ -3,8 +3,8 @@
     pipeline folder with model_index.json  -> by its ``_class_name``:
         StableDiffusionPipeline / ...Img2Img / ...Inpaint  -> StableDiffusion1 (fastdiff/pipelines/sd1.py)
         DDPMPipeline / DDIMPipeline                        -> PixelPipeline (fastdiff/pipelines/pixel.py)
-        StableDiffusion3Pipeline                           -> not supported yet (clear error)
-    original single file (.safetensors / .ckpt)  -> SD1 (the error names SD2 / SDXL / SD3 / Flux files)
+        StableDiffusion3Pipeline / ...Img2Img              -> StableDiffusion3 (fastdiff/pipelines/sd3.py)
+    original single file (.safetensors / .ckpt)  -> SD1 or SD3 (the error names SD2 / SDXL / Flux files)
     UNet2DModel folder, training run folder      -> PixelPipeline
     None                                         -> the bundled default model
 """
@@ -33,6 +33,8 @@ def pipeline_kind(path: str | os.PathLike | None) -> str:
     if p.is_file():
         from fastdiff.io.sd_checkpoint import CheckpointError, detect_architecture, read_state_dict
 
+        if _safetensors_keys_say_sd3(p):  # an SD3 file with T5 is ~10 GB: decide from its header alone
+            return "sd3"
         sd = read_state_dict(p)
         try:
             detect_architecture(sd)
@@ -54,23 +56,37 @@ def pipeline_kind(path: str | os.PathLike | None) -> str:
         if name in _SD3:
             return "sd3"
         raise ValueError(f"{p}: model_index.json names {name!r}; fastdiff loads "
-                         f"{', '.join(sorted(_SD1 | _PIXEL))} folders")
+                         f"{', '.join(sorted(_SD1 | _PIXEL | _SD3))} folders")
     return "pixel"  # a UNet2DModel folder or a training run: load_pixel_pipeline says what is missing
+
+
+def _safetensors_keys_say_sd3(p: Path) -> bool:
+    """True when ``p`` is a safetensors file whose header names SD3 MMDiT keys (reads the header only)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            return any(k.startswith("model.diffusion_model.joint_blocks.") for k in f.keys())
+    except Exception:  # not safetensors, or unreadable: read_state_dict gives the real error
+        return False
 
 
 def load_pipeline(path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = torch.float32,
                   device: str | torch.device = "cpu"):
     """The pipeline for ``path`` (see the module doc): an SD1 file/folder gives a
     :class:`~fastdiff.pipelines.sd1.StableDiffusion1` whose ``.unet``, ``.vae``, ``.text_encoder`` and
-    ``.tokenizer`` are fastdiff modules; a pixel model gives a :class:`~fastdiff.pipelines.pixel.PixelPipeline`."""
+    ``.tokenizer`` are fastdiff modules; an SD3 one a :class:`~fastdiff.pipelines.sd3.StableDiffusion3`
+    (``.transformer``, ``.vae``, ``.encode_prompt``); a pixel model a
+    :class:`~fastdiff.pipelines.pixel.PixelPipeline`."""
     kind = pipeline_kind(path)
     if kind == "sd1":
         from fastdiff.pipelines.sd1 import load_sd1
 
         return load_sd1(path, dtype=dtype, device=device)
     if kind == "sd3":
-        raise NotImplementedError(f"{path} is a Stable Diffusion 3 model; SD3 pipelines are not in this version "
-                                  "of fastdiff yet")
+        from fastdiff.pipelines.sd3 import load_sd3
+
+        return load_sd3(path, dtype=dtype, device=device)
     from fastdiff.pipelines.pixel import load_pixel_pipeline
 
     return load_pixel_pipeline(path, device=device, dtype=dtype or torch.float32)

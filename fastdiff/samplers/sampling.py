@@ -462,16 +462,22 @@ def sample_dpmpp_2m(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: i
 
 def sample_flow_euler(model, x: torch.Tensor, schedule: FlowSchedule, *, steps: int, cond=None, uncond=None,
                       guidance: float | None = None, generator=None, callback: Callback | None = None,
-                      ) -> torch.Tensor:
+                      init: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     """Euler on the flow ODE dx/ds = v(x, s), v = eps - x0: x' = x + (s' - s) v (Esser et al. 2024, Sec. 2).
 
-    The network sees timestep 1000 * s. ``generator`` is unused (deterministic).
+    The network sees timestep 1000 * s. ``generator`` is unused (deterministic). img2img: ``init`` (the clean
+    latents) is noised to step ``start``'s sigma, ``x_s = s * noise + (1 - s) * init`` with ``x`` as the noise
+    (diffusers' ``FlowMatchEulerDiscreteScheduler.scale_noise``), and steps ``start..steps-1`` run.
     """
     _check_inputs(x, schedule, FlowSchedule)
     model = as_denoiser(model, "flow")
     sigmas = schedule.sigmas(steps)
+    _check_start(init, start, steps, x)
+    if init is not None:
+        s0 = float(np.float32(sigmas[start]))  # diffusers keeps its sigmas in fp32
+        x = s0 * x + (1.0 - s0) * init.to(x.dtype)
     t_scale = schedule.num_train_timesteps
-    for i in range(steps):
+    for i in range(start, steps):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         # diffusers passes the fp32 sigma times T as the timestep.
         t = float(np.float32(s) * np.float32(t_scale))

@@ -1,0 +1,282 @@
+"""Stable Diffusion 3 / 3.5 pipeline object: fastdiff's MMDiT, 16-channel VAE, CLIP-L, CLIP-G and (optional) T5-XXL.
+
+    pipe = fastdiff.load_pipeline("sd3_medium_incl_clips_t5xxlfp16.safetensors")    # or a diffusers folder
+    ctx, pooled = pipe.encode_prompt(["a photo of a cat"])     # (1, 77 + 256, 4096), (1, 2048)
+    v = pipe.transformer(latents, timesteps, ctx, pooled)      # the flow the sampler integrates
+
+Prompt embeddings are assembled as SD3 does (Esser et al. 2024, Sec. 5.1; diffusers' StableDiffusion3Pipeline):
+
+    CLIP-L  penultimate hidden states (B, 77, 768)  --+-- concat on width -> (B, 77, 2048) -> zero-pad to 4096
+    CLIP-G  penultimate hidden states (B, 77, 1280) --+
+    T5-XXL  last hidden state (B, 256, 4096)         (zeros when the checkpoint has no T5: SD3 was trained
+                                                      with T5 dropped out, so it works without, a bit worse)
+    context = concat on tokens -> (B, 77 + 256, 4096);   pooled = concat(CLIP-L, CLIP-G projected) (B, 2048)
+
+Sampling is rectified flow: Euler on dx/ds = v with diffusers' shifted sigmas (shift 3.0 for SD3), batched
+classifier-free guidance (one MMDiT call on cat([uncond, cond]) per step).
+
+Fitting 16 GB: :meth:`StableDiffusion3.txt2img` encodes the prompt first; with ``offload_text_encoders=True``
+(or :meth:`StableDiffusion3.offload_text_encoders`) the text encoders then leave the device before denoising,
+and T5 can be loaded in 8 bits (``fastdiff.models.t5.quantize_8bit``) on CUDA.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["StableDiffusion3", "SD3_SCHEDULER_CONFIG", "load_sd3"]
+
+# diffusers' stabilityai/stable-diffusion-3-medium-diffusers scheduler/scheduler_config.json
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                        "shift": 3.0}
+_CLIP_TOKENS = 77
+
+
+class StableDiffusion3:
+    """Holds ``.transformer`` (MMDiT), ``.vae``, ``.text_encoder`` (CLIP-L), ``.text_encoder_2`` (CLIP-G),
+    ``.text_encoder_3`` (T5-XXL or None), their tokenizers, and the scheduler settings."""
+
+    def __init__(self, transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2,
+                 tokenizer_3, scheduler_config: dict | None = None):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.text_encoder_3 = text_encoder_3
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.tokenizer_3 = tokenizer_3
+        self.scheduler_config = dict(scheduler_config or SD3_SCHEDULER_CONFIG)
+        self._offload = False
+
+    # ------------------------------------------------------------------------------------------------ basics
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def text_encoders(self) -> list:
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion3":
+        for m in [self.transformer, self.vae] + ([] if self._offload else self.text_encoders):
+            m.to(device=device, dtype=dtype)
+        if self._offload and dtype is not None:
+            for m in self.text_encoders:
+                m.to(dtype=dtype)
+        return self
+
+    def offload_text_encoders(self, enabled: bool = True) -> "StableDiffusion3":
+        """Keep the text encoders in CPU memory and bring each to the transformer's device only while it
+        encodes a prompt (SD3-medium with T5-XXL in fp16 is ~15.4 GB: without this it does not fit 16 GB)."""
+        self._offload = bool(enabled)
+        if enabled:
+            for m in self.text_encoders:
+                m.to("cpu")
+        return self
+
+    # ---------------------------------------------------------------------------------------------- prompts
+    def _warn_truncated(self, tokenizer, prompts, n: int, name: str) -> None:
+        for p in prompts:
+            ids = tokenizer.encode(p)
+            if len(ids) > n:
+                dropped = tokenizer.decode(ids[n - 1:-1])
+                warnings.warn(f"prompt longer than {n - 1 if name == 'T5' else n - 2} {name} tokens: this part is "
+                              f"dropped for {name}: {dropped!r}", stacklevel=4)
+
+    def _encode_with(self, encoder, fn):
+        """Run ``fn(encoder, device)`` with the encoder on the compute device (moved there and back when
+        offloading) and return its outputs on the transformer's device."""
+        device = self.device
+        if self._offload and device.type != "cpu":
+            encoder.to(device)
+            try:
+                return fn(encoder, device)
+            finally:
+                encoder.to("cpu")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return fn(encoder, next(encoder.parameters()).device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str], *, clip_skip: int = 0,
+                      max_sequence_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, 77 + max_sequence_length, joint_dim), pooled (B, 2048)) as SD3 assembles them.
+
+        Prompts are cut to 77 CLIP tokens and ``max_sequence_length`` T5 tokens (diffusers' defaults); the
+        dropped words are named in a warning."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("encode_prompt: expected a prompt string or a non-empty list of strings")
+        if not 1 <= max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
+        self._warn_truncated(self.tokenizer, prompts, _CLIP_TOKENS, "CLIP")
+        hidden, pooled = [], []
+        for enc, tok in ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)):
+            h, p = self._encode_with(enc, lambda e, d, tok=tok: e.encode_sd3(tok(prompts).to(d), clip_skip=clip_skip))
+            hidden.append(h.to(self.device))
+            pooled.append(p.to(self.device))
+        joint = self.transformer.config.joint_attention_dim
+        clip = torch.cat(hidden, dim=-1)
+        clip = F.pad(clip, (0, joint - clip.shape[-1]))
+        b = len(prompts)
+        if self.text_encoder_3 is None:
+            t5 = torch.zeros(b, max_sequence_length, joint, dtype=clip.dtype, device=self.device)
+        else:
+            self._warn_truncated(self.tokenizer_3, prompts, max_sequence_length, "T5")
+            t5 = self._encode_with(self.text_encoder_3, lambda e, d: e(
+                self.tokenizer_3(prompts, max_length=max_sequence_length).to(d))).to(self.device)
+        dt = self.dtype
+        return torch.cat([clip.to(dt), t5.to(dt)], dim=-2), torch.cat(pooled, dim=-1).to(dt)
+
+    # ------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+                height: int = 1024, width: int = 1024, steps: int = 28, guidance: float = 7.0,
+                seed: int | None = None, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
+                shift: float | None = None, clip_skip: int = 0, max_sequence_length: int = 256,
+                latents: torch.Tensor | None = None, callback=None, sampler: str = "flow_euler") -> torch.Tensor:
+        """Images (B, 3, height, width) in [0, 1], fp32, B = len(prompts) * num_images_per_prompt.
+
+        The initial noise is one ``torch.randn`` of the latent batch from ``generator`` (or ``seed``) in the
+        transformer's dtype, as diffusers' StableDiffusion3Pipeline draws it, so the same seed gives the same
+        image there too. ``shift`` overrides the scheduler's timestep shift (3.0 for SD3).
+        """
+        return self._generate("txt2img", prompt, negative_prompt, height, width, steps, guidance, seed, generator,
+                              num_images_per_prompt, shift, clip_skip, max_sequence_length, latents, callback,
+                              sampler)
+
+    @torch.no_grad()
+    def img2img(self, prompt: str | list[str], image, *, strength: float = 0.6,
+                negative_prompt: str | list[str] | None = None, steps: int = 28, guidance: float = 7.0,
+                seed: int | None = None, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
+                shift: float | None = None, clip_skip: int = 0, max_sequence_length: int = 256, callback=None,
+                sampler: str = "flow_euler") -> torch.Tensor:
+        """Re-draw ``image`` ((B|1, 3, H, W) tensor in [0, 1] or a PIL image) towards the prompt.
+
+        ``strength`` in [0, 1] as diffusers' StableDiffusion3Img2ImgPipeline: the schedule is entered at step
+        ``int(steps - steps * strength)`` and the image's latents are noised to that step's sigma (random draws
+        in diffusers' order: the VAE's latent sample, then the noise).
+        """
+        from fastdiff.pipelines.sd1 import _image_tensor
+
+        if not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"img2img: strength must be a number in [0, 1], got {strength!r}")
+        img = _image_tensor(image, "image")
+        start = int(max(steps - steps * float(strength), 0))
+        if start >= steps:
+            raise ValueError(f"img2img: strength {strength} x {steps} steps leaves no step to run; raise the "
+                             "strength or the steps (at least one step must run)")
+        height, width = int(img.shape[-2]), int(img.shape[-1])
+        return self._generate("img2img", prompt, negative_prompt, height, width, steps, guidance, seed, generator,
+                              num_images_per_prompt, shift, clip_skip, max_sequence_length, None, callback,
+                              sampler, image=img, start=start)
+
+    def _generate(self, what, prompt, negative_prompt, height, width, steps, guidance, seed, generator,
+                  num_images_per_prompt, shift, clip_skip, max_sequence_length, latents, callback, sampler,
+                  image=None, start=None) -> torch.Tensor:
+        from fastdiff.samplers import Denoiser, FlowSchedule, sample_flow_euler
+
+        if sampler != "flow_euler":
+            raise ValueError(f"{what}: SD3 is a rectified-flow model; its sampler is 'flow_euler', got {sampler!r}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError(f"{what}: no prompt given")
+        f = self.vae.downscale
+        p = self.transformer.config.patch_size
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % (f * p):
+                raise ValueError(f"{what}: {name} must be a positive multiple of {f * p} (VAE downscale {f} x "
+                                 f"patch size {p}), got {v!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{what}: steps must be a positive integer, got {steps!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"{what}: num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+
+        guided = guidance is not None and guidance > 1.0
+        cond = self.encode_prompt(prompts, clip_skip=clip_skip, max_sequence_length=max_sequence_length)
+        cond = tuple(c.repeat_interleave(num_images_per_prompt, dim=0) for c in cond)
+        uncond = None
+        if guided:
+            neg = [""] * len(prompts) if negative_prompt is None else (
+                [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+            if len(neg) != len(prompts):
+                raise ValueError(f"{what}: {len(neg)} negative prompts for {len(prompts)} prompts")
+            uncond = self.encode_prompt(neg, clip_skip=clip_skip, max_sequence_length=max_sequence_length)
+            uncond = tuple(c.repeat_interleave(num_images_per_prompt, dim=0) for c in uncond)
+
+        b = cond[0].shape[0]
+        shape = (b, self.transformer.config.in_channels, height // f, width // f)
+        gen_device = generator.device if generator is not None else "cpu"
+        init = None
+        if start is not None:  # img2img: the image's latents (one VAE sample per given image), then the noise
+            if image.shape[0] not in (1, b) and b % image.shape[0]:
+                raise ValueError(f"{what}: {image.shape[0]} images do not divide the batch of {b}")
+            z = self.vae.encode((image * 2 - 1).to(self.device, self.vae.dtype)).sample(generator)
+            init = self.vae.to_latents(z).to(self.dtype)
+            init = init.repeat(b // init.shape[0], 1, 1, 1).to(self.device, torch.float32)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=self.dtype, device=gen_device)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"{what}: latents must have shape {shape}, got {tuple(latents.shape)}")
+        x = latents.to(self.device, torch.float32)
+
+        sched = self.scheduler_config
+        if sched.get("use_dynamic_shifting"):
+            raise ValueError("this scheduler config asks for dynamic shifting (resolution-dependent mu), which "
+                             "fastdiff's SD3 pipeline does not implement; pass shift= instead")
+        schedule = FlowSchedule(num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
+                                shift=float(shift if shift is not None else sched.get("shift", 3.0)))
+        net = self.transformer
+        model = Denoiser(lambda xx, t, c: net(xx, t, c[0], c[1]), "flow", dtype=self.dtype)
+        opts = {} if start is None else {"init": init, "start": start}
+        x = sample_flow_euler(model, x, schedule, steps=steps, cond=cond, uncond=uncond,
+                              guidance=guidance if guided else None, generator=generator, callback=callback, **opts)
+        return self.decode_latents(x)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Transformer latents -> images in [0, 1] (fp32): VAE decode of ``latents / scaling + shift``."""
+        z = self.vae.from_latents(latents).to(self.vae.dtype)
+        img = self.vae.decode(z).float()
+        if not torch.isfinite(img).all():
+            raise FloatingPointError(f"the VAE decode produced NaN/inf in {self.vae.dtype}: decode in float32 or "
+                                     "bfloat16 (pipe.vae.to(dtype=torch.float32))")
+        return (img / 2 + 0.5).clamp(0, 1)
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+        """A diffusers folder (``StableDiffusion3Pipeline.from_pretrained`` reads it)."""
+        from fastdiff.io import sd3_load
+
+        sd3_load.save_sd3_diffusers(self, folder, dtype=dtype)
+
+    def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                         include_text_encoders: bool = True) -> None:
+        """An original-layout ``.safetensors`` (MMDiT + VAE, and the text encoders unless told otherwise)."""
+        from fastdiff.io import sd3_load
+
+        sd3_load.save_sd3_single_file(self, path, dtype=dtype, include_text_encoders=include_text_encoders)
+
+    def __repr__(self) -> str:
+        c = self.transformer.config
+        return (f"StableDiffusion3(depth={c.num_layers}, heads={c.num_attention_heads}, "
+                f"t5={'yes' if self.text_encoder_3 is not None else 'no'}, dtype={self.dtype}, device={self.device})")
+
+
+def load_sd3(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+             device: str | torch.device = "cpu", *, text_encoder_3: bool = True) -> StableDiffusion3:
+    """Load SD3 / SD3.5 from a diffusers folder or an original single file. ``text_encoder_3=False`` skips T5
+    (its embedding is then zeros, as SD3 allows)."""
+    from fastdiff.io import sd3_load
+
+    return sd3_load.load_sd3(path, dtype=dtype, device=device, text_encoder_3=text_encoder_3)
