@@ -284,3 +284,63 @@ def test_generate_and_cli(sd3_folder, tmp_path):
     with pytest.raises(ValueError, match="inpainting"):
         fastdiff.generate("a cat", model=pipe, init_image=Image.new("RGB", (32, 32)),
                           mask=Image.new("L", (32, 32)), steps=1, progress=False)
+
+
+def test_embeddings_instead_of_prompts_and_freed_encoders(sd3_folder):
+    """The 16 GB recipe: encode, drop the text encoders, generate from the embeddings: the same image."""
+    d, _ = sd3_folder
+    pipe = load_sd3(d / "sd3")
+    kw = dict(steps=2, guidance=4.0, height=32, width=32, seed=5)
+    want = pipe.txt2img(PROMPTS, negative_prompt="blurry", **kw)
+    emb, neg = pipe.encode_prompt(PROMPTS), pipe.encode_prompt(["blurry"] * len(PROMPTS))  # the same GEMM shapes
+    pipe.free_text_encoders()
+    assert pipe.text_encoder is None and pipe.text_encoder_3 is None
+    got = pipe.txt2img(prompt_embeds=emb, negative_prompt_embeds=neg, **kw)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="freed"):
+        pipe.encode_prompt("a cat")
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
+        pipe.txt2img("a cat", prompt_embeds=emb, **kw)
+    with pytest.raises(ValueError, match="prompt_embeds must be"):
+        pipe.txt2img(prompt_embeds=emb[0], **kw)
+
+
+def test_offload_keeps_encoders_on_the_cpu(sd3_folder):
+    d, _ = sd3_folder
+    pipe = load_sd3(d / "sd3").offload_text_encoders()
+    pipe.to(dtype=torch.bfloat16)
+    assert all(next(m.parameters()).device.type == "cpu" for m in pipe.text_encoders)
+    assert pipe.dtype == torch.bfloat16 and pipe.text_encoder_3.shared.weight.dtype == torch.bfloat16
+    ctx, pooled = pipe.encode_prompt("a cat")
+    assert ctx.dtype == pooled.dtype == torch.bfloat16
+
+
+def test_t5_8bit_keeps_the_embedding(sd3_folder):
+    pytest.importorskip("bitsandbytes")  # a test extra (tests/requirements.txt); optional for users
+    d, _ = sd3_folder
+    pipe = load_sd3(d / "sd3")
+    ref = pipe.encode_prompt(PROMPTS)[0][:, 77:]  # the T5 part
+    pipe.quantize_t5_8bit()
+    got = pipe.encode_prompt(PROMPTS)[0][:, 77:]
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min().item()
+    assert cos > 0.99, cos
+
+
+def test_full_size_text_towers_and_vae_have_the_public_layout():
+    """SD3's CLIP-L / CLIP-G presets and the 16-channel VAE preset, built on meta: the key sets and shapes of
+    transformers' CLIPTextModelWithProjection and diffusers' AutoencoderKL in SD3's configuration."""
+    from fastdiff.models import clip_text, vae
+
+    for cfg in (clip_text.CLIP_L14_PROJ, clip_text.CLIP_BIGG14):
+        tc = {k: v for k, v in cfg.to_transformers().items() if k not in ("architectures", "model_type", "torch_dtype")}
+        with torch.device("meta"):
+            theirs = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**tc))
+            ours = clip_text.CLIPTextModel(cfg)
+        t = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if not k.endswith("position_ids")}
+        t = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v for k, v in t.items()}
+        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == t
+    vc = {k: v for k, v in vae.SD3.to_diffusers().items() if k != "_class_name"}
+    with torch.device("meta"):
+        theirs, ours = diffusers.AutoencoderKL(**vc), vae.AutoencoderKL(vae.SD3)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}

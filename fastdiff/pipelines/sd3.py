@@ -15,9 +15,13 @@ Prompt embeddings are assembled as SD3 does (Esser et al. 2024, Sec. 5.1; diffus
 Sampling is rectified flow: Euler on dx/ds = v with diffusers' shifted sigmas (shift 3.0 for SD3), batched
 classifier-free guidance (one MMDiT call on cat([uncond, cond]) per step).
 
-Fitting 16 GB: :meth:`StableDiffusion3.txt2img` encodes the prompt first; with ``offload_text_encoders=True``
-(or :meth:`StableDiffusion3.offload_text_encoders`) the text encoders then leave the device before denoising,
-and T5 can be loaded in 8 bits (``fastdiff.models.t5.quantize_8bit``) on CUDA.
+Fitting 16 GB (SD3-medium + T5-XXL in fp16 is ~15.5 GB of weights; README has the table):
+
+    pipe.offload_text_encoders()        # encoders live in CPU memory, visit the GPU only to encode
+    emb = pipe.encode_prompt(prompts); neg = pipe.encode_prompt([""] * len(prompts))
+    pipe.free_text_encoders()           # or drop them for good once the prompts are encoded
+    images = pipe.txt2img(prompt_embeds=emb, negative_prompt_embeds=neg)
+    pipe.quantize_t5_8bit()             # or: T5 in 8 bits (bitsandbytes LLM.int8), 8.9 -> 4.6 GiB
 """
 from __future__ import annotations
 
@@ -73,6 +77,22 @@ class StableDiffusion3:
                 m.to(dtype=dtype)
         return self
 
+    def free_text_encoders(self) -> "StableDiffusion3":
+        """Drop the three text encoders (their memory is released once nothing else holds them); afterwards
+        generate from embeddings made earlier with :meth:`encode_prompt` (``prompt_embeds=``)."""
+        self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
+        return self
+
+    def quantize_t5_8bit(self, *, threshold: float = 6.0) -> "StableDiffusion3":
+        """T5-XXL's projections as bitsandbytes LLM.int8() layers (1 byte a weight; CUDA, and CPU with
+        bitsandbytes >= 0.50): see :func:`fastdiff.io.t5_checkpoint.quantize_8bit`."""
+        from fastdiff.io.t5_checkpoint import quantize_8bit
+
+        if self.text_encoder_3 is None:
+            raise ValueError("this pipeline has no T5 text encoder to quantize")
+        quantize_8bit(self.text_encoder_3, threshold=threshold)
+        return self
+
     def offload_text_encoders(self, enabled: bool = True) -> "StableDiffusion3":
         """Keep the text encoders in CPU memory and bring each to the transformer's device only while it
         encodes a prompt (SD3-medium with T5-XXL in fp16 is ~15.4 GB: without this it does not fit 16 GB)."""
@@ -115,6 +135,9 @@ class StableDiffusion3:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("encode_prompt: expected a prompt string or a non-empty list of strings")
+        if self.text_encoder is None or self.text_encoder_2 is None:
+            raise ValueError("the text encoders were freed (free_text_encoders): pass prompt_embeds= made earlier "
+                             "with encode_prompt, or reload the pipeline")
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
         self._warn_truncated(self.tokenizer, prompts, _CLIP_TOKENS, "CLIP")
@@ -138,27 +161,32 @@ class StableDiffusion3:
 
     # ------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+    def txt2img(self, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] | None = None,
                 height: int = 1024, width: int = 1024, steps: int = 28, guidance: float = 7.0,
                 seed: int | None = None, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
                 shift: float | None = None, clip_skip: int = 0, max_sequence_length: int = 256,
-                latents: torch.Tensor | None = None, callback=None, sampler: str = "flow_euler") -> torch.Tensor:
+                latents: torch.Tensor | None = None, callback=None, sampler: str = "flow_euler",
+                prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Images (B, 3, height, width) in [0, 1], fp32, B = len(prompts) * num_images_per_prompt.
 
         The initial noise is one ``torch.randn`` of the latent batch from ``generator`` (or ``seed``) in the
         transformer's dtype, as diffusers' StableDiffusion3Pipeline draws it, so the same seed gives the same
         image there too. ``shift`` overrides the scheduler's timestep shift (3.0 for SD3).
+        ``prompt_embeds`` / ``negative_prompt_embeds``: ``(context, pooled)`` from :meth:`encode_prompt`, instead
+        of the prompts (the text encoders are then not needed).
         """
         return self._generate("txt2img", prompt, negative_prompt, height, width, steps, guidance, seed, generator,
                               num_images_per_prompt, shift, clip_skip, max_sequence_length, latents, callback,
-                              sampler)
+                              sampler, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
 
     @torch.no_grad()
-    def img2img(self, prompt: str | list[str], image, *, strength: float = 0.6,
+    def img2img(self, prompt: str | list[str] | None, image, *, strength: float = 0.6,
                 negative_prompt: str | list[str] | None = None, steps: int = 28, guidance: float = 7.0,
                 seed: int | None = None, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
                 shift: float | None = None, clip_skip: int = 0, max_sequence_length: int = 256, callback=None,
-                sampler: str = "flow_euler") -> torch.Tensor:
+                sampler: str = "flow_euler", prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Re-draw ``image`` ((B|1, 3, H, W) tensor in [0, 1] or a PIL image) towards the prompt.
 
         ``strength`` in [0, 1] as diffusers' StableDiffusion3Img2ImgPipeline: the schedule is entered at step
@@ -177,17 +205,20 @@ class StableDiffusion3:
         height, width = int(img.shape[-2]), int(img.shape[-1])
         return self._generate("img2img", prompt, negative_prompt, height, width, steps, guidance, seed, generator,
                               num_images_per_prompt, shift, clip_skip, max_sequence_length, None, callback,
-                              sampler, image=img, start=start)
+                              sampler, image=img, start=start, prompt_embeds=prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds)
 
     def _generate(self, what, prompt, negative_prompt, height, width, steps, guidance, seed, generator,
                   num_images_per_prompt, shift, clip_skip, max_sequence_length, latents, callback, sampler,
-                  image=None, start=None) -> torch.Tensor:
+                  image=None, start=None, prompt_embeds=None, negative_prompt_embeds=None) -> torch.Tensor:
         from fastdiff.samplers import Denoiser, FlowSchedule, sample_flow_euler
 
         if sampler != "flow_euler":
             raise ValueError(f"{what}: SD3 is a rectified-flow model; its sampler is 'flow_euler', got {sampler!r}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError(f"{what}: give either prompt or prompt_embeds (from encode_prompt), not both or neither")
+        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
+        if prompts is not None and not prompts:
             raise ValueError(f"{what}: no prompt given")
         f = self.vae.downscale
         p = self.transformer.config.patch_size
@@ -203,16 +234,26 @@ class StableDiffusion3:
             generator = torch.Generator("cpu").manual_seed(int(seed))
 
         guided = guidance is not None and guidance > 1.0
-        cond = self.encode_prompt(prompts, clip_skip=clip_skip, max_sequence_length=max_sequence_length)
-        cond = tuple(c.repeat_interleave(num_images_per_prompt, dim=0) for c in cond)
+        enc = dict(clip_skip=clip_skip, max_sequence_length=max_sequence_length)
+        cond = _checked_embeds(prompt_embeds, "prompt_embeds") if prompts is None else self.encode_prompt(prompts, **enc)
+        n = cond[0].shape[0]
+        cond = tuple(c.to(self.device, self.dtype).repeat_interleave(num_images_per_prompt, dim=0) for c in cond)
         uncond = None
         if guided:
-            neg = [""] * len(prompts) if negative_prompt is None else (
-                [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
-            if len(neg) != len(prompts):
-                raise ValueError(f"{what}: {len(neg)} negative prompts for {len(prompts)} prompts")
-            uncond = self.encode_prompt(neg, clip_skip=clip_skip, max_sequence_length=max_sequence_length)
-            uncond = tuple(c.repeat_interleave(num_images_per_prompt, dim=0) for c in uncond)
+            if negative_prompt_embeds is not None:
+                uncond = _checked_embeds(negative_prompt_embeds, "negative_prompt_embeds")
+                if uncond[0].shape[0] not in (1, n) or uncond[0].shape[1:] != cond[0].shape[1:]:
+                    raise ValueError(f"{what}: negative_prompt_embeds {tuple(uncond[0].shape)} do not match "
+                                     f"prompt_embeds {tuple(cond[0].shape)}")
+                uncond = tuple(u.expand(n, *u.shape[1:]) for u in uncond)
+            else:
+                neg = [""] * n if negative_prompt is None else (
+                    [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt))
+                if len(neg) != n:
+                    raise ValueError(f"{what}: {len(neg)} negative prompts for {n} prompts")
+                uncond = self.encode_prompt(neg, **enc)
+            uncond = tuple(c.to(self.device, self.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+                           for c in uncond)
 
         b = cond[0].shape[0]
         shape = (b, self.transformer.config.in_channels, height // f, width // f)
@@ -271,6 +312,13 @@ class StableDiffusion3:
         c = self.transformer.config
         return (f"StableDiffusion3(depth={c.num_layers}, heads={c.num_attention_heads}, "
                 f"t5={'yes' if self.text_encoder_3 is not None else 'no'}, dtype={self.dtype}, device={self.device})")
+
+
+def _checked_embeds(e, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if (not isinstance(e, (tuple, list)) or len(e) != 2 or not all(isinstance(t, torch.Tensor) for t in e)
+            or e[0].dim() != 3 or e[1].dim() != 2 or e[0].shape[0] != e[1].shape[0]):
+        raise ValueError(f"{name} must be (context (B, tokens, width), pooled (B, width)) as encode_prompt returns")
+    return e[0], e[1]
 
 
 def load_sd3(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
