@@ -21,7 +21,6 @@ The network (SD1: channels c = 320/640/1280/1280, 8 heads, context 768):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.models import _sd_ops as ops
+from fastdiff.ops import timestep_embedding
 
-__all__ = ["UNetSDConfig", "UNetSD", "SD15", "SD15_INPAINT", "TINY", "PRESETS", "sd_timestep_embedding"]
+__all__ = ["UNetSDConfig", "UNetSD", "SD15", "SD15_INPAINT", "TINY", "PRESETS"]
 
 _DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
@@ -125,19 +125,6 @@ SD15_INPAINT = UNetSDConfig(in_channels=9)  # latents + mask + masked-image late
 TINY = UNetSDConfig(block_out_channels=(32, 64), cross_attention=(True, False), layers_per_block=2, num_heads=2,
                     cross_attention_dim=32, norm_num_groups=8, sample_size=16)
 PRESETS = {"sd15": SD15, "sd15_inpaint": SD15_INPAINT, "tiny": TINY}
-
-
-def sd_timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
-                          max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of timesteps t (B,), fp32 (B, dim): w_k = max_period^(-k / (dim/2 - freq_shift)),
-    features [sin(t w), cos(t w)], cos half first when ``flip_sin_to_cos`` (SD1)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-                      / (half - freq_shift))
-    args = t.float()[:, None] * freqs[None]
-    sin, cos = torch.sin(args), torch.cos(args)
-    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class TimestepEmbedding(nn.Module):
@@ -357,7 +344,7 @@ class UNetSD(nn.Module):
         if t.dim() != 1 or t.shape[0] not in (1, b):
             raise ValueError(f"timestep must be a scalar or a (B,) tensor, got shape {tuple(t.shape)}")
         t = t.expand(b)
-        temb = sd_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(temb.to(self.dtype))
         context = encoder_hidden_states.to(self.dtype)
 
