@@ -344,3 +344,29 @@ def test_full_size_text_towers_and_vae_have_the_public_layout():
         theirs, ours = diffusers.AutoencoderKL(**vc), vae.AutoencoderKL(vae.SD3)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+
+
+def test_single_file_strictness(sd3_folder, tmp_path):
+    """Unknown, missing and mis-shaped keys of an SD3 single file are named; nothing is loaded leniently."""
+    from safetensors.torch import load_file, save_file
+
+    d, _ = sd3_folder
+    path = tmp_path / "ok.safetensors"
+    load_sd3(d / "sd3").save_single_file(path)
+    sd = load_file(str(path))
+    cases = {
+        "extra": ({**sd, "model.diffusion_model.joint_blocks.0.x_block.attn.bogus.weight": torch.zeros(3)}, "bogus"),
+        "outside": ({**sd, "lora_unet_down.alpha": torch.zeros(1)}, "lora_unet_down.alpha"),
+        "missing": ({k: v for k, v in sd.items() if not k.endswith("decoder.conv_out.bias")}, "decoder.conv_out.bias"),
+        "shape": ({**sd, "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight":
+                   torch.zeros(7)}, "final_layer_norm"),
+    }
+    for name, (bad, want) in cases.items():
+        p = tmp_path / f"{name}.safetensors"
+        save_file(bad, str(p))
+        with pytest.raises(CheckpointError, match=want.replace(".", r"\.")):
+            fastdiff.load_pipeline(p)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        fastdiff.load_pipeline(truncated)
