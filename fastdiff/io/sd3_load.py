@@ -25,7 +25,7 @@ import torch
 
 from fastdiff.io.sd_checkpoint import (VAE_PREFIX, CheckpointError, _build, _cpu_sd, _fmt, _is_vae_attn_matrix,
                                        _read_json, _rename, _weights_in, infer_vae_config, load_state_dict_strict,
-                                       read_state_dict, vae_key_to_original)
+                                       read_state_dict, vae_key_to_original, write_component)
 from fastdiff.models.clip_text import CLIP_BIGG14, CLIP_L14_PROJ, CLIPTextConfig, CLIPTextModel
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
 from fastdiff.models.vae import AutoencoderKL, VAEConfig
@@ -256,8 +256,6 @@ def save_sd3_single_file(pipe, path: str | os.PathLike, *, dtype: torch.dtype | 
 
 def save_sd3_diffusers(pipe, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
     """A diffusers StableDiffusion3Pipeline folder that diffusers' ``from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     parts = {"transformer": (pipe.transformer, pipe.transformer.config.to_diffusers(), "diffusion_pytorch_model"),
              "vae": (pipe.vae, pipe.vae.config.to_diffusers(), "diffusion_pytorch_model"),
@@ -266,10 +264,7 @@ def save_sd3_diffusers(pipe, folder: str | os.PathLike, *, dtype: torch.dtype | 
     if pipe.text_encoder_3 is not None:
         parts["text_encoder_3"] = (pipe.text_encoder_3, pipe.text_encoder_3.config.to_transformers(), "model")
     for name, (model, cfg, stem) in parts.items():
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        with open(folder / name / "config.json", "w") as f:
-            json.dump(cfg, f, indent=2)
-        save_file(_state_to_save(model, dtype), str(folder / name / f"{stem}.safetensors"), metadata={"format": "pt"})
+        write_component(folder / name, cfg, _state_to_save(model, dtype), stem)
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
     pipe.tokenizer_2.save_pretrained(folder / "tokenizer_2")
     pipe.tokenizer_3.save_pretrained(folder / "tokenizer_3")

@@ -52,6 +52,7 @@ __all__ = [
     "load_vae",
     "save_sd1_single_file",
     "save_sd1_diffusers",
+    "write_component",
     "load_state_dict_strict",
     "SD1_SCHEDULER_CONFIG",
 ]
@@ -606,21 +607,26 @@ def save_sd1_single_file(c, path: str | os.PathLike, *, dtype: torch.dtype | Non
         raise ValueError(f"{path}: use a .safetensors or .ckpt file name")
 
 
+def write_component(folder: Path, config: dict, weights: Mapping[str, torch.Tensor], stem: str) -> None:
+    """One component folder of a diffusers pipeline: ``config.json`` and ``{stem}.safetensors``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(dict(weights), str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+
+
 def save_sd1_diffusers(c, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                        variant: str | None = None) -> None:
     """Write a diffusers StableDiffusionPipeline folder that diffusers' ``from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     mid = f".{variant}" if variant else ""
     parts = {"unet": (c.unet, c.unet.config.to_diffusers(), "diffusion_pytorch_model"),
              "vae": (c.vae, c.vae.config.to_diffusers(), "diffusion_pytorch_model"),
              "text_encoder": (c.text_encoder, c.text_encoder.config.to_transformers(), "model")}
     for name, (model, cfg, stem) in parts.items():
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        with open(folder / name / "config.json", "w") as f:
-            json.dump(cfg, f, indent=2)
-        save_file(_cpu_sd(model, dtype), str(folder / name / f"{stem}{mid}.safetensors"), metadata={"format": "pt"})
+        write_component(folder / name, cfg, _cpu_sd(model, dtype), f"{stem}{mid}")
     c.tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     with open(folder / "scheduler" / "scheduler_config.json", "w") as f:
