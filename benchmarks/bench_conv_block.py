@@ -116,7 +116,8 @@ def test_conv(compare, case, dtype, layout):
 
 
 # (x shape, out features, activation): SD1 projections at 512px with CFG batch 2 (4096/1024/256 tokens), the
-# cross-attention context (77 tokens of 768), the SD3 1536-wide projection at 1024px, an SD3 MLP fc1 + GELU.
+# cross-attention context (77 tokens of 768), the SD3 1536-wide projection at 1024px, an SD3 MLP fc1 + GELU, the
+# SD3 image-stream MLP fc1 of a guided 512px step (2 x 1024 tokens), a CLIP-L MLP fc1 (2 x 77 tokens, erf GELU).
 LINEAR_CASES = [
     ((2, 4096, 320), 320, None),
     ((2, 1024, 640), 640, None),
@@ -124,6 +125,8 @@ LINEAR_CASES = [
     ((2, 77, 768), 320, None),
     ((1, 4096, 1536), 1536, None),
     ((1, 1024, 1536), 6144, "gelu_tanh"),
+    ((2, 1024, 1536), 6144, "gelu_tanh"),
+    ((2, 77, 768), 3072, "gelu"),
     ((2, 320), 1280, "silu"),
 ]
 
@@ -137,7 +140,8 @@ def test_linear(compare, case, dtype):
     theirs = torch.nn.Linear(shape[-1], n).to(dtype).eval()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(shape).to(dtype)
-    eager_act = {None: lambda y: y, "silu": F.silu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}[act]
+    eager_act = {None: lambda y: y, "silu": F.silu, "gelu": F.gelu,
+                 "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}[act]
     rows = x.numel() // shape[-1]
     with torch.inference_mode():
         torch.testing.assert_close(ours(x, activation=act).float(), eager_act(theirs(x)).float(),

@@ -22,6 +22,8 @@ inference it caches the weight pre-packed for oneDNN, keyed on the weight's vers
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,6 +123,12 @@ def _cpu_reasons(x, weight, bias, activation, residual, packer):
 _SMALL_MACS = 1 << 22
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_avx512() -> bool:
+    """ATen's vector capability (AVX512 vs AVX2 / lower): which of oneDNN's fp32 JIT kernels runs here."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def _cpu_slower(x, weight, bias, activation, residual, packer):
     """When automatic choice leaves the oneDNN path to eager F.linear (benchmarks/bench_conv_block.py)."""
     macs = x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1]
@@ -128,6 +136,16 @@ def _cpu_slower(x, weight, bias, activation, residual, packer):
         return f"small matmul ({macs} multiply-adds < {_SMALL_MACS}): eager F.linear is faster (per-call overhead)"
     if x.dtype == torch.float32 and activation is None and residual is None:
         return "plain fp32 linear: oneDNN ties F.linear (0.95-1.07x measured) and there is nothing to fuse"
+    # On an AVX2-only CPU (AMD Zen 3) oneDNN's fp32 inner product with a fused unary post-op lost to F.linear +
+    # the eager activation: at 2 threads 0.62-0.88x at every shape measured with >= 256 rows (SD3 MLP fc1
+    # 1024-8858 x 1536->6144 gelu_tanh 0.62-0.81x, 1178x768->3072 0.81x, T5 512x4096->10240 0.74x, 2048x1536->6144
+    # silu 0.73x, 1024x768->3072 gelu 0.80x), at 1 thread 0.57-0.95x at every shape with >= 32 rows. The post-op
+    # is the slow part: the same oneDNN matmul unfused, then the activation, was 1.0-1.5x faster than fused. Only
+    # 64-154 rows at 2 threads won (1.1-1.4x, a few ms, noisy), so no row threshold. bf16 keeps oneDNN: its
+    # fp32-math upcast beats torch's bf16 F.linear (no bf16 dot products here) 3-5.6x even with the post-op.
+    if x.dtype == torch.float32 and activation is not None and residual is None and not _cpu_has_avx512():
+        return (f"fp32 linear + fused {activation} on an AVX2-only CPU: oneDNN's post-op made it 0.57-0.95x "
+                "F.linear + the eager activation (measured on Zen 3)")
     return None
 
 
