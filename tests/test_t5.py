@@ -348,3 +348,26 @@ def test_quantize_8bit_cpu():
         assert out.dtype == torch.float32 and out.shape == (2, 64, 256)
         assert _rel_rms(out, sim(ids)) <= 1e-2, _rel_rms(out, sim(ids))
         assert _rel_rms(out, m(ids)) > 3 * _rel_rms(out, sim(ids))  # closer to the int8 oracle than to fp32
+
+
+@pytest.mark.parametrize("ffn", ["gated-gelu", "relu"])
+def test_fp16_survives_a_stream_beyond_fp16_range(ffn, tmp_path, tok):
+    """T5 v1.1's residual stream outgrows fp16 (65504). With the first FFN's output projection scaled up so the
+    stream reaches ~1e5, the fp16 model must stay finite and agree with transformers' fp16 model (which keeps
+    ``wo`` in fp32) and with the fp32 reference, within the 2x rule of transformers' own fp16 error."""
+    cfg = GATED_SMALL if ffn == "gated-gelu" else RELU_SMALL
+    ref = _randomize(transformers.T5EncoderModel(_hf_config(cfg)), seed=3)
+    with torch.no_grad():
+        ref.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(1e5)
+    ref.save_pretrained(tmp_path)
+    ids = tok(["a photo of a cat", "word " * 40], max_length=48)
+    with torch.no_grad():
+        out32 = ref(ids, output_hidden_states=True)
+        want32 = out32.last_hidden_state
+        assert out32.hidden_states[1].abs().max() > 1.5 * 65504  # the stream really leaves fp16's range
+        ref16 = transformers.T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16)
+        theirs = ref16(ids).last_hidden_state
+        got = load_t5_encoder(tmp_path, dtype=torch.float16)(ids)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert torch.isfinite(theirs).all()
+    assert_close_lowp(got, want32, theirs.to(torch.float16), f"T5 {ffn} fp16")

@@ -29,8 +29,11 @@ The network (no biases anywhere, no dropout at inference)::
 * The gated-GELU FFN of T5 v1.1 uses the tanh GELU (transformers' ``gelu_new``); the activation is fused into
   ``wi_0``'s output write (``Linear(..., activation="gelu_tanh")``) and the residual into ``o`` / ``wo``.
 * In bf16/fp16 the attention scores, the bias and the softmax are computed in fp32 (q, k, v are upcast for the
-  attention only: at L = 256 it is ~1% of the FLOPs of the FFN). T5 v1.1 activations overflow fp16's range, so
-  use bf16 or fp32 (transformers keeps ``wo`` in fp32 for fp16 for the same reason).
+  attention only: at L = 256 it is ~1% of the FLOPs of the FFN).
+* fp16: T5 v1.1's residual stream outgrows fp16's range (65504) and turns into inf/NaN. As transformers does
+  (``wo`` kept in fp32, its output promoting the sum), the FFN's ``wo`` runs in fp32 and the residual stream is
+  fp32 from the first FFN on; the sublayers still compute in fp16 from a normed fp16 input, and the fp16 stream
+  of the first attention sublayer is clamped to fp16's range as in transformers. bf16 and fp32 need none of this.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops import Linear, RMSNorm
+from fastdiff.ops import Linear, RMSNorm, rms_norm
 from fastdiff.ops import attention as _attention
 
 __all__ = ["T5Config", "T5EncoderModel", "relative_position_bucket", "T5_XXL", "TINY", "PRESETS"]
@@ -150,7 +153,25 @@ class T5Attention(nn.Module):
             return t.view(b, n, self.num_heads, self.d_kv).transpose(1, 2).float()
 
         o = _attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), bias, scale=1.0)
-        return self.o(o.to(x.dtype).transpose(1, 2).reshape(b, n, self.num_heads * self.d_kv), residual=residual)
+        o = o.to(x.dtype).transpose(1, 2).reshape(b, n, self.num_heads * self.d_kv)
+        if residual.dtype != x.dtype:  # fp16 model, fp32 residual stream (see the module doc)
+            return residual + self.o(o).float()
+        y = self.o(o, residual=residual)
+        return _clamp_fp16(y) if y.dtype == torch.float16 else y
+
+
+def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """transformers' fp16 guard: clamp to fp16's range (1000 inside it once an inf has appeared)."""
+    big = torch.finfo(torch.float16).max
+    return x.clamp(-(big - 1000), big - 1000) if torch.isinf(x).any() else x.clamp(-big, big)
+
+
+def _norm(layer_norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``layer_norm(x)``; an fp32 stream into an fp16 norm is normed in fp32 and then rounded to fp16."""
+    w = layer_norm.weight
+    if x.dtype == w.dtype:
+        return layer_norm(x)
+    return rms_norm(x, (x.shape[-1],), w.float(), layer_norm.eps).to(w.dtype)
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -160,7 +181,7 @@ class T5LayerSelfAttention(nn.Module):
         self.layer_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
 
     def forward(self, x, bias):
-        return self.SelfAttention(self.layer_norm(x), bias, residual=x)
+        return self.SelfAttention(_norm(self.layer_norm, x), bias, residual=x)
 
 
 class T5DenseGatedActDense(nn.Module):
@@ -171,7 +192,10 @@ class T5DenseGatedActDense(nn.Module):
         self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x, residual):
-        return self.wo(self.wi_0(x, activation="gelu_tanh") * self.wi_1(x), residual=residual)
+        h = self.wi_0(x, activation="gelu_tanh") * self.wi_1(x)
+        if h.dtype == torch.float16:  # wo in fp32, the stream fp32 from here on (see the module doc)
+            return F.linear(h.float(), self.wo.weight.float()) + residual.float()
+        return self.wo(h, residual=residual)
 
 
 class T5DenseActDense(nn.Module):
@@ -181,7 +205,10 @@ class T5DenseActDense(nn.Module):
         self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x, residual):
-        return self.wo(F.relu(self.wi(x)), residual=residual)
+        h = F.relu(self.wi(x))
+        if h.dtype == torch.float16:  # wo in fp32, the stream fp32 from here on (see the module doc)
+            return F.linear(h.float(), self.wo.weight.float()) + residual.float()
+        return self.wo(h, residual=residual)
 
 
 class T5LayerFF(nn.Module):
@@ -192,7 +219,7 @@ class T5LayerFF(nn.Module):
         self.layer_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
 
     def forward(self, x):
-        return self.DenseReluDense(self.layer_norm(x), residual=x)
+        return self.DenseReluDense(_norm(self.layer_norm, x), residual=x)
 
 
 class T5Block(nn.Module):
@@ -253,4 +280,4 @@ class T5EncoderModel(nn.Module):
             bias = bias.masked_fill(~keep, torch.finfo(torch.float32).min)
         for block in self.encoder.block:
             x = block(x, bias)
-        return self.encoder.final_layer_norm(x)
+        return _norm(self.encoder.final_layer_norm, x)
