@@ -161,9 +161,11 @@ class T5Attention(nn.Module):
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    """transformers' fp16 guard: clamp to fp16's range (1000 inside it once an inf has appeared)."""
+    """transformers' fp16 guard: clamp to fp16's range (1000 inside it once an inf has appeared). The bound is a
+    tensor, so no host sync (and the model still runs on meta tensors, as the memory table does)."""
     big = torch.finfo(torch.float16).max
-    return x.clamp(-(big - 1000), big - 1000) if torch.isinf(x).any() else x.clamp(-big, big)
+    limit = torch.where(torch.isinf(x).any(), big - 1000.0, big).to(x.dtype)
+    return x.clamp(-limit, limit)
 
 
 def _norm(layer_norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
