@@ -186,6 +186,13 @@ class T5LayerSelfAttention(nn.Module):
         return self.SelfAttention(_norm(self.layer_norm, x), bias, residual=x)
 
 
+def _ffn_out(wo: Linear, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + wo(h)``; in fp16, wo runs in fp32 and the stream is fp32 from here on (see the module doc)."""
+    if h.dtype == torch.float16:
+        return F.linear(h.float(), wo.weight.float()) + residual.float()
+    return wo(h, residual=residual)
+
+
 class T5DenseGatedActDense(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -194,10 +201,7 @@ class T5DenseGatedActDense(nn.Module):
         self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x, residual):
-        h = self.wi_0(x, activation="gelu_tanh") * self.wi_1(x)
-        if h.dtype == torch.float16:  # wo in fp32, the stream fp32 from here on (see the module doc)
-            return F.linear(h.float(), self.wo.weight.float()) + residual.float()
-        return self.wo(h, residual=residual)
+        return _ffn_out(self.wo, self.wi_0(x, activation="gelu_tanh") * self.wi_1(x), residual)
 
 
 class T5DenseActDense(nn.Module):
@@ -207,10 +211,7 @@ class T5DenseActDense(nn.Module):
         self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x, residual):
-        h = F.relu(self.wi(x))
-        if h.dtype == torch.float16:  # wo in fp32, the stream fp32 from here on (see the module doc)
-            return F.linear(h.float(), self.wo.weight.float()) + residual.float()
-        return self.wo(h, residual=residual)
+        return _ffn_out(self.wo, F.relu(self.wi(x)), residual)
 
 
 class T5LayerFF(nn.Module):
