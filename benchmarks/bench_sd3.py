@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import threading
 import time
 
 import pytest
@@ -52,7 +51,7 @@ from conftest import _ROWS
 
 diffusers = pytest.importorskip("diffusers")
 
-from bench_sd1 import _in_use, _libc  # noqa: E402  (malloc in-use bytes: the same memory measure)
+from bench_sd1 import _in_use, _libc, peak_memory_increase  # noqa: E402  (the same memory measure)
 
 from fastdiff.models.mmdit import SD3_MEDIUM, MMDiT  # noqa: E402
 from fastdiff.ops import all_ops  # noqa: E402
@@ -95,26 +94,15 @@ def step_flops(cfg, batch: int = BATCH, latent: int = LATENT, text: int = TEXT_T
 # ------------------------------------------------------------------------------------------------ timing
 def timed(fn) -> tuple[float, float, object]:
     """(seconds, peak increase of malloc's in-use bytes in MB, result) of one call of ``fn``."""
-    base, peak, done = (_in_use() if _libc else 0), [0], threading.Event()
+    box = {}
 
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], _in_use())
-            time.sleep(0.005)
+    def call():
+        t0 = time.perf_counter()
+        box["out"] = fn()
+        box["s"] = time.perf_counter() - t0
 
-    t = threading.Thread(target=watch, daemon=True) if _libc else None
-    if t:
-        t.start()
-    t0 = time.perf_counter()
-    try:
-        out = fn()
-    finally:
-        sec = time.perf_counter() - t0
-        done.set()
-        if t:
-            t.join()
-    mem = (max(peak[0], _in_use()) - base) / 2**20 if _libc else float("nan")
-    return sec, mem, out
+    mem = peak_memory_increase(call)
+    return box["s"], mem, box["out"]
 
 
 def pair(fast, slow, *, rounds: int = ROUNDS, warm_slow: bool = WARMUP_DIFFUSERS):

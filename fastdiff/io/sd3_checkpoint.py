@@ -39,7 +39,7 @@ from typing import Mapping
 
 import torch
 
-from fastdiff.io.sd_checkpoint import CheckpointError, load_state_dict_strict
+from fastdiff.io.sd_checkpoint import CheckpointError, _fmt, load_state_dict_strict
 from fastdiff.models.mmdit import MMDiT, MMDiTConfig, sincos_pos_embed_2d
 
 __all__ = [
@@ -92,11 +92,6 @@ _QKV = {
 _PARAM = ("weight", "bias")
 _ORIG_BLOCK = re.compile(r"joint_blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _OURS_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def _fmt(keys, n: int = 12) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,16 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from fastdiff.io.sd_checkpoint import (VAE_PREFIX, CheckpointError, _build, _cpu_sd, _fmt, _is_vae_attn_matrix,
-                                       _read_json, _rename, _weights_in, infer_vae_config, load_state_dict_strict,
-                                       read_state_dict, vae_key_to_original, write_component)
+                                       _read_json, _rename, _weights_in, clip_text_state, infer_clip_config,
+                                       infer_vae_config, load_state_dict_strict, read_state_dict, vae_key_to_original,
+                                       write_component)
 from fastdiff.models.clip_text import CLIP_BIGG14, CLIP_L14_PROJ, CLIPTextConfig, CLIPTextModel
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
 from fastdiff.models.vae import AutoencoderKL, VAEConfig
@@ -45,28 +47,8 @@ def is_sd3_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ CLIP towers
-def _clip_state(sd: Mapping[str, torch.Tensor]) -> dict:
-    """transformers >= 5 may write CLIP keys without the ``text_model.`` level; position_ids is a buffer."""
-    return {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
-            for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
-
-
-def _clip_config_from_shapes(sd: Mapping[str, torch.Tensor], act: str) -> CLIPTextConfig:
-    tok = sd.get("text_model.embeddings.token_embedding.weight")
-    if tok is None:
-        raise CheckpointError("no CLIP token embedding (text_model.embeddings.token_embedding.weight)")
-    hidden = int(tok.shape[1])
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
-    proj = sd.get("text_projection.weight")
-    return CLIPTextConfig(vocab_size=int(tok.shape[0]), hidden_size=hidden, num_layers=layers,
-                          num_heads=max(hidden // 64, 1),
-                          intermediate_size=int(sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-                          max_position_embeddings=int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
-                          hidden_act=act, projection_dim=int(proj.shape[0]) if proj is not None else hidden)
-
-
 def _load_clip(sd: Mapping[str, torch.Tensor], cfg: CLIPTextConfig, what: str, dtype, device) -> CLIPTextModel:
-    sd = _clip_state(sd)
+    sd = clip_text_state(sd)
     if "text_projection.weight" not in sd:  # SD3 single files keep CLIP-L unprojected (diffusers: identity)
         sd["text_projection.weight"] = torch.eye(cfg.hidden_size, cfg.projection_dim or cfg.hidden_size)
     return load_state_dict_strict(_build(CLIPTextModel, cfg), sd, what, dtype=dtype, device=device).eval()
@@ -191,9 +173,11 @@ def load_sd3_single_file(path: str | os.PathLike, *, dtype: torch.dtype | None =
         raise CheckpointError(f"{path}: no VAE weights (first_stage_model.*)")
     vae = _load_vae_original(parts["vae"], dtype, device)
     if parts["clip_l"] and parts["clip_g"]:
-        lsd, gsd = _clip_state(parts["clip_l"]), _clip_state(parts["clip_g"])
-        lcfg = _clip_config_from_shapes(lsd, CLIP_L14_PROJ.hidden_act)
-        gcfg = _clip_config_from_shapes(gsd, CLIP_BIGG14.hidden_act)
+        lsd, gsd = clip_text_state(parts["clip_l"]), clip_text_state(parts["clip_g"])
+        # SD3 towers are projected; CLIP-L's projection is absent from the file (then the identity, see above)
+        lcfg, gcfg = infer_clip_config(lsd, CLIP_L14_PROJ.hidden_act), infer_clip_config(gsd, CLIP_BIGG14.hidden_act)
+        lcfg = replace(lcfg, projection_dim=lcfg.projection_dim or lcfg.hidden_size)
+        gcfg = replace(gcfg, projection_dim=gcfg.projection_dim or gcfg.hidden_size)
         clip_l = _load_clip(lsd, lcfg, "CLIP-L (text_encoders.clip_l.*)", dtype, device)
         clip_g = _load_clip(gsd, gcfg, "CLIP-G (text_encoders.clip_g.*)", dtype, device)
         t5 = None

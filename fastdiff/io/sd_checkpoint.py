@@ -27,7 +27,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ __all__ = [
     "text_key_to_original",
     "infer_sd1_configs",
     "infer_vae_config",
+    "infer_clip_config",
+    "clip_text_state",
     "load_sd1_single_file",
     "load_sd1_diffusers",
     "load_vae",
@@ -291,7 +293,6 @@ def infer_sd1_configs(sd: Mapping[str, torch.Tensor], *, unet: UNetSDConfig | No
     Shapes fix channels, depths, context width and input channels; what they cannot show takes SD1's values:
     8 UNet heads, 32 norm groups, 64-wide CLIP heads, scaling factor 0.18215.
     """
-    keys = list(sd)
     if unet is None:
         u = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
         n_in = _max_index(u, r"input_blocks\.(\d+)\.") + 1
@@ -319,17 +320,31 @@ def infer_sd1_configs(sd: Mapping[str, torch.Tensor], *, unet: UNetSDConfig | No
     if vae is None:
         vae = infer_vae_config({k[len(VAE_PREFIX):]: t for k, t in sd.items() if k.startswith(VAE_PREFIX)})
     if text is None:
-        t = {k[len(TEXT_PREFIX):]: w for k, w in sd.items() if k.startswith(TEXT_PREFIX)}
-        tok = t.get("text_model.embeddings.token_embedding.weight")
-        if tok is None:
-            raise CheckpointError("no CLIP text encoder weights (cond_stage_model.transformer.text_model.*) found")
-        hidden = int(tok.shape[1])
-        text = CLIPTextConfig(vocab_size=int(tok.shape[0]), hidden_size=hidden,
-                              num_layers=_max_index(t, r"text_model\.encoder\.layers\.(\d+)\.") + 1,
-                              num_heads=max(hidden // 64, 1),
-                              intermediate_size=int(t["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-                              max_position_embeddings=int(t["text_model.embeddings.position_embedding.weight"].shape[0]))
+        text = infer_clip_config({k[len(TEXT_PREFIX):]: w for k, w in sd.items() if k.startswith(TEXT_PREFIX)})
     return SD1Configs(unet, vae, text)
+
+
+def clip_text_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP text-tower keys as fastdiff names them: transformers >= 5 writes CLIPTextModel keys without the
+    ``text_model.`` level (hub files have it); ``position_ids`` is a constant buffer, not a weight."""
+    return {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+            for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
+
+
+def infer_clip_config(t: Mapping[str, torch.Tensor], hidden_act: str = "quick_gelu") -> CLIPTextConfig:
+    """A CLIP text-tower config from ``text_model.*`` (and ``text_projection.*``) shapes; what shapes cannot
+    show takes CLIP's values: 64-wide heads, the activation given (quick-GELU for OpenAI's towers)."""
+    tok = t.get("text_model.embeddings.token_embedding.weight")
+    if tok is None:
+        raise CheckpointError("no CLIP text encoder weights (text_model.embeddings.token_embedding.weight) found")
+    hidden = int(tok.shape[1])
+    proj = t.get("text_projection.weight")
+    return CLIPTextConfig(vocab_size=int(tok.shape[0]), hidden_size=hidden,
+                          num_layers=_max_index(t, r"text_model\.encoder\.layers\.(\d+)\.") + 1,
+                          num_heads=max(hidden // 64, 1),
+                          intermediate_size=int(t["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
+                          max_position_embeddings=int(t["text_model.embeddings.position_embedding.weight"].shape[0]),
+                          hidden_act=hidden_act, projection_dim=int(proj.shape[0]) if proj is not None else None)
 
 
 def infer_vae_config(v: Mapping[str, torch.Tensor], **fixed) -> VAEConfig:
@@ -564,9 +579,7 @@ def load_sd1_diffusers(folder: str | os.PathLike, *, dtype: torch.dtype | None =
     vae = load_state_dict_strict(_build(AutoencoderKL, vcfg), _weights_in(folder / "vae", "diffusion_pytorch_model", variant),
                                  "vae/", dtype=dtype, device=device)
     tsd = _weights_in(folder / "text_encoder", "model", variant)
-    # transformers >= 5 writes CLIPTextModel keys without the "text_model." level; hub files have it
-    tsd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in tsd.items()
-           if not k.endswith("embeddings.position_ids")}
+    tsd = clip_text_state(tsd)
     text = load_state_dict_strict(_build(CLIPTextModel, tcfg), tsd, "text_encoder/", dtype=dtype, device=device)
     tok_dir = folder / "tokenizer"
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else CLIPTokenizer.from_bundled()
