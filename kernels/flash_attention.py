@@ -29,11 +29,11 @@ within the 99 KB per-block limit (``tests/test_triton_aot.py`` checks every conf
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff.kernels._launch import check_grid, interpreting, on_device
 
 __all__ = [
     "flash_attention_fwd",
@@ -52,10 +52,6 @@ MAX_HEAD_DIM_FP32 = 128
 _LOG2E = 1.4426950408889634
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @triton.jit
 def _to_out(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """Cast an fp32 tile for storing. The interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest
@@ -66,6 +62,16 @@ def _to_out(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _program(n_blocks, H):
+    """(block, b * H + h, b, h) of this program. The grid is one axis, (b * H + h) * n_blocks + block, so B * H
+    never meets CUDA's 65535 limit on axis y, and consecutive programs work on the same (b, h) and read its K/V.
+    b and h are int64: b * stride_b passes 2^31 elements on large batches (a materialised mask above all)."""
+    pid = tl.program_id(0)
+    pid_bh = pid // n_blocks
+    return pid % n_blocks, pid_bh.to(tl.int64), (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
 
 
 @triton.jit
@@ -80,16 +86,14 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
     H, Lq, Lk, D,
+    n_blocks,           # query blocks per (b, h)
     qk_scale,           # scale * log2(e): scores go straight to the exp2 domain
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,      # interpreter only: tl.dot on 16-bit inputs is wrong there, compute in fp32
     DOT_PRECISION: tl.constexpr,   # "ieee" or "tf32" for fp32 inputs (ignored for 16-bit inputs)
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _program(n_blocks, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -102,7 +106,7 @@ def _attn_fwd_kernel(
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -117,8 +121,7 @@ def _attn_fwd_kernel(
             kT = kT.to(tl.float32)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if HAS_MASK:
-            mk = tl.load(mask_base + offs_m[:, None] * stride_mm + n[None, :] * stride_mn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            mk = tl.load(mask_rows + n[None, :] * stride_mn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             s += mk * 1.4426950408889634
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -156,15 +159,13 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     H, Lq, Lk, D,
+    n_blocks,           # key blocks per (b, h)
     qk_scale, sm_scale,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_n, pid_bh, b, h = _program(n_blocks, H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -181,7 +182,9 @@ def _attn_bwd_dkdv_kernel(
         v = v.to(tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    mask_cols = Mask + b * stride_mb + h * stride_mh + offs_n.to(tl.int64)[:, None] * stride_mn
+    lse_row = Lse + pid_bh * Lq
+    delta_row = Delta + pid_bh * Lq
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -196,12 +199,12 @@ def _attn_bwd_dkdv_kernel(
         if UPCAST:
             qT = qT.to(tl.float32)
             doT = doT.to(tl.float32)
-        lse = tl.load(Lse + pid_bh * Lq + m, mask=m_ok, other=float("inf"))
-        delta = tl.load(Delta + pid_bh * Lq + m, mask=m_ok, other=0.0)
+        lse = tl.load(lse_row + m, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_row + m, mask=m_ok, other=0.0)
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale          # (BLOCK_N, BLOCK_M)
         if HAS_MASK:
-            mk = tl.load(mask_base + m[None, :] * stride_mm + offs_n[:, None] * stride_mn,
-                         mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+            mk = tl.load(mask_cols + m.to(tl.int64)[None, :] * stride_mm, mask=n_ok[:, None] & m_ok[None, :],
+                         other=0.0)
             sT += mk * 1.4426950408889634
         pT = tl.exp2(sT - lse[None, :])            # lse = +inf on padded / fully masked rows: p = 0
         pT = tl.where(n_ok[:, None], pT, 0.0)
@@ -227,15 +230,13 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     H, Lq, Lk, D,
+    n_blocks,           # query blocks per (b, h)
     qk_scale, sm_scale,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _program(n_blocks, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -254,7 +255,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
@@ -268,8 +269,7 @@ def _attn_bwd_dq_kernel(
             vT = vT.to(tl.float32)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if HAS_MASK:
-            mk = tl.load(mask_base + offs_m[:, None] * stride_mm + n[None, :] * stride_mn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            mk = tl.load(mask_rows + n[None, :] * stride_mn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             s += mk * 1.4426950408889634
         p = tl.exp2(s - lse[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
@@ -430,7 +430,7 @@ def _check_inputs(q, k, v, attn_mask):
         raise TypeError(f"flash attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError("flash attention: the Triton kernel runs CUDA tensors (CPU only under TRITON_INTERPRET=1)")
     B, H, Lq, D = q.shape
     if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[2] != v.shape[2] or k.shape[3] != D \
@@ -483,14 +483,15 @@ def flash_attention_fwd(q, k, v, attn_mask=None, scale=None):
         return out.zero_(), lse.fill_(float("inf"))
     mask, ms = _prep_mask(attn_mask, q, Lk)
     cfg = kernel_config("fwd", D, q.dtype, mask is not None)
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, mask if mask is not None else lse, out, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *out.stride()[:3],
-        H, Lq, Lk, D, scale * _LOG2E,
-        HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    n_blocks = triton.cdiv(Lq, cfg["BLOCK_M"])
+    with on_device(q):
+        _attn_fwd_kernel[check_grid((n_blocks * B * H,), "flash attention forward")](
+            q, k, v, mask if mask is not None else lse, out, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *out.stride()[:3],
+            H, Lq, Lk, D, n_blocks, scale * _LOG2E,
+            HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -516,16 +517,19 @@ def flash_attention_bwd(do, q, k, v, out, lse, attn_mask=None, scale=None):
     def opts(kind):
         c = kernel_config(kind, D, q.dtype, mask is not None)
         return c, dict(HAS_MASK=mask is not None, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=c["BLOCK_D"],
-                       UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+                       UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
                        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    c, o = opts("bwd_dkdv")
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, c["BLOCK_N"]), B * H)](
-        q, k, v, mask_arg, do, lse, delta, dk, dv, *strides, *dk.stride()[:3],
-        H, Lq, Lk, D, scale * _LOG2E, scale, **o)
-    c, o = opts("bwd_dq")
-    _attn_bwd_dq_kernel[(triton.cdiv(Lq, c["BLOCK_M"]), B * H)](
-        q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride()[:3],
-        H, Lq, Lk, D, scale * _LOG2E, scale, **o)
+    with on_device(q):
+        c, o = opts("bwd_dkdv")
+        n_blocks = triton.cdiv(Lk, c["BLOCK_N"])
+        _attn_bwd_dkdv_kernel[check_grid((n_blocks * B * H,), "flash attention backward dk/dv")](
+            q, k, v, mask_arg, do, lse, delta, dk, dv, *strides, *dk.stride()[:3],
+            H, Lq, Lk, D, n_blocks, scale * _LOG2E, scale, **o)
+        c, o = opts("bwd_dq")
+        n_blocks = triton.cdiv(Lq, c["BLOCK_M"])
+        _attn_bwd_dq_kernel[check_grid((n_blocks * B * H,), "flash attention backward dq")](
+            q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride()[:3],
+            H, Lq, Lk, D, n_blocks, scale * _LOG2E, scale, **o)
     return dq, dk, dv
 
