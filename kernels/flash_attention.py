@@ -23,6 +23,11 @@ per query block, looping over key blocks): no atomics, deterministic.
 A query row whose keys are all masked out (``-inf`` everywhere) gets output 0 and zero gradients; the
 reference :func:`fastdiff.ops.attention.attention_ref` defines the same result.
 
+Offsets are int32 inside a launch, as the block sizes below were tuned for (int64 offsets add registers, and
+these kernels run at the 255-register limit): a batch whose offsets would pass 2^31 elements (a materialised
+mask above all) is launched in chunks of samples, each from its own base pointers, which also keeps grid axis y
+(B * H) within CUDA's 65535.
+
 Block sizes were chosen from ahead-of-time compiles for sm_89 (RTX 4080): no register spills, shared memory
 within the 99 KB per-block limit (``tests/test_triton_aot.py`` checks every configuration listed by
 :func:`configs`, ``python -m fastdiff.kernels.report`` prints registers, shared memory and occupancy).
@@ -33,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels._launch import check_grid, interpreting, on_device
+from fastdiff.kernels._launch import MAX_GRID, interpreting, on_device
 
 __all__ = [
     "flash_attention_fwd",
@@ -65,16 +70,6 @@ def _to_out(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _program(n_blocks, H):
-    """(block, b * H + h, b, h) of this program. The grid is one axis, (b * H + h) * n_blocks + block, so B * H
-    never meets CUDA's 65535 limit on axis y, and consecutive programs work on the same (b, h) and read its K/V.
-    b and h are int64: b * stride_b passes 2^31 elements on large batches (a materialised mask above all)."""
-    pid = tl.program_id(0)
-    pid_bh = pid // n_blocks
-    return pid % n_blocks, pid_bh.to(tl.int64), (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-
-
-@triton.jit
 def _attn_fwd_kernel(
     Q, K, V,            # inputs (B, H, L, D); the last dim has stride 1, the others any stride
     Mask,               # fp32 additive mask broadcast to (B, H, Lq, Lk) by strides (0 on broadcast dims)
@@ -86,14 +81,16 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
     H, Lq, Lk, D,
-    n_blocks,           # query blocks per (b, h)
     qk_scale,           # scale * log2(e): scores go straight to the exp2 domain
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,      # interpreter only: tl.dot on 16-bit inputs is wrong there, compute in fp32
     DOT_PRECISION: tl.constexpr,   # "ieee" or "tf32" for fp32 inputs (ignored for 16-bit inputs)
 ):
-    pid_m, pid_bh, b, h = _program(n_blocks, H)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -106,7 +103,7 @@ def _attn_fwd_kernel(
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
+    mask_base = Mask + b * stride_mb + h * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -121,7 +118,8 @@ def _attn_fwd_kernel(
             kT = kT.to(tl.float32)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if HAS_MASK:
-            mk = tl.load(mask_rows + n[None, :] * stride_mn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            mk = tl.load(mask_base + offs_m[:, None] * stride_mm + n[None, :] * stride_mn,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             s += mk * 1.4426950408889634
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -159,13 +157,15 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     H, Lq, Lk, D,
-    n_blocks,           # key blocks per (b, h)
     qk_scale, sm_scale,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n, pid_bh, b, h = _program(n_blocks, H)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -182,9 +182,7 @@ def _attn_bwd_dkdv_kernel(
         v = v.to(tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    mask_cols = Mask + b * stride_mb + h * stride_mh + offs_n.to(tl.int64)[:, None] * stride_mn
-    lse_row = Lse + pid_bh * Lq
-    delta_row = Delta + pid_bh * Lq
+    mask_base = Mask + b * stride_mb + h * stride_mh
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -199,12 +197,12 @@ def _attn_bwd_dkdv_kernel(
         if UPCAST:
             qT = qT.to(tl.float32)
             doT = doT.to(tl.float32)
-        lse = tl.load(lse_row + m, mask=m_ok, other=float("inf"))
-        delta = tl.load(delta_row + m, mask=m_ok, other=0.0)
+        lse = tl.load(Lse + pid_bh * Lq + m, mask=m_ok, other=float("inf"))
+        delta = tl.load(Delta + pid_bh * Lq + m, mask=m_ok, other=0.0)
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale          # (BLOCK_N, BLOCK_M)
         if HAS_MASK:
-            mk = tl.load(mask_cols + m.to(tl.int64)[None, :] * stride_mm, mask=n_ok[:, None] & m_ok[None, :],
-                         other=0.0)
+            mk = tl.load(mask_base + m[None, :] * stride_mm + offs_n[:, None] * stride_mn,
+                         mask=n_ok[:, None] & m_ok[None, :], other=0.0)
             sT += mk * 1.4426950408889634
         pT = tl.exp2(sT - lse[None, :])            # lse = +inf on padded / fully masked rows: p = 0
         pT = tl.where(n_ok[:, None], pT, 0.0)
@@ -230,13 +228,15 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     H, Lq, Lk, D,
-    n_blocks,           # query blocks per (b, h)
     qk_scale, sm_scale,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, pid_bh, b, h = _program(n_blocks, H)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -255,7 +255,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
+    mask_base = Mask + b * stride_mb + h * stride_mh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
@@ -269,7 +269,8 @@ def _attn_bwd_dq_kernel(
             vT = vT.to(tl.float32)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if HAS_MASK:
-            mk = tl.load(mask_rows + n[None, :] * stride_mn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            mk = tl.load(mask_base + offs_m[:, None] * stride_mm + n[None, :] * stride_mn,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             s += mk * 1.4426950408889634
         p = tl.exp2(s - lse[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
@@ -445,6 +446,26 @@ def _check_inputs(q, k, v, attn_mask):
             raise ValueError(f"flash attention: attn_mask is on {attn_mask.device}, q on {q.device}")
 
 
+_INT32_LIMIT = 2 ** 31
+
+
+def _batch_chunks(B: int, H: int, tensors) -> list[tuple[int, int]]:
+    """Ranges [b0, b1) of samples to launch together: every offset the kernels compute within a launch must fit
+    int32, and B * H must fit grid axis y. ``tensors``: (name, tensor with the batch as dim 0) pairs."""
+    per = max(1, MAX_GRID[1] // H)
+    for name, t in tensors:
+        if t is None:
+            continue
+        # the largest offset inside one sample: every other dim at its last index
+        inner = sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) + 1
+        if inner >= _INT32_LIMIT:
+            raise ValueError(f"flash attention: one sample of {name} spans {inner} elements; the kernels' offsets "
+                             "within a launch are int32 (below 2^31)")
+        if t.stride(0) > 0:
+            per = min(per, (_INT32_LIMIT - inner) // t.stride(0) + 1)
+    return [(b0, min(B, b0 + per)) for b0 in range(0, B, per)]
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     # The kernels index the head dim with stride 1; any other stride pattern is passed through as is.
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -483,15 +504,17 @@ def flash_attention_fwd(q, k, v, attn_mask=None, scale=None):
         return out.zero_(), lse.fill_(float("inf"))
     mask, ms = _prep_mask(attn_mask, q, Lk)
     cfg = kernel_config("fwd", D, q.dtype, mask is not None)
-    n_blocks = triton.cdiv(Lq, cfg["BLOCK_M"])
+    lse3 = lse.view(B, H, Lq)
     with on_device(q):
-        _attn_fwd_kernel[check_grid((n_blocks * B * H,), "flash attention forward")](
-            q, k, v, mask if mask is not None else lse, out, lse,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *out.stride()[:3],
-            H, Lq, Lk, D, n_blocks, scale * _LOG2E,
-            HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        for b0, b1 in _batch_chunks(B, H, (("q", q), ("k", k), ("v", v), ("attn_mask", mask), ("out", out))):
+            grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), (b1 - b0) * H)
+            _attn_fwd_kernel[grid](
+                q[b0:b1], k[b0:b1], v[b0:b1], mask[b0:b1] if mask is not None else lse, out[b0:b1], lse3[b0:b1],
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *out.stride()[:3],
+                H, Lq, Lk, D, scale * _LOG2E,
+                HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -520,16 +543,20 @@ def flash_attention_bwd(do, q, k, v, out, lse, attn_mask=None, scale=None):
                        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
                        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
+    lse3, delta3 = lse.view(B, H, Lq), delta.view(B, H, Lq)
+    chunks = _batch_chunks(B, H, (("q", q), ("k", k), ("v", v), ("attn_mask", mask), ("grad", do), ("dq", dq),
+                                  ("dk", dk), ("dv", dv)))
     with on_device(q):
-        c, o = opts("bwd_dkdv")
-        n_blocks = triton.cdiv(Lk, c["BLOCK_N"])
-        _attn_bwd_dkdv_kernel[check_grid((n_blocks * B * H,), "flash attention backward dk/dv")](
-            q, k, v, mask_arg, do, lse, delta, dk, dv, *strides, *dk.stride()[:3],
-            H, Lq, Lk, D, n_blocks, scale * _LOG2E, scale, **o)
-        c, o = opts("bwd_dq")
-        n_blocks = triton.cdiv(Lq, c["BLOCK_M"])
-        _attn_bwd_dq_kernel[check_grid((n_blocks * B * H,), "flash attention backward dq")](
-            q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride()[:3],
-            H, Lq, Lk, D, n_blocks, scale * _LOG2E, scale, **o)
+        for b0, b1 in chunks:
+            q_, k_, v_, do_ = q[b0:b1], k[b0:b1], v[b0:b1], do[b0:b1]
+            mask_ = mask[b0:b1] if mask is not None else lse
+            c, o = opts("bwd_dkdv")
+            _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, c["BLOCK_N"]), (b1 - b0) * H)](
+                q_, k_, v_, mask_, do_, lse3[b0:b1], delta3[b0:b1], dk[b0:b1], dv[b0:b1], *strides,
+                *dk.stride()[:3], H, Lq, Lk, D, scale * _LOG2E, scale, **o)
+            c, o = opts("bwd_dq")
+            _attn_bwd_dq_kernel[(triton.cdiv(Lq, c["BLOCK_M"]), (b1 - b0) * H)](
+                q_, k_, v_, mask_, do_, lse3[b0:b1], delta3[b0:b1], dq[b0:b1], *strides, *dq.stride()[:3],
+                H, Lq, Lk, D, scale * _LOG2E, scale, **o)
     return dq, dk, dv
 

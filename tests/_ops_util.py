@@ -9,8 +9,12 @@ __all__ = ["available_backends", "max_err", "assert_close_lowp"]
 
 
 def available_backends(op: Op) -> list[str]:
-    """Backends of ``op`` that can run on this machine (CPU tensors: ref and cpu; triton/cuda need a GPU)."""
-    return [b for b, why in op.availability().items() if not why and b in ("ref", "cpu", "cuda")]
+    """Backends of ``op`` that can run on this machine (CPU tensors: ref and cpu; triton/cuda need a GPU).
+
+    A ``cuda`` implementation registered with ``needs_backend=False`` (attention's torch SDPA) has no
+    whole-backend reasons, so a visible GPU is required here as well."""
+    return [b for b, why in op.availability().items()
+            if not why and b in ("ref", "cpu", "cuda") and (b != "cuda" or torch.cuda.is_available())]
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -52,7 +52,7 @@ def cuda_device_reason(index: int) -> str | None:
     Cached per device: the kernels a build holds and a GPU's capability do not change while a process runs.
     """
     archs = _ext.cuda_archs()
-    if archs is None:
+    if archs is None or not torch.cuda.is_available():   # the whole-backend check says why
         return None
     sass, ptx = archs
     cap = torch.cuda.get_device_capability(index)
