@@ -151,6 +151,7 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
     """
     _check_inputs(x, schedule, NoiseSchedule)
     model = as_denoiser(model, "eps")
+    clip = schedule.clip_sample if clip is None else clip
     ts = schedule.timesteps(steps, variant="ddim", spacing=_spacing(schedule, spacing, "leading"),
                             steps_offset=steps_offset)
     acp = schedule.alphas_cumprod.tolist()
@@ -194,7 +195,7 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
 
 def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, cond=None, uncond=None,
                 guidance: float | None = None, generator=None, callback: Callback | None = None,
-                eta: float = 0.0, clip: float | None = None, set_alpha_to_one: bool = True,
+                eta: float = 0.0, clip: float | None = None, set_alpha_to_one: bool | None = None,
                 spacing: str | None = None, steps_offset: int | None = None, init: torch.Tensor | None = None,
         start: int = 0, keep: tuple | None = None) -> torch.Tensor:
     """DDIM, eq. 12 with sigma_t(eta) of eq. 16; eta = 0 is deterministic, eta = 1 DDPM-like.
@@ -208,6 +209,8 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, 
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     model = as_denoiser(model, "eps")
+    clip = schedule.clip_sample if clip is None else clip
+    set_alpha_to_one = schedule.set_alpha_to_one if set_alpha_to_one is None else set_alpha_to_one
     ts = schedule.timesteps(steps, variant="ddim", spacing=_spacing(schedule, spacing, "leading"),
                             steps_offset=steps_offset)
     acp = schedule.alphas_cumprod.tolist()
