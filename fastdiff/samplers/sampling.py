@@ -471,15 +471,18 @@ def sample_flow_euler(model, x: torch.Tensor, schedule: FlowSchedule, *, steps: 
     """
     _check_inputs(x, schedule, FlowSchedule)
     model = as_denoiser(model, "flow")
-    sigmas = schedule.sigmas(steps)
+    # The schedule's points are its sigmas rounded to fp32, as diffusers stores them: the network sees
+    # t = fp32(s) * T, and the step sizes are differences of those same points (taken exactly in fp64). Step
+    # sizes from the unrounded fp64 sigmas would move every latent coherently along v by up to half an fp32
+    # ulp of s per step, off the trajectory the timesteps describe.
+    sigmas = schedule.sigmas(steps).astype(np.float32).astype(np.float64)
     _check_start(init, start, steps, x)
     if init is not None:
-        s0 = float(np.float32(sigmas[start]))  # diffusers keeps its sigmas in fp32
+        s0 = float(sigmas[start])
         x = s0 * x + (1.0 - s0) * init.to(x.dtype)
     t_scale = schedule.num_train_timesteps
     for i in range(start, steps):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        # diffusers passes the fp32 sigma times T as the timestep.
         t = float(np.float32(s) * np.float32(t_scale))
         m, g = guided_forward(model, x, t, cond, uncond, guidance)
         if model.prediction == "flow":
