@@ -23,15 +23,15 @@ import torch
 from fastdiff import settings
 from fastdiff.ops import routing
 
-# Ops whose cpu path follows the routing table (linear: fused vs eager activation; all: bf16 math).
-ROUTED_OPS = ("linear", "conv2d", "attention")
+# Ops whose cpu path follows the routing table, and the columns of the table each one reads.
+ROUTED_OPS = {"linear": ("bf16_math", "linear_activation"), "conv2d": ("bf16_math",), "attention": ("bf16_math",)}
 
 
-def _route_choices() -> tuple[str, ...]:
-    """One row of the routing table per distinct choice it makes (the first row that makes it)."""
+def _route_choices(columns=("bf16_math", "linear_activation")) -> tuple[str, ...]:
+    """One row of the routing table per distinct choice it makes in ``columns`` (the first row making it)."""
     seen, out = set(), []
     for name, row in routing.ROUTES.items():
-        key = (row.bf16_math, row.linear_activation)
+        key = tuple(getattr(row, c) for c in columns)
         if key not in seen:
             seen.add(key)
             out.append(name)
@@ -68,7 +68,7 @@ def backend_params(op) -> list:
         if op.impls["cpu"].needs_backend:  # a compiled kernel: each instruction set
             out += _isa_params("cpu:")
         if op.name in ROUTED_OPS:
-            out += [pytest.param(f"cpu@{r}", id=f"cpu-route_{r}") for r in ROUTE_CHOICES]
+            out += [pytest.param(f"cpu@{r}", id=f"cpu-route_{r}") for r in _route_choices(ROUTED_OPS[op.name])]
         if not op.impls["cpu"].needs_backend and op.name not in ROUTED_OPS:
             out.append(pytest.param("cpu", id="cpu"))
     return out
