@@ -369,7 +369,7 @@ def test_cli_eval_images(tmp_path, reference):
     assert rep["n"] == 300 and rep["accuracy"] == pytest.approx(direct)
     bad = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--images", str(tmp_path / "nope.npz")],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert bad.returncode == 2 and "no such image set" in bad.stderr
+    assert bad.returncode == 2 and "argument --images: path does not exist" in bad.stderr
 
 
 @needs_fashion
