@@ -29,11 +29,12 @@ within the 99 KB per-block limit (``tests/test_triton_aot.py`` checks every conf
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff import settings
 
 __all__ = [
     "flash_attention_fwd",
@@ -53,7 +54,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.current().triton_interpret
 
 
 @triton.jit

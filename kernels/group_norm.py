@@ -22,11 +22,12 @@ so both run without a copy; y and dx are written in x's layout. One program per 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff import settings
 
 __all__ = ["group_norm_fwd", "group_norm_bwd", "configs", "SUPPORTED_DTYPES"]
 
@@ -44,7 +45,7 @@ def _bwd_warps(dtype: torch.dtype) -> int:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.current().triton_interpret
 
 
 @triton.jit

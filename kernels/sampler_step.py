@@ -10,11 +10,12 @@ Memory-bound: reads x, model_out (1x or 2x the latents) and noise, writes out on
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff import settings
 
 __all__ = ["sampler_step_triton", "configs", "SUPPORTED_DTYPES"]
 
@@ -65,7 +66,7 @@ def _sampler_step_kernel(
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.current().triton_interpret
 
 
 def sampler_step_triton(x, model_out, a, b, s=0.0, noise=None, *, pred=(0.0, 1.0), clip=None, guidance_scale=None):

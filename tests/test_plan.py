@@ -168,11 +168,11 @@ def test_cli_plan_runs_no_step(tmp_path):
 
 
 def test_cli_plan_bad_config_is_a_clear_error(tmp_path):
-    for args, msg in ((["--model", "unet9000"], "unknown model preset 'unet9000'"),
-                      (["--precision", "fp8"], "precision must be bf16, fp32 or fp16"),
-                      (["--batch-size", "0"], "batch_size must be a positive integer"),
+    for args, msg in ((["--model", "unet9000"], "argument --model: invalid choice: 'unet9000'"),
+                      (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+                      (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
                       (["--gpu-memory", "0", "--dataset", "digits", "--image-size", "16", "--model", "tiny"],
-                       "gpu memory must be positive"),
+                       "argument --gpu-memory: must be a number in (0, inf), got 0"),
                       (["--dataset", str(tmp_path / "missing")], "unknown dataset")):
         res = _cli("--plan", "--run-dir", str(tmp_path / "r"), *args)
         assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)

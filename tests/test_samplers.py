@@ -463,6 +463,33 @@ def test_flow_euler_matches_diffusers(shift, steps):
     assert_inputs_close(grec, rrec, got, ref, "flow")
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [4, 28])
+def test_flow_euler_steps_between_the_timesteps_it_shows(shift, steps, monkeypatch):
+    """The flow Euler step sizes are differences of diffusers' fp32 sigmas, the same points whose T * s the
+    network is given as its timestep. (Steps between the unrounded fp64 sigmas would drift off those points by up
+    to half an fp32 ulp of s per step, the same way for every latent: below what an fp32 trajectory resolves,
+    so the step sizes are read where the sampler hands them to the step op.)"""
+    d = FlowMatchEulerDiscreteScheduler(shift=shift)
+    d.set_timesteps(steps)
+    points = d.sigmas.double().tolist()  # fp32 values, exact in fp64
+    sizes, seen = [], []
+    step_op = S.sampling.sampler_step
+
+    def spy(x, m, a, b, *args, **kw):
+        sizes.append(a)
+        return step_op(x, m, a, b, *args, **kw)
+
+    def net(x, t, cond=None):
+        seen.append(t.double().reshape(-1)[0].item())
+        return fake_net(x, t)
+
+    monkeypatch.setattr(S.sampling, "sampler_step", spy)
+    S.sample_flow_euler(S.Denoiser(net, "flow"), noise(), S.FlowSchedule(shift=shift), steps=steps)
+    assert sizes == [points[i + 1] - points[i] for i in range(steps)]
+    assert seen == d.timesteps.double().tolist()
+
+
 @pytest.mark.parametrize("name,dcls,fkw", [
     ("ddpm", DDPMScheduler, {}), ("ddim", DDIMScheduler, {}), ("euler", EulerDiscreteScheduler, {}),
     ("euler_a", EulerAncestralDiscreteScheduler, {}), ("dpmpp_2m", DPMSolverMultistepScheduler, {})])

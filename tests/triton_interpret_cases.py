@@ -24,7 +24,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - guarded by t
 import fastdiff.ops as ops  # noqa: E402
 from fastdiff.ops.attention import attention, attention_ref  # noqa: E402
 
-from _ops_util import assert_close_lowp, max_err  # noqa: E402
+from lowp import assert_close_lowp, max_err  # noqa: E402
 
 # (B, H, Lq, Lk, D)
 ATTN_SHAPES = [

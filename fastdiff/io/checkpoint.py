@@ -124,11 +124,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     elif kind in ("zip-pickle", "pickle"):
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as e:  # keep torch's finding, drop its advice to load with weights_only=False
+            found = " ".join(str(e).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].split())
             raise CheckpointError(
-                f"{path}: refused to unpickle: the file holds objects other than plain weights (tensors, numbers, "
-                "strings, lists, dicts), and fastdiff never runs code from a checkpoint; convert it to "
-                ".safetensors with the tool that made it") from None
+                f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+                f"({found}); fastdiff never runs code from a checkpoint: use a .safetensors file") from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):

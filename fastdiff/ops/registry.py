@@ -9,11 +9,15 @@ Choice:
 - automatic: the first backend in :data:`PRIORITY` with no reasons, skipping a backend whose ``slower``
   function says it loses to the next one on this input (measured: e.g. eager F.linear beats the oneDNN path on
   tiny matmuls, where per-call overhead dominates);
-- forced (``FASTDIFF_BACKEND=name`` or ``with use_backend(name):``): that backend or an error listing
-  every reason it cannot run the input. ``ref`` runs everything, always.
+- forced (``with use_backend(name):``, or the ``backend`` setting: ``FASTDIFF_BACKEND=name``, see
+  :mod:`fastdiff.settings`): that backend or an error listing every reason it cannot run the input. ``ref``
+  runs everything, always.
+
+Which backend loses where on which CPU is the routing table's business (:mod:`fastdiff.ops.routing`); the
+``slower`` hooks of conv/linear ask it.
 
 Cost per call: the whole-backend checks (an import probe, a CUDA query) are machine facts, so their results
-are cached, keyed on the environment variables they read (``TRITON_INTERPRET``); ``refresh_backends()``
+are cached, keyed on the settings they read (``triton_interpret``); ``refresh_backends()``
 drops the cache (e.g. after installing a package in a running process). An implementation that does not
 use what its backend's whole check guards (the cpu attention is torch's SDPA and needs no fastdiff._C)
 registers with ``needs_backend=False`` and is judged on its own reasons only.
@@ -21,10 +25,11 @@ registers with ``needs_backend=False`` and is judged on its own reasons only.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
+
+from fastdiff import settings
 
 __all__ = [
     "PRIORITY",
@@ -39,14 +44,12 @@ __all__ = [
 ]
 
 # Fastest first. ``ref`` is pure PyTorch and is always last: it is the oracle and the fallback.
-PRIORITY: tuple[str, ...] = ("flash_attn", "cuda", "triton", "cpu", "ref")
+PRIORITY: tuple[str, ...] = settings.BACKENDS
 
 _state = threading.local()
 _backend_checks: dict[str, Callable[[], list[str]]] = {}
 _backend_cache: dict[tuple, tuple[str, ...]] = {}
 _ops: dict[str, "Op"] = {}
-# Environment variables the whole-backend checks read: part of the cache key, so changing one takes effect.
-_CHECK_ENV = ("TRITON_INTERPRET",)
 
 
 class BackendUnavailable(RuntimeError):
@@ -67,7 +70,8 @@ def refresh_backends() -> None:
 
 
 def _env_token() -> tuple:
-    return tuple(os.environ.get(v) for v in _CHECK_ENV)
+    # The settings the whole-backend checks read: part of the cache key, so changing one takes effect.
+    return (settings.current().triton_interpret,)
 
 
 def _whole_reasons(name: str, token: tuple) -> tuple[str, ...]:
@@ -90,14 +94,12 @@ def _validate_backend(name: str) -> str:
 
 
 def current_backend() -> str | None:
-    """The forced backend, if any: the innermost ``use_backend`` or else ``FASTDIFF_BACKEND``."""
+    """The forced backend, if any: the innermost ``use_backend`` or else the ``backend`` setting
+    (``FASTDIFF_BACKEND``)."""
     stack = getattr(_state, "stack", None)
     if stack:
         return stack[-1]
-    env = os.environ.get("FASTDIFF_BACKEND", "").strip()
-    if env and env != "auto":
-        return _validate_backend(env)
-    return None
+    return settings.current().backend
 
 
 @contextlib.contextmanager
@@ -177,7 +179,7 @@ class Op:
                     + "\nUse fastdiff.ops.use_backend(None) (or unset FASTDIFF_BACKEND) for automatic choice."
                 )
             return forced
-        token = _env_token()  # the same as self.reasons, with the environment read once per call
+        token = _env_token()  # the same as self.reasons, with the settings read once per call
         for name in PRIORITY:
             impl = self.impls.get(name)
             if impl is None or (impl.needs_backend and _whole_reasons(name, token)):

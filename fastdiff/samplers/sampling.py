@@ -153,14 +153,14 @@ class _FlowPlan(_Plan):
     """Rectified flow: the state is ``(1 - s) x0 + s eps``; the network sees timestep ``T * s``."""
 
     def __init__(self, sigmas: np.ndarray, num_train_timesteps: int) -> None:
-        # diffusers passes the fp32 sigma times T as the timestep.
+        # diffusers passes the fp32 sigma times T as the timestep (``sigmas``: already fp32 values).
         super().__init__(float(np.float32(s) * np.float32(num_train_timesteps)) for s in sigmas[:-1])
         self.sigmas = sigmas  # one per step, then 0
 
     def noised(self, x0, noise, j):
         if j >= len(self):
             return x0
-        s = float(np.float32(self.sigmas[j]))  # diffusers' scale_noise, with its sigmas kept in fp32
+        s = float(self.sigmas[j])  # diffusers' scale_noise
         return s * noise + (1.0 - s) * x0.to(noise.dtype)
 
 
@@ -527,7 +527,11 @@ def sample_flow_euler(model, x: torch.Tensor, schedule: FlowSchedule, *, steps: 
     """
     _check_inputs(x, schedule, FlowSchedule)
     model = as_denoiser(model, "flow")
-    plan = _FlowPlan(schedule.sigmas(steps), schedule.num_train_timesteps)
+    # The schedule's points are its sigmas rounded to fp32, as diffusers stores them: the network sees
+    # t = fp32(s) * T, and the step sizes are differences of those same points (taken exactly in fp64). Step
+    # sizes from the unrounded fp64 sigmas would move every latent coherently along v by up to half an fp32
+    # ulp of s per step, off the trajectory the timesteps describe.
+    plan = _FlowPlan(schedule.sigmas(steps).astype(np.float32).astype(np.float64), schedule.num_train_timesteps)
 
     def step(i, x, m, g):
         s, s_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
