@@ -661,3 +661,28 @@ def test_schedule_from_diffusers_config():
     d = DDIMScheduler.from_config(zs)
     d.set_timesteps(10)
     assert np.array_equal(s.timesteps(10), d.timesteps.numpy())
+
+
+@pytest.mark.parametrize("name", sorted(S.SAMPLERS))
+def test_driver_start_keep_callback_for_every_sampler(name):
+    """The one driver gives every sampler the same run: steps start..n-1 each call back once, in order; a keep
+    mask of ones changes nothing, a mask of zeros returns the original exactly (it is blended in after the last
+    step at its clean level); unknown arguments are refused by name."""
+    fn = S.SAMPLERS[name]
+    sched = S.FlowSchedule(shift=3.0) if name == "flow_euler" else S.linear_schedule()
+    model = S.Denoiser(fake_net, "flow" if name == "flow_euler" else "eps")
+    kw = dict(steps=6, generator=torch.Generator().manual_seed(1))
+    seen = []
+    plain = fn(model, noise(), sched, **kw)
+    x0 = 0.5 * noise(2)
+    part = fn(model, noise(), sched, init=x0, start=2, callback=lambda i, t, x: seen.append(i), **dict(
+        kw, generator=torch.Generator().manual_seed(1)))
+    assert seen == [2, 3, 4, 5] and torch.isfinite(part).all()
+    ones = fn(model, noise(), sched, keep=(x0, noise(3), torch.ones(1, 1, 8, 8)),
+              **dict(kw, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(ones, plain)
+    zeros = fn(model, noise(), sched, keep=(x0, noise(3), torch.zeros(1, 1, 8, 8)),
+               **dict(kw, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(zeros, x0)
+    with pytest.raises(TypeError, match="unknown sampler argument.*bogus"):
+        fn(model, noise(), sched, bogus=1, **kw)

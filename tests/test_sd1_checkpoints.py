@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastdiff.io import sd_checkpoint as ck
+from fastdiff.io.checkpoint import vae_to_original
 from fastdiff.models import clip_text, unet_sd, vae
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
 from fastdiff.pipelines.sd1 import StableDiffusion1, load_sd1
@@ -165,8 +166,7 @@ def _original_meta_state_dict(p):
     sd = {}
     for k, v in p.unet.state_dict().items():
         sd[ck.UNET_PREFIX + ck.unet_key_to_original(k, p.unet.config)] = v
-    for k, v in p.vae.state_dict().items():
-        sd[ck.VAE_PREFIX + ck.vae_key_to_original(k, p.vae.config)] = v[:, :, None, None] if ck._is_vae_attn_matrix(k) else v
+    sd.update(vae_to_original(p.vae.state_dict(), p.vae.config))
     for k, v in p.text_encoder.state_dict().items():
         sd[ck.TEXT_PREFIX + k] = v
     return sd
@@ -186,8 +186,7 @@ def test_full_size_mapping_matches_diffusers_converter(sd15_json):
     back = sfu.convert_ldm_unet_checkpoint(orig, SD15_UNET_JSON)
     assert back.keys() == ours.keys()
     assert all(back[k] is ours[k] for k in ours)
-    orig = {ck.VAE_PREFIX + ck.vae_key_to_original(k, a.config): (v[:, :, None, None] if ck._is_vae_attn_matrix(k) else v)
-            for k, v in a.state_dict().items()}
+    orig = vae_to_original(a.state_dict(), a.config)
     back = sfu.convert_ldm_vae_checkpoint(orig, SD15_VAE_JSON)
     ours = a.state_dict()
     assert back.keys() == ours.keys()

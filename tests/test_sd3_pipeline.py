@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.io import sd3_load
 from fastdiff.io.sd_checkpoint import CheckpointError
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
 from fastdiff.models.t5_tokenizer import T5Tokenizer
@@ -252,7 +251,7 @@ def test_single_file_without_text_encoders(sd3_folder, tmp_path):
     pipe.save_single_file(path, include_text_encoders=False)
     with pytest.raises(CheckpointError, match="no CLIP text encoders.*text_encoders="):
         load_sd3(path)
-    borrowed = sd3_load.load_sd3(path, text_encoders=d / "sd3")
+    borrowed = load_sd3(path, text_encoders=d / "sd3")
     assert borrowed.text_encoder_3 is not None
     kw = dict(steps=2, guidance=3.0, height=32, width=32, seed=1)
     assert (borrowed.txt2img("a cat", **kw) - pipe.txt2img("a cat", **kw)).abs().max().item() <= 1 / 255

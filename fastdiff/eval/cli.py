@@ -119,7 +119,7 @@ def _sampling_runs(args, reference, inception):
 
 def _checkpoint_errors() -> tuple[type[BaseException], ...]:
     try:
-        from fastdiff.train import CheckpointError
+        from fastdiff.io.checkpoint import CheckpointError
     except ImportError:
         return ()
     return (CheckpointError,)

@@ -56,7 +56,7 @@ def _suffixed(out: Path, suffix: str) -> Path:
 def run_generate(args: argparse.Namespace) -> int:
     from fastdiff.pipelines.generate import class_grid, generate, save_png
     from fastdiff.pipelines.pixel import DEFAULT_STEPS, load_pixel_pipeline
-    from fastdiff.train.plots import image_grid
+    from fastdiff.io.images import image_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +105,7 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
     """``--prompt``: text-to-image (img2img with --init-image, inpainting with --mask) with Stable Diffusion."""
     from fastdiff.pipelines.generate import generate, save_png, sd_defaults
     from fastdiff.pipelines.load import load_pipeline
-    from fastdiff.train.plots import image_grid
+    from fastdiff.io.images import image_grid
 
     try:
         if args.model is None:
@@ -136,7 +136,7 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
 def _process_strip(pipe, args, steps, guidance, columns: int = 8):
     """Two labelled rows: the forward (noising) process q(x_t | x_0) of a sample, and the reverse (denoising)
     trajectory the sampler took to make it, at ``columns`` evenly spaced points."""
-    from fastdiff.train.plots import image_grid, to_pil
+    from fastdiff.io.images import image_grid, to_pil
 
     label = [pipe.label_index(args.label) if args.label is not None else 0] if pipe.class_names else None
     frames: list[torch.Tensor] = []
@@ -163,7 +163,7 @@ def _process_strip(pipe, args, steps, guidance, columns: int = 8):
 def _interpolation(pipe, args, steps, guidance, columns: int = 9):
     """Samples from slerp(noise_a, noise_b, w) for w in [0, 1]: a smooth walk between two images."""
     from fastdiff.pipelines.pixel import slerp
-    from fastdiff.train.plots import image_grid, to_pil
+    from fastdiff.io.images import image_grid, to_pil
 
     cfg = pipe.unet.config
     g = torch.Generator().manual_seed(args.seed)

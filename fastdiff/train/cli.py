@@ -128,7 +128,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from fastdiff.io.datasets import DatasetError
-    from fastdiff.train.checkpoint import CheckpointError
+    from fastdiff.io.checkpoint import CheckpointError
 
     try:
         return _run_train(args)
@@ -139,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from fastdiff.train.checkpoint import load_checkpoint
+    from fastdiff.io.run_checkpoint import load_checkpoint
     from fastdiff.train.trainer import TrainConfig, Trainer
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
