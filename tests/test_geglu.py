@@ -30,8 +30,15 @@ def test_fp32_forward_and_backward(backend, shape):
     yd = geglu_ref(xd)
     (dxd,) = torch.autograd.grad(yd, xd, g.double())
     assert y.dtype == torch.float32 and y.shape == yd.shape
-    torch.testing.assert_close(y.double(), yd, rtol=1e-5, atol=3e-6)
-    torch.testing.assert_close(dx.double(), dxd, rtol=1e-5, atol=3e-6)
+    # the project's rule in fp32 too: at most 2x the error of torch's own fp32 ops (a * F.gelu(g)) against fp64.
+    # Both compute Phi(g) as (1 + erf(g / sqrt 2)) / 2, which cancels for g << 0, so the worst element of either
+    # is a few 1e-6 wherever |a| and |dy| are large: a fixed absolute bound misses that scale.
+    xt = x.detach().clone().requires_grad_()
+    yt = geglu_ref(xt)
+    (dxt,) = torch.autograd.grad(yt, xt, g)
+    # plus 2 ulps of 1 (the inputs are O(1)): on a tensor of one or two outputs torch can happen to be ~exact
+    assert_close_lowp(y, yd, yt, "geglu fp32 forward", floor=2 * 2.0 ** -23)
+    assert_close_lowp(dx, dxd, dxt, "geglu fp32 backward", floor=2 * 2.0 ** -23)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 2560), (1, 4, 10240), (3, 5, 14)])
