@@ -124,6 +124,21 @@ def cpu_route(request):
 
 # ---------------------------------------------------------------------------------------- Stable Diffusion 1
 
+@pytest.fixture
+def use_settings():
+    """``use_settings(cpu_bf16_math="native")``: fastdiff.settings.override for the rest of the test."""
+    entered = []
+
+    def enter(**changes):
+        ctx = settings.override(**changes)
+        ctx.__enter__()
+        entered.append(ctx)
+
+    yield enter
+    for ctx in reversed(entered):
+        ctx.__exit__(None, None, None)
+
+
 def randomize_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random weights around a working point: norm scales near 1, the rest N(0, 0.2^2); eval mode."""
     g = torch.Generator().manual_seed(seed)

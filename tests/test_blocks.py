@@ -88,9 +88,9 @@ def test_inference_mode_packed_weights(backend, case):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["unet-320", "unet-320to640"])
 @pytest.mark.parametrize("math_mode", ["auto", "native", "fp32"])
-def test_bf16_within_twice_torch_error(backend, case, math_mode, monkeypatch):
+def test_bf16_within_twice_torch_error(backend, case, math_mode, use_settings):
     """bf16 block vs the fp32 diffusers block: at most 2x the error of diffusers' own bf16 block (fwd + grads)."""
-    monkeypatch.setenv("FASTDIFF_CPU_BF16_MATH", math_mode)
+    use_settings(cpu_bf16_math=math_mode)
     ref, ours, x, t = _pair(case)
     g = torch.randn(ref(x, t).shape, generator=torch.Generator().manual_seed(7))
 

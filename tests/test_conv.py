@@ -94,9 +94,9 @@ def test_layouts(backend, layout, residual):
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=["sd1-320", "shortcut1x1", "tiny"])
 @pytest.mark.parametrize("residual,silu", [(None, True), ("full", False), ("nc11", True)])
 @pytest.mark.parametrize("math", ["auto", "native", "fp32"])
-def test_bf16_forward(backend, case, residual, silu, math, monkeypatch):
+def test_bf16_forward(backend, case, residual, silu, math, use_settings):
     """bf16 error vs the fp32 result is at most 2x the error of torch's own bf16 sequence (every math mode)."""
-    monkeypatch.setenv("FASTDIFF_CPU_BF16_MATH", math)
+    use_settings(cpu_bf16_math=math)
     x, w, b, r, conf = _make(case, torch.float32, residual=residual)
     lp = lambda t: None if t is None else t.bfloat16()  # noqa: E731
     # The inputs are rounded to bf16 first: both sides see exactly the same bf16 operands.

@@ -83,8 +83,8 @@ def test_no_bias_noncontiguous_and_1d(backend):
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[7]], ids=["sd1-320", "ctx-768", "odd"])
 @pytest.mark.parametrize("act,residual", [(None, False), ("gelu", False), ("silu", True)])
 @pytest.mark.parametrize("math_mode", ["auto", "native", "fp32"])
-def test_bf16_forward(backend, case, act, residual, math_mode, monkeypatch):
-    monkeypatch.setenv("FASTDIFF_CPU_BF16_MATH", math_mode)
+def test_bf16_forward(backend, case, act, residual, math_mode, use_settings):
+    use_settings(cpu_bf16_math=math_mode)
     x, w, b, r = _make(case, torch.bfloat16, residual)
     up = lambda t: None if t is None else t.float()  # noqa: E731
     ref32 = linear_ref(up(x), up(w), up(b), activation=act, residual=up(r))

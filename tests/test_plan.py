@@ -66,10 +66,10 @@ def test_activations_linear_in_batch_and_match_graph_walk(precision):
     assert act.per_sample > 0
 
 
-def test_bf16_halves_the_per_sample_activations(monkeypatch):
+def test_bf16_halves_the_per_sample_activations(use_settings):
     # native bf16 kernels, as on the GPU the plan targets: on CPUs without fast bf16 dot products fastdiff runs
     # attention in fp32 (and saves fp32 q/k/v), which is right for CPU speed but not what a GPU run saves
-    monkeypatch.setenv("FASTDIFF_CPU_BF16_MATH", "native")
+    use_settings(cpu_bf16_math="native")
     fp32 = measure_activations(TINY, "fp32")
     bf16 = measure_activations(TINY, "bf16")
     # activations are 2-byte under autocast; the few fp32 leftovers (norm statistics, softmax logsumexp, the
