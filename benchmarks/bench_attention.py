@@ -4,8 +4,8 @@ same run, forward and forward + backward, fp32 and bf16.
 Shapes of the SD1 UNet at 512x512 (batch 2 for classifier-free guidance, 8 heads: 64x64 latent self-attention
 d40, its cross-attention to 77 text tokens, 32x32 d80, 16x16 d160) and SD3's joint attention (24 heads, 1024 image
 + 154 text tokens, d64). Two rows per case: ``[auto: backend]`` is what ``fastdiff.ops.attention`` chooses for
-the input (the registry's routing), ``[cpu kernel]`` forces fastdiff's own C++ flash-attention kernel, so its
-numbers are in the table even where the routing passes it over. FLOPs: 4 * B * H * Lq * Lk * D forward (two
+the input (the registry's routing), ``[cpu kernel]`` runs fastdiff's own C++ flash-attention kernel
+(``cpu_flash_attention``), so its numbers are in the table even where the routing passes it over. FLOPs: 4 * B * H * Lq * Lk * D forward (two
 matmuls), 2.5x that for the backward (five); the summary gives TFLOP/s, and ``-s`` prints GFLOP/s and the fraction
 of the machine's fp32 matmul ceiling measured in the same run (``matmul (compute ceiling)`` row).
 
@@ -18,7 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops import attention, use_backend
+from fastdiff import _ext
+from fastdiff.ops import attention
+from fastdiff.ops.attention import cpu_flash_attention
 from fastdiff.ops.registry import all_ops
 
 import conftest
@@ -45,8 +47,9 @@ def _inputs(B, H, Lq, Lk, D, dtype, grad=False):
     return [torch.randn(B, H, L, D, generator=g).to(dtype).requires_grad_(grad) for L in (Lq, Lk, Lk)]
 
 
-def _cpu_kernel_reasons(q, k, v):
-    return OP.reasons("cpu", q, k, v, None, None)
+def _skip_without_kernel():
+    if not _ext.has_cpu_kernels():
+        pytest.skip(f"fastdiff._C did not import ({_ext.IMPORT_ERROR}): no cpu kernel to time")
 
 
 def _say(what, peak_gflops):
@@ -68,14 +71,9 @@ def test_attention_fwd_vs_sdpa(compare, matmul_peak, shape, dtype, which):
         label = f"auto: {OP.select(q, k, v, None, None)}"
         fast = lambda: attention(q, k, v)  # noqa: E731
     else:
-        why = _cpu_kernel_reasons(q, k, v)
-        if why:
-            pytest.skip(f"the cpu backend cannot run here: {why}")
+        _skip_without_kernel()
         label = "cpu kernel"
-
-        def fast():
-            with use_backend("cpu"):
-                return attention(q, k, v)
+        fast = lambda: cpu_flash_attention(q, k, v)  # noqa: E731
     flops = 4 * B * H * Lq * Lk * D
     with torch.no_grad():
         compare(f"attention fwd [{label}] vs SDPA", f"{name} B{B} H{H} {Lq}x{Lk} d{D} {str(dtype)[6:]}", fast,
@@ -94,14 +92,9 @@ def test_attention_fwd_bwd_vs_sdpa(compare, matmul_peak, shape, dtype, which):
         label = f"auto: {OP.select(q, k, v, None, None)}"
         ours = lambda: attention(q, k, v)  # noqa: E731
     else:
-        why = _cpu_kernel_reasons(q, k, v)
-        if why:
-            pytest.skip(f"the cpu backend cannot run here: {why}")
+        _skip_without_kernel()
         label = "cpu kernel"
-
-        def ours():
-            with use_backend("cpu"):
-                return attention(q, k, v)
+        ours = lambda: cpu_flash_attention(q, k, v)  # noqa: E731
 
     def step(fn):
         return lambda: torch.autograd.grad(fn(), (q, k, v), do)
