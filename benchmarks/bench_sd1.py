@@ -1,5 +1,5 @@
 """Stable Diffusion 1.5 on this CPU: fastdiff vs diffusers on the same random full-size weights, same dtype and
-threads, in one run (issue 4's speed targets: bf16 512x512 guided step <= 2.3 s, >= 1.7x diffusers on the UNet
+threads, in one run (speed targets: bf16 512x512 guided step <= 2.3 s, >= 1.7x diffusers on the UNet
 step in both dtypes, >= 1.5x on the VAE decode).
 
 Run: ``pytest benchmarks/bench_sd1.py --benchmark-only -s``. Each case times the two sides interleaved (two

@@ -5,7 +5,7 @@ Run: ``pytest benchmarks/ --benchmark-only`` (add ``-s`` to see progress). Each 
 from another process hits both), the fastdiff side is also handed to pytest-benchmark for its statistics, and a
 summary table (time, GB/s, ratio, % of the machine's copy bandwidth) is printed at the end of the session.
 
-Benchmark trap on this machine (PLATFORM.md): fresh large allocations page-fault at ~2.3 us a page, which
+Benchmark trap: fresh large allocations page-fault at ~2.3 us a page, which
 makes any op that allocates its output look several times slower. The malloc thresholds are raised below so
 freed blocks are reused instead of returned to the kernel, for both sides alike.
 """
