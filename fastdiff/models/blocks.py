@@ -30,7 +30,7 @@ from torch import nn
 
 from fastdiff.ops import Conv2d, Linear, group_norm
 
-__all__ = ["ResBlock", "TimestepEmbedding", "apply_group_norm"]
+__all__ = ["ResBlock", "TimestepEmbedding", "Upsample2D", "apply_group_norm"]
 
 
 def apply_group_norm(x: torch.Tensor, module: nn.GroupNorm, *, silu: bool = False,
@@ -52,6 +52,17 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.linear_1(x, activation="silu"))
+
+
+class Upsample2D(nn.Module):
+    """2x nearest upsampling, then a 3x3 convolution (diffusers' ``Upsample2D(use_conv=True)``; key ``conv``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class ResBlock(nn.Module):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastdiff.models.blocks import ResBlock, TimestepEmbedding, apply_group_norm
+from fastdiff.models.blocks import ResBlock, TimestepEmbedding, Upsample2D, apply_group_norm
 from fastdiff.ops import Conv2d, Linear, attention, timestep_embedding_ref
 from fastdiff.ops._onednn import bf16_math_dtype
 
@@ -276,15 +276,6 @@ class Downsample2D(nn.Module):
         if self.padding == 0:  # TF "SAME" padding for an even input: one extra row/column at the end
             x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class DownBlock(nn.Module):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.models.blocks import ResBlock, apply_group_norm
+from fastdiff.models.blocks import ResBlock, Upsample2D, apply_group_norm
 from fastdiff.ops import Conv2d, Linear, attention
 
 __all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "SD15", "SD3", "TINY", "TINY_SD3", "PRESETS"]
@@ -159,15 +159,6 @@ class _Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class _Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class _EncoderBlock(nn.Module):
     def __init__(self, cin: int, cout: int, n: int, groups: int, down: bool):
         super().__init__()
@@ -184,7 +175,7 @@ class _DecoderBlock(nn.Module):
     def __init__(self, cin: int, cout: int, n: int, groups: int, up: bool):
         super().__init__()
         self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
-        self.upsamplers = nn.ModuleList([_Upsample(cout)]) if up else None
+        self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if up else None
 
     def forward(self, x):
         for r in self.resnets:
