@@ -1,6 +1,6 @@
 """Stable Diffusion 3 MMDiT on this CPU: one classifier-free-guided step (batch 2) at 512x512, fastdiff's
 ``MMDiT`` vs diffusers' ``SD3Transformer2DModel`` on the same random weights, same dtype and threads, in one run
-(the issue's target: fastdiff >= 1.5x diffusers on the bf16 guided 512x512 step).
+(target: fastdiff >= 1.5x diffusers on the bf16 guided 512x512 step).
 
     pytest benchmarks/bench_sd3.py --benchmark-only -s                # depth 2 + extrapolation, one round
     pytest benchmarks/bench_sd3.py --benchmark-only -s --full-size    # the full SD3-medium (minutes per step)
@@ -34,7 +34,7 @@ The FLOP count was cross-checked at depth 2 in fp32: its linears (285.4 GFLOP) m
 fastdiff's model (284.9, plus the 0.4 of the patchify matmul that runs through oneDNN, which the counter does not
 see); the counter has no rule for the CPU SDPA op (39.7 GFLOP of attention here), so it cannot be used as is.
 
-Measured on an AMD EPYC Zen 3 (AVX2 only), 2 threads shared with another developer (noisy: repeated runs of
+Measured on an AMD EPYC Zen 3 (AVX2 only), 2 threads shared with another job (noisy: repeated runs of
 the same case differed up to 1.7x for diffusers, so compare the ratios of one run): full depth 24, one round,
 bf16 40.4 s fastdiff vs 199.5 s diffusers (4.9x), fp32 29.6 vs 31.6 s (1.07x).
 """

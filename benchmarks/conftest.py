@@ -17,7 +17,7 @@ was allocated before it (torch.profiler's allocation events; memory a library al
 oneDNN's scratchpads, is not seen). For the models (SD1, SD3), the peak of the bytes in use by malloc while the
 call ran, sampled every 5 ms. Both are CPU stand-ins for ``torch.cuda.max_memory_allocated``.
 
-Benchmark trap: fresh large allocations page-fault (~2.3 us a page on the machines this was written on), which
+Benchmark trap: fresh large allocations page-fault (~2.3 us a page on a 2-core x86 VM), which
 makes any op that allocates its output look several times slower. The malloc thresholds are raised below so
 freed blocks are reused instead of returned to the kernel, for both sides alike.
 """

@@ -1,4 +1,4 @@
-"""The full-size check of issue 4: random weights in the real SD1.5 configuration (859.5M-parameter UNet, KL-VAE,
+"""The full-size check: random weights in the real SD1.5 configuration (859.5M-parameter UNet, KL-VAE,
 CLIP ViT-L/14 text encoder), written as a diffusers folder and as an original single-file checkpoint; fastdiff
 loading either gives the same seeded 4-step 256x256 txt2img as diffusers' StableDiffusionPipeline on the same
 weights (within 1/255 per pixel, fp32). The components' own parity is checked on small configurations in

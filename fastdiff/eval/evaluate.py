@@ -151,7 +151,7 @@ class EvalReport:
 
     @property
     def accuracy_ratio(self) -> float | None:
-        """Conditional accuracy relative to the classifier's accuracy on real images (issue target: >= 0.9)."""
+        """Conditional accuracy relative to the classifier's accuracy on real images (target: >= 0.9)."""
         return None if self.accuracy is None else self.accuracy / self.classifier_real_accuracy
 
     def to_dict(self) -> dict:

@@ -226,7 +226,7 @@ def _mask_device(q, attn_mask):
 
 
 def _cpu_reasons(q, k, v, attn_mask=None, scale=None):
-    # fp16 on this CPU class runs at ~2 GFLOP/s (PLATFORM.md): leave it to the reference rather than pretend.
+    # fp16 on x86 CPUs runs at ~2 GFLOP/s (torch matmul): leave it to the reference rather than pretend.
     return tensor_reasons("cpu", q, k, v, dtypes=(torch.float32, torch.bfloat16)) + _mask_device(q, attn_mask)
 
 
