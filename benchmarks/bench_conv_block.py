@@ -1,5 +1,5 @@
 """SD1 ResBlock, fused conv and linear vs the eager PyTorch they replace (target: ResBlock >= 1.3x eager in bf16
-at 64x64x320, issue 2).
+at 64x64x320).
 
 Everything runs in inference mode with modules in eval (the sampling path): fastdiff's Conv2d/Linear then use
 their cached pre-packed weights, exactly as in a model. The eager side is diffusers' ResnetBlock2D / plain

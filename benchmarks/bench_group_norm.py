@@ -2,8 +2,8 @@
 
 Run: ``pytest benchmarks/bench_group_norm.py --benchmark-only -q``. GB/s counts the bytes the op must move
 (inputs read once, outputs written once); the copy row of the summary is the machine's memory ceiling.
-Targets (issue 2): forward at (2, 320, 64, 64) >= 2x eager in bf16, >= 1.6x in fp32, >= 60 % of copy bandwidth.
-Both sides allocate their outputs and are warmed up (PLATFORM.md's page-fault trap; conftest raises the malloc
+Targets: forward at (2, 320, 64, 64) >= 2x eager in bf16, >= 1.6x in fp32, >= 60 % of copy bandwidth.
+Both sides allocate their outputs and are warmed up (fresh allocations page-fault, see conftest, which raises the malloc
 thresholds for both alike).
 """
 from __future__ import annotations

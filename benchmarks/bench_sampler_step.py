@@ -1,4 +1,4 @@
-"""Fused CFG + sampler update vs the eager sequence it replaces (target: >= 3x eager, issue 2)."""
+"""Fused CFG + sampler update vs the eager sequence it replaces (target: >= 3x eager)."""
 import pytest
 import torch
 

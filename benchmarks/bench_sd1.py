@@ -1,81 +1,50 @@
-"""Stable Diffusion 1.5 on this CPU: fastdiff vs diffusers on the same random full-size weights, same dtype and
-threads, in one run (issue 4's speed targets: bf16 512x512 guided step <= 2.3 s, >= 1.7x diffusers on the UNet
-step in both dtypes, >= 1.5x on the VAE decode).
+"""Stable Diffusion 1.5 on the CPU: fastdiff vs diffusers on the same random full-size weights, same dtype and
+threads, in one run.
 
-Run: ``pytest benchmarks/bench_sd1.py --benchmark-only -s``. Each case times the two sides interleaved (two
-rounds each: a 512x512 step takes seconds) and reports the ratio, TFLOP/s of the UNet (2 x multiply-adds,
-counted by torch's FLOP counter on the diffusers model) and the peak resident-memory increase during the call
-(bytes in use by malloc, sampled every 5 ms: a CPU stand-in for torch.cuda.max_memory_allocated).
-The whole 20-step 512x512 txt2img is the slowest case (minutes): ``-k "not txt2img"`` skips it.
-"""
+Run: ``pytest benchmarks/bench_sd1.py --benchmark-only -s``. By default the full-size models run at a reduced
+image size (128x128: the UNet step, the VAE decode and a 4-step txt2img), one timed round after one warm-up call
+of each side; ``--full-size`` runs the UNet step at 256x256 and 512x512, the VAE decode at 512x512 and the
+20-step 512x512 txt2img, with two rounds (tens of minutes on a 2-core CPU). Each case times the two sides
+interleaved and reports the ratio, TFLOP/s of the UNet (2 x multiply-adds, counted by torch's FLOP counter on the
+diffusers model) and the peak increase of malloc's in-use bytes during the timed calls (sampled every 5 ms: a CPU
+stand-in for torch.cuda.max_memory_allocated)."""
 from __future__ import annotations
 
-import ctypes
 import os
-import threading
 import time
 
 import pytest
 import torch
 
-from conftest import _ROWS
+from conftest import FULL_SIZE, add_row, peak_memory_increase
 
 diffusers = pytest.importorskip("diffusers")
 
-def time_pair(fast, slow, rounds: int = 2, min_time: float = 0.0) -> tuple[float, float]:
+# Reduced size by default (128x128 images: 16x16 latents), the real sizes with --full-size.
+UNET_RES = [256, 512] if FULL_SIZE else [128]
+VAE_RES = 512 if FULL_SIZE else 128
+TXT2IMG = dict(res=512, steps=20) if FULL_SIZE else dict(res=128, steps=4)
+ROUNDS = 2 if FULL_SIZE else 1
+
+
+def time_pair(fast, slow, rounds: int = ROUNDS) -> tuple[float, float, float, float]:
     """Best-of-``rounds`` seconds of each side, interleaved, after one warm-up call each (seconds-long calls: the
-    conftest timer's three warm-ups and seven rounds would take minutes per case)."""
+    conftest timer's three warm-ups and seven rounds would take minutes per case), and the peak memory increase
+    (MB) of each side during its timed calls."""
     fast(), slow()
-    tf, te = [], []
+    tf, te, mf, me = [], [], [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fast()
-        tf.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        slow()
-        te.append(time.perf_counter() - t0)
-    return min(tf), min(te)
+        for fn, ts, ms in ((fast, tf, mf), (slow, te, me)):
+            box = {}
 
+            def call(fn=fn, box=box):
+                t0 = time.perf_counter()
+                fn()
+                box["s"] = time.perf_counter() - t0
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-try:
-    _libc = ctypes.CDLL("libc.so.6")
-    _libc.mallinfo2.restype = _Mallinfo2
-except (OSError, AttributeError):  # not glibc >= 2.33: no memory column
-    _libc = None
-
-
-def _in_use() -> int:
-    """Bytes malloc has handed out and not taken back (heap + mmapped chunks): torch's CPU tensors live there."""
-    m = _libc.mallinfo2()
-    return m.uordblks + m.hblkhd
-
-
-def peak_memory_increase(fn) -> float:
-    """Peak of the bytes in use while ``fn()`` ran, above what was in use before (sampled every 5 ms), in MB;
-    NaN without glibc. A CPU stand-in for torch.cuda.max_memory_allocated (the allocator's cache is excluded:
-    freed blocks are not in use)."""
-    if _libc is None:
-        return float("nan")
-    base, peak, done = _in_use(), [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], _in_use())
-            time.sleep(0.005)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        t.join()
-    return (max(peak[0], _in_use()) - base) / 2**20
+            ms.append(peak_memory_increase(call))
+            ts.append(box["s"])
+    return min(tf), min(te), max(mf), max(me)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +66,8 @@ def models():
 
 
 def _record(benchmark, name, case, tf, te, flops=None, mem=None):
-    row = dict(name=name, case=case, fast=tf, eager=te)
-    if flops:
-        row["tflops"] = flops / tf / 1e12
-    _ROWS.append(row)
+    row = add_row(name, case, tf, te, baseline="diffusers", tflops=flops / tf / 1e12 if flops else None,
+                  peak_mb=(mem or {}).get("fastdiff_peak_mb"), peak_mb_base=(mem or {}).get("diffusers_peak_mb"))
     benchmark.extra_info.update(case=case, fastdiff_s=tf, diffusers_s=te, ratio_vs_diffusers=te / tf, **(mem or {}))
     print(f"\n{name} {case}: fastdiff {tf:.2f} s, diffusers {te:.2f} s, ratio {te / tf:.2f}"
           + (f", {row['tflops']:.3f} TFLOP/s" if flops else "")
@@ -119,7 +86,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))
-@pytest.mark.parametrize("res", [256, 512])
+@pytest.mark.parametrize("res", UNET_RES)
 def test_unet_guided_step(benchmark, models, res, dname):
     """One classifier-free-guided UNet step: batch 2 (cond + uncond) at res x res, 77-token context."""
     ref_u, ours_u, _, _ = models
@@ -133,31 +100,32 @@ def test_unet_guided_step(benchmark, models, res, dname):
         fast = lambda: ours_u(x, t, c)  # noqa: E731
         slow = lambda: ref_u(x, t, c).sample  # noqa: E731
         flops = _unet_flops(ref_u, x, t, c)
-        tf, te = time_pair(fast, slow, rounds=2, min_time=0.0)
-        mem = dict(fastdiff_peak_mb=peak_memory_increase(fast), diffusers_peak_mb=peak_memory_increase(slow))
+        tf, te, mf, me = time_pair(fast, slow)
+        mem = dict(fastdiff_peak_mb=mf, diffusers_peak_mb=me)
         _record(benchmark, "SD1 UNet guided step", f"{res}px b2 {dname}", tf, te, flops, mem)
         benchmark.pedantic(fast, rounds=1, iterations=1)
     ref_u.float(), ours_u.float()
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))
-def test_vae_decode_512(benchmark, models, dname):
+def test_vae_decode(benchmark, models, dname):
     _, _, ref_v, ours_v = models
     dt = DTYPES[dname]
     ref_v, ours_v = ref_v.to(dt), ours_v.to(dt)
-    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)).to(dt)
+    z = torch.randn(1, 4, VAE_RES // 8, VAE_RES // 8, generator=torch.Generator().manual_seed(1)).to(dt)
     with torch.inference_mode():
         fast = lambda: ours_v.decode(z)  # noqa: E731
         slow = lambda: ref_v.decode(z).sample  # noqa: E731
-        tf, te = time_pair(fast, slow, rounds=2, min_time=0.0)
-        mem = dict(fastdiff_peak_mb=peak_memory_increase(fast), diffusers_peak_mb=peak_memory_increase(slow))
-        _record(benchmark, "SD1 VAE decode", f"512px {dname}", tf, te, mem=mem)
+        tf, te, mf, me = time_pair(fast, slow)
+        mem = dict(fastdiff_peak_mb=mf, diffusers_peak_mb=me)
+        _record(benchmark, "SD1 VAE decode", f"{VAE_RES}px {dname}", tf, te, mem=mem)
         benchmark.pedantic(fast, rounds=1, iterations=1)
     ref_v.float(), ours_v.float()
 
 
-def test_txt2img_20_steps_512(benchmark, models, tmp_path):
-    """The whole 20-step 512x512 guided txt2img (DDIM), text encoder + UNet + VAE, fp32, both libraries."""
+def test_txt2img(benchmark, models, tmp_path):
+    """The whole guided txt2img (DDIM; 20 steps at 512x512 with --full-size, else 4 steps at 128x128), text encoder
+    + UNet + VAE, fp32, both libraries."""
     ref_u, ours_u, ref_v, ours_v = models
     import transformers
 
@@ -177,10 +145,12 @@ def test_txt2img_20_steps_512(benchmark, models, tmp_path):
     ref.save_pretrained(tmp_path / "sd")
     pipe = load_sd1(tmp_path / "sd")
     prompt = "a photo of an astronaut riding a horse on mars"
-    fast = lambda: pipe.txt2img(prompt, steps=20, sampler="ddim", seed=0)  # noqa: E731
-    slow = lambda: ref(prompt, num_inference_steps=20, generator=torch.Generator().manual_seed(0),  # noqa: E731
-                       output_type="pt").images
+    res, steps = TXT2IMG["res"], TXT2IMG["steps"]
+    fast = lambda: pipe.txt2img(prompt, steps=steps, sampler="ddim", seed=0, height=res, width=res)  # noqa: E731
+    slow = lambda: ref(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),  # noqa: E731
+                       height=res, width=res, output_type="pt").images
     with torch.inference_mode():
-        tf, te = time_pair(fast, slow, rounds=1, min_time=0.0)
-    _record(benchmark, "SD1 txt2img 20 steps", "512px fp32 DDIM", tf, te)
+        tf, te, mf, me = time_pair(fast, slow, rounds=1)
+    _record(benchmark, f"SD1 txt2img {steps} steps", f"{res}px fp32 DDIM", tf, te,
+            mem=dict(fastdiff_peak_mb=mf, diffusers_peak_mb=me))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

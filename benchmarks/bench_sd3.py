@@ -1,10 +1,12 @@
 """Stable Diffusion 3 MMDiT on this CPU: one classifier-free-guided step (batch 2) at 512x512, fastdiff's
 ``MMDiT`` vs diffusers' ``SD3Transformer2DModel`` on the same random weights, same dtype and threads, in one run
-(the issue's target: fastdiff >= 1.5x diffusers on the bf16 guided 512x512 step).
+(target: fastdiff >= 1.5x diffusers on the bf16 guided 512x512 step).
 
-    pytest benchmarks/bench_sd3.py --benchmark-only -s
-    FASTDIFF_BENCH_SD3_DEPTH=24 FASTDIFF_BENCH_SD3_ROUNDS=1 FASTDIFF_BENCH_SD3_WARMUP_DIFFUSERS=0 \
-        pytest benchmarks/bench_sd3.py --benchmark-only -s          # the full SD3-medium (minutes per step)
+    pytest benchmarks/bench_sd3.py --benchmark-only -s                # depth 2 + extrapolation, one round
+    pytest benchmarks/bench_sd3.py --benchmark-only -s --full-size    # the full SD3-medium (minutes per step)
+
+``--full-size`` means depth 24, one round, no diffusers warm-up; ``FASTDIFF_BENCH_SD3_DEPTH``,
+``FASTDIFF_BENCH_SD3_ROUNDS`` and ``FASTDIFF_BENCH_SD3_WARMUP_DIFFUSERS`` override each of them.
 
 Shapes: 64x64 latents (1024 image tokens of 2x2 patches), text context 77 CLIP + 256 T5 = 333 tokens of width
 4096, pooled 2048, timestep 500. Every block is SD3-medium's exactly (24 heads x 64 = 1536 wide, 4x GELU-tanh MLP);
@@ -21,7 +23,7 @@ writes to them). fastdiff's Linear additionally caches a pre-packed oneDNN copy 
 oneDNN (for bf16 inputs on a CPU without bf16 kernels: an fp32 copy, 2x the bf16 weights); that cache is built by
 the warm-up call and reported as ``pack cache``.
 
-Reported per step: seconds of each side (min of ``FASTDIFF_BENCH_SD3_ROUNDS`` interleaved rounds, default 2,
+Reported per step: seconds of each side (min of ``FASTDIFF_BENCH_SD3_ROUNDS`` interleaved rounds, default 1,
 after one warm-up call of each side; ``FASTDIFF_BENCH_SD3_WARMUP_DIFFUSERS=0`` skips diffusers' warm-up, which
 has no cache to build, to save minutes at full depth), the ratio diffusers / fastdiff, TFLOP/s from a FLOP count
 computed from the config (2 x the multiply-adds of every linear the step needs + attention's QK^T and PV; the
@@ -32,7 +34,7 @@ The FLOP count was cross-checked at depth 2 in fp32: its linears (285.4 GFLOP) m
 fastdiff's model (284.9, plus the 0.4 of the patchify matmul that runs through oneDNN, which the counter does not
 see); the counter has no rule for the CPU SDPA op (39.7 GFLOP of attention here), so it cannot be used as is.
 
-Measured on an AMD EPYC Zen 3 (AVX2 only), 2 threads shared with another developer (noisy: repeated runs of
+Measured on an AMD EPYC Zen 3 (AVX2 only), 2 threads shared with another job (noisy: repeated runs of
 the same case differed up to 1.7x for diffusers, so compare the ratios of one run): full depth 24, one round,
 bf16 40.4 s fastdiff vs 199.5 s diffusers (4.9x), fp32 29.6 vs 31.6 s (1.07x).
 """
@@ -47,19 +49,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import _ROWS
+from conftest import FULL_SIZE, _libc, add_row, peak_memory_increase
+from conftest import in_use as _in_use
 
 diffusers = pytest.importorskip("diffusers")
-
-from bench_sd1 import _in_use, _libc, peak_memory_increase  # noqa: E402  (the same memory measure)
 
 from fastdiff.models.mmdit import SD3_MEDIUM, MMDiT  # noqa: E402
 from fastdiff.ops import all_ops  # noqa: E402
 from fastdiff.ops._onednn import onednn_math_dtype  # noqa: E402
 
-DEPTH = int(os.environ.get("FASTDIFF_BENCH_SD3_DEPTH", "2"))
-ROUNDS = int(os.environ.get("FASTDIFF_BENCH_SD3_ROUNDS", "2"))
-WARMUP_DIFFUSERS = os.environ.get("FASTDIFF_BENCH_SD3_WARMUP_DIFFUSERS", "1") != "0"
+DEPTH = int(os.environ.get("FASTDIFF_BENCH_SD3_DEPTH", "24" if FULL_SIZE else "2"))
+ROUNDS = int(os.environ.get("FASTDIFF_BENCH_SD3_ROUNDS", "1"))
+WARMUP_DIFFUSERS = os.environ.get("FASTDIFF_BENCH_SD3_WARMUP_DIFFUSERS", "0" if FULL_SIZE else "1") != "0"
 FULL_DEPTH = SD3_MEDIUM.num_layers  # 24
 
 BATCH, LATENT, TEXT_TOKENS = 2, 64, 77 + 256
@@ -199,8 +200,8 @@ def test_mmdit_guided_step_512(benchmark, dname):
         err = _rel_err(of, os_)
         del of, os_
         case = f"512px b2 {dname} depth {DEPTH}"
-        row = dict(name="SD3 MMDiT guided step", case=case, fast=tf, eager=ts, tflops=fl["total"] / tf / 1e12)
-        _ROWS.append(row)
+        add_row("SD3 MMDiT guided step", case, tf, ts, baseline="diffusers", tflops=fl["total"] / tf / 1e12,
+                peak_mb=mf, peak_mb_base=ms)
         info = dict(depth=DEPTH, dtype=dname, fastdiff_s=tf, diffusers_s=ts, ratio_vs_diffusers=ts / tf,
                     tflops_fastdiff=fl["total"] / tf / 1e12, tflops_diffusers=fl["total"] / ts / 1e12,
                     gflop=fl["total"] / 1e9, fastdiff_peak_mb=mf, diffusers_peak_mb=ms, fastdiff_pack_cache_mb=pack_mb,
@@ -230,10 +231,10 @@ def test_mmdit_guided_step_512(benchmark, dname):
                         block_tflops_fastdiff=fl["block"] / bf / 1e12, block_peak_mb_fastdiff=bmf,
                         block_peak_mb_diffusers=bms, extrapolated_full_fastdiff_s=ef, extrapolated_full_diffusers_s=es,
                         extrapolated_full_ratio=es / ef, extrapolated_full_tflops_fastdiff=ffl / ef / 1e12)
-            _ROWS.append(dict(name="SD3 MMDiT one ordinary block", case=f"512px b2 {dname}", fast=bf, eager=bs,
-                              tflops=fl["block"] / bf / 1e12))
-            _ROWS.append(dict(name="SD3 MMDiT 24 blocks EXTRAPOLATED", case=f"from {DEPTH} blocks {dname}", fast=ef,
-                              eager=es, tflops=ffl / ef / 1e12))
+            add_row("SD3 MMDiT one ordinary block", f"512px b2 {dname}", bf, bs, baseline="diffusers",
+                    tflops=fl["block"] / bf / 1e12, peak_mb=bmf, peak_mb_base=bms)
+            add_row("SD3 MMDiT 24 blocks EXTRAPOLATED", f"from {DEPTH} blocks {dname}", ef, es, baseline="diffusers",
+                    tflops=ffl / ef / 1e12)
             print(f"[SD3 {dname}] MEASURED one ordinary block: fastdiff {bf:.3f} s, diffusers {bs:.3f} s, ratio "
                   f"{bs / bf:.2f}, fastdiff {info['block_tflops_fastdiff']:.3f} TFLOP/s, "
                   f"peak +{bmf:.0f} / +{bms:.0f} MB"

@@ -36,10 +36,29 @@ PyObject* cpu_capability(PyObject*, PyObject*) {
   }
 }
 
+PyObject* detected_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastdiff::cpu::isa_name(fastdiff::cpu::detected_isa()));
+}
+
+PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  try {
+    fastdiff::cpu::set_isa(fastdiff::cpu::parse_isa(name));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cuda_archs", cuda_archs, METH_NOARGS, "(SASS, PTX) CUDA architectures compiled in, or None."},
     {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU instruction set the kernels dispatch to."},
+    {"detected_cpu_capability", detected_cpu_capability, METH_NOARGS, "The best instruction set this CPU has."},
+    {"set_cpu_capability", set_cpu_capability, METH_O,
+     "Dispatch to this instruction set ('' or 'auto': the detected one); fastdiff.settings calls it."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastdiff compiled kernels", -1, methods};

@@ -9,6 +9,8 @@ import warnings
 
 import torch  # noqa: F401  (the extension links against libtorch: import torch first)
 
+from fastdiff import settings
+
 __all__ = ["C", "IMPORT_ERROR", "has_cpu_kernels", "has_cuda_kernels", "cuda_archs", "cpu_capability"]
 
 try:
@@ -58,5 +60,27 @@ def cuda_archs() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
 
 
 def cpu_capability() -> str:
-    """The instruction set the C++ CPU kernels dispatch to on this machine ('avx512', 'avx2', 'scalar')."""
-    return C.cpu_capability() if C is not None else "unavailable"
+    """The instruction set the C++ CPU kernels dispatch to ('avx512_bf16', 'avx512', 'avx2', 'scalar'): the
+    best this CPU has, or the ``cpu_isa`` setting (``FASTDIFF_CPU_ISA``)."""
+    if C is None:
+        return "unavailable"
+    settings.current()  # the settings are read (and the ISA applied) on first use
+    return C.cpu_capability()
+
+
+def _apply_cpu_isa(s: settings.Settings) -> None:
+    # settings listener: the kernels dispatch to s.cpu_isa (None: the detected ISA); the extension refuses an
+    # ISA this CPU lacks, and the settings then keep their previous value
+    if C is None:
+        return
+    try:
+        C.set_cpu_capability(s.cpu_isa or "auto")
+    except ValueError as e:
+        raise settings.SettingsError(str(e)) from None
+    except AttributeError:  # an extension built from older sources: it follows only the detected ISA
+        if s.cpu_isa is not None and s.cpu_isa != C.cpu_capability():
+            raise settings.SettingsError("fastdiff._C predates the cpu_isa setting; rebuild it "
+                                         "(pip install -e . --no-build-isolation)") from None
+
+
+settings.on_change(_apply_cpu_isa)

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from fastdiff._argtypes import OneLineParser
+
 __all__ = ["main"]
 
 # subcommand -> (module, the function adding its parser). Modules are imported only when listed, so
@@ -33,7 +35,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fastdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, CPU features and which backend runs each op")
     p.add_argument("--kernels", action="store_true",

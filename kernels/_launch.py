@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
+
+from fastdiff import settings
 
 __all__ = ["MAX_GRID", "interpreting", "on_device", "check_grid", "sm_count"]
 
@@ -20,7 +21,7 @@ _INTERPRETER_SMS = 4
 
 def interpreting() -> bool:
     """True when kernels run on CPU tensors under TRITON_INTERPRET=1 (tests only)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.current().triton_interpret
 
 
 def on_device(t: torch.Tensor):

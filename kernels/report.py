@@ -21,6 +21,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from fastdiff import settings
+
 __all__ = [
     "SM89",
     "DeviceLimits",
@@ -130,7 +132,7 @@ def _ptxas_usage(ptx: str, cc: int) -> dict:
     import hashlib
     import json
 
-    cache_dir = os.environ.get("FASTDIFF_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "fastdiff"))
+    cache_dir = str(settings.current().cache_dir or os.path.join(tempfile.gettempdir(), "fastdiff"))  # off: a temp one
     key = hashlib.sha256(f"{cc}\0{ptx}".encode()).hexdigest()
     path = os.path.join(cache_dir, "ptxas", key + ".json")
     try:

@@ -6,11 +6,12 @@ import fastdiff.ops as ops
 from fastdiff.models.blocks import ResBlock
 from fastdiff.ops.registry import all_ops
 
-from _ops_util import assert_close_lowp, available_backends, max_err
+from lowp import assert_close_lowp, max_err
 
 diffusers_resnet = pytest.importorskip("diffusers.models.resnet")
 
-BACKENDS = available_backends(all_ops()["conv2d"])
+OP = all_ops()["conv2d"]
+HAS_CPU = not OP.availability()["cpu"]  # the cpu backend can run here
 
 # (in, out, temb, groups, H, W, batch): SD1 UNet blocks at small spatial size (320, 320->640 with the 1x1
 # shortcut, 1280), a VAE block (no time embedding), and odd sizes.
@@ -46,7 +47,6 @@ def test_state_dict_keys_equal_diffusers():
         assert list(ours.state_dict()) == list(ref.state_dict())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_fp32_forward_and_backward(backend, case, layout):
@@ -77,7 +77,6 @@ def test_fp32_forward_and_backward(backend, case, layout):
         assert max_err(p.grad, theirs[name].grad) <= 1e-4 * scale + 1e-5, f"grad of {name}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["unet-320", "unet-320to640", "vae"])
 def test_inference_mode_packed_weights(backend, case):
     ref, ours, x, t = _pair(case)
@@ -87,12 +86,11 @@ def test_inference_mode_packed_weights(backend, case):
         torch.testing.assert_close(ours(x, t), ref(x, t), rtol=1e-4, atol=1e-4)  # second call: cached packs
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["unet-320", "unet-320to640"])
 @pytest.mark.parametrize("math_mode", ["auto", "native", "fp32"])
-def test_bf16_within_twice_torch_error(backend, case, math_mode, monkeypatch):
+def test_bf16_within_twice_torch_error(backend, case, math_mode, use_settings):
     """bf16 block vs the fp32 diffusers block: at most 2x the error of diffusers' own bf16 block (fwd + grads)."""
-    monkeypatch.setenv("FASTDIFF_CPU_BF16_MATH", math_mode)
+    use_settings(cpu_bf16_math=math_mode)
     ref, ours, x, t = _pair(case)
     g = torch.randn(ref(x, t).shape, generator=torch.Generator().manual_seed(7))
 
@@ -118,7 +116,6 @@ def test_bf16_within_twice_torch_error(backend, case, math_mode, monkeypatch):
         assert_close_lowp(gp[name], gp32[name], gpb[name], f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=["unet-320to640", "vae-128to256"])
 def test_bf16_autocast_fp32_weights(backend, case):
     """fp32 weights + bf16 autocast (how mixed-precision training runs): the block works and its output and

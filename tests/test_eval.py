@@ -11,9 +11,10 @@ import pytest
 import scipy.linalg
 import torch
 
+from fastdiff import settings
 from fastdiff.eval.data import (
-    FASHION_MNIST_DIR,
     class_index,
+    fashion_mnist_dir,
     load_image_set,
     save_image_set,
     to_model_space,
@@ -27,8 +28,8 @@ from fastdiff.eval.metrics import (
     gaussian_stats,
 )
 
-HAVE_FASHION = (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists()
-needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Fashion-MNIST not installed at {FASHION_MNIST_DIR} "
+HAVE_FASHION = (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists()
+needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Fashion-MNIST not installed at {fashion_mnist_dir()} "
                                    "(apt-get install dataset-fashion-mnist)")
 
 
@@ -269,21 +270,18 @@ def test_inception_fid_quirks():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    import os
-
     from fastdiff.eval import evaluate
 
     # A fresh feature cache for this module: the reference pass really runs the classifier here, and the CLI
     # subprocesses (which inherit the variable) reuse its result instead of recomputing it.
-    old = os.environ.get("FASTDIFF_CACHE")
-    os.environ["FASTDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    cache = tmp_path_factory.mktemp("cache")
+    env = pytest.MonkeyPatch()
+    env.setenv("FASTDIFF_CACHE", str(cache))  # for the subprocesses
     evaluate._cached_reference.cache_clear()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    yield evaluate.RealReference.build()
-    if old is None:
-        del os.environ["FASTDIFF_CACHE"]
-    else:
-        os.environ["FASTDIFF_CACHE"] = old
+    with settings.override(cache_dir=cache):
+        yield evaluate.RealReference.build()
+    env.undo()
 
 
 @needs_fashion
@@ -371,7 +369,7 @@ def test_cli_eval_images(tmp_path, reference):
     assert rep["n"] == 300 and rep["accuracy"] == pytest.approx(direct)
     bad = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--images", str(tmp_path / "nope.npz")],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert bad.returncode == 2 and "no such image set" in bad.stderr
+    assert bad.returncode == 2 and "argument --images: path does not exist" in bad.stderr
 
 
 @needs_fashion

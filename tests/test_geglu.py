@@ -7,10 +7,10 @@ import fastdiff.ops as ops
 from fastdiff.ops import geglu, geglu_ref
 from fastdiff.ops.registry import all_ops
 
-from _ops_util import assert_close_lowp, available_backends
+from lowp import assert_close_lowp
 
 OP = all_ops()["geglu"]
-BACKENDS = available_backends(OP)
+HAS_CPU = not OP.availability()["cpu"]  # the cpu backend can run here
 # SD1 transformer feed-forward: dim 320/640/1280, inner 4*dim, GEGLU input 2*inner; few tokens keep tests fast.
 SHAPES = [(2, 8, 2560), (1, 4, 5120), (1, 2, 10240), (3, 5, 14), (7, 66), (1, 2)]
 
@@ -19,7 +19,6 @@ def _x(shape, dtype, seed=0):
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fp32_forward_and_backward(backend, shape):
     x = _x(shape, torch.float32).requires_grad_()
@@ -31,11 +30,17 @@ def test_fp32_forward_and_backward(backend, shape):
     yd = geglu_ref(xd)
     (dxd,) = torch.autograd.grad(yd, xd, g.double())
     assert y.dtype == torch.float32 and y.shape == yd.shape
-    torch.testing.assert_close(y.double(), yd, rtol=1e-5, atol=3e-6)
-    torch.testing.assert_close(dx.double(), dxd, rtol=1e-5, atol=3e-6)
+    # the project's rule in fp32 too: at most 2x the error of torch's own fp32 ops (a * F.gelu(g)) against fp64.
+    # Both compute Phi(g) as (1 + erf(g / sqrt 2)) / 2, which cancels for g << 0, so the worst element of either
+    # is a few 1e-6 wherever |a| and |dy| are large: a fixed absolute bound misses that scale.
+    xt = x.detach().clone().requires_grad_()
+    yt = geglu_ref(xt)
+    (dxt,) = torch.autograd.grad(yt, xt, g)
+    # plus 2 ulps of 1 (the inputs are O(1)): on a tensor of one or two outputs torch can happen to be ~exact
+    assert_close_lowp(y, yd, yt, "geglu fp32 forward", floor=2 * 2.0 ** -23)
+    assert_close_lowp(dx, dxd, dxt, "geglu fp32 backward", floor=2 * 2.0 ** -23)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 8, 2560), (1, 4, 10240), (3, 5, 14)])
 def test_bf16_within_twice_torch(backend, shape):
     x = _x(shape, torch.bfloat16).requires_grad_()
@@ -53,7 +58,6 @@ def test_bf16_within_twice_torch(backend, shape):
     assert_close_lowp(dx, dx32, dxt, f"{backend} backward")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_diffusers_geglu(backend):
     from diffusers.models.activations import GEGLU
 
@@ -65,7 +69,6 @@ def test_matches_diffusers_geglu(backend):
     torch.testing.assert_close(got, m(x), rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_empty_nan(backend):
     base = _x((4, 6, 40), torch.float32)
     x = base[:, ::2, :]  # non-contiguous rows
@@ -88,7 +91,7 @@ def test_bad_inputs():
         geglu([1.0, 2.0])
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled CPU kernels are not built")
+@pytest.mark.skipif(not HAS_CPU, reason="the compiled CPU kernels are not built")
 def test_cpu_refuses_fp16_and_opcheck():
     x = torch.randn(2, 8, dtype=torch.float16)
     with ops.use_backend("cpu"):

@@ -287,7 +287,15 @@ def no_triton(monkeypatch):
     refresh_backends()
 
 
-def test_cuda_attention_without_triton_is_sdpa(no_triton):
+def test_cuda_attention_is_unavailable_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert ops.all_ops()["attention"].availability()["cuda"] == ["no CUDA device is visible to torch"]
+
+
+def test_cuda_attention_without_triton_is_sdpa(no_triton, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    refresh_backends()
     op = ops.all_ops()["attention"]
     with FakeTensorMode():
         q = torch.empty(2, 8, 4096, 40, device="cuda:0", dtype=torch.float16)

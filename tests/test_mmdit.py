@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from _ops_util import assert_close_lowp
+from lowp import assert_close_lowp
 from fastdiff.io.sd3_checkpoint import (MMDIT_PREFIX, infer_mmdit_config, load_mmdit_original,
                                         mmdit_from_original, mmdit_to_original)
 from fastdiff.io.sd_checkpoint import CheckpointError

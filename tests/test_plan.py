@@ -66,10 +66,10 @@ def test_activations_linear_in_batch_and_match_graph_walk(precision):
     assert act.per_sample > 0
 
 
-def test_bf16_halves_the_per_sample_activations(monkeypatch):
+def test_bf16_halves_the_per_sample_activations(use_settings):
     # native bf16 kernels, as on the GPU the plan targets: on CPUs without fast bf16 dot products fastdiff runs
     # attention in fp32 (and saves fp32 q/k/v), which is right for CPU speed but not what a GPU run saves
-    monkeypatch.setenv("FASTDIFF_CPU_BF16_MATH", "native")
+    use_settings(cpu_bf16_math="native")
     fp32 = measure_activations(TINY, "fp32")
     bf16 = measure_activations(TINY, "bf16")
     # activations are 2-byte under autocast; the few fp32 leftovers (norm statistics, softmax logsumexp, the
@@ -168,11 +168,11 @@ def test_cli_plan_runs_no_step(tmp_path):
 
 
 def test_cli_plan_bad_config_is_a_clear_error(tmp_path):
-    for args, msg in ((["--model", "unet9000"], "unknown model preset 'unet9000'"),
-                      (["--precision", "fp8"], "precision must be bf16, fp32 or fp16"),
-                      (["--batch-size", "0"], "batch_size must be a positive integer"),
+    for args, msg in ((["--model", "unet9000"], "argument --model: invalid choice: 'unet9000'"),
+                      (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+                      (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
                       (["--gpu-memory", "0", "--dataset", "digits", "--image-size", "16", "--model", "tiny"],
-                       "gpu memory must be positive"),
+                       "argument --gpu-memory: must be a number in (0, inf), got 0"),
                       (["--dataset", str(tmp_path / "missing")], "unknown dataset")):
         res = _cli("--plan", "--run-dir", str(tmp_path / "r"), *args)
         assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)

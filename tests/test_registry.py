@@ -2,12 +2,17 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import fastdiff.ops as ops
+from fastdiff import settings
+from fastdiff.ops import routing
+from fastdiff.ops._onednn import bf16_math_dtype
 from fastdiff.ops.registry import Op, PRIORITY
+from fastdiff.ops.routing import CpuCaps
 
 
 def _probe_op():
@@ -45,13 +50,16 @@ def test_forced_backend_and_errors():
             pass
 
 
-def test_env_var_forces_backend(monkeypatch):
+def test_backend_setting_forces_backend():
     op = _probe_op()
-    monkeypatch.setenv("FASTDIFF_BACKEND", "ref")
-    assert op(torch.zeros(2))[0] == "ref"
-    monkeypatch.setenv("FASTDIFF_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
-        op(torch.zeros(2))
+    with settings.override(backend="ref"):
+        assert op(torch.zeros(2))[0] == "ref"
+        with ops.use_backend(None):  # the innermost choice wins
+            assert op(torch.zeros(2))[0] == ("ref" if op.availability()["cpu"] else "cpu")
+    with pytest.raises(settings.SettingsError, match=r"backend \(FASTDIFF_BACKEND\) must be one of .*got 'bogus'"):
+        with settings.override(backend="bogus"):
+            pass
+    assert settings.current().backend is None
 
 
 def test_every_op_has_a_reference_and_known_backends():
@@ -109,7 +117,7 @@ def test_without_compiled_extension(tmp_path):
     assert out.stderr.count("could not be imported") == 1, out.stderr  # said once
 
 
-def test_backend_checks_are_cached_but_follow_the_environment(monkeypatch):
+def test_backend_checks_are_cached_but_follow_the_settings():
     from fastdiff.ops import registry
 
     calls = []
@@ -118,9 +126,9 @@ def test_backend_checks_are_cached_but_follow_the_environment(monkeypatch):
         assert registry.backend_reasons("flash_attn") == ["probe"]
         assert registry.backend_reasons("flash_attn") == ["probe"]
         assert len(calls) == 1  # cached
-        monkeypatch.setenv("TRITON_INTERPRET", "0" if os.environ.get("TRITON_INTERPRET") == "1" else "1")
-        registry.backend_reasons("flash_attn")
-        assert len(calls) == 2  # a variable the checks read changed: re-run
+        with settings.override(triton_interpret=not settings.current().triton_interpret):
+            registry.backend_reasons("flash_attn")
+        assert len(calls) == 2  # a setting the checks read changed: re-run
     finally:
         from fastdiff.ops import _backends
 
@@ -138,27 +146,95 @@ def test_slower_backend_is_skipped_only_by_automatic_choice():
         assert op(torch.zeros(2)) == "cpu"  # a forced backend still runs what it can
 
 
-def test_conv_and_linear_routing_follows_measurements():
-    """fp32 convolutions/linears with nothing to fuse and tiny matmuls go to eager torch (measured ties/losses
-    in benchmarks/bench_conv_block.py); fused and bf16 ones take the oneDNN path."""
-    conv, lin = ops.all_ops()["conv2d"], ops.all_ops()["linear"]
-    x, w = torch.randn(2, 64, 16, 16), torch.randn(64, 64, 3, 3)
-    args = (None, (1, 1), (1, 1), (1, 1), 1)
-    assert conv.select(x, w, *args, None, False, None) == "ref"
-    if not conv.reasons("cpu", x, w, *args, x, False, None):
-        assert conv.select(x, w, *args, x, False, None) == "cpu"
-        assert conv.select(x.bfloat16(), w.bfloat16(), *args, None, False, None) == "cpu"
+# The routing table's rules, for every capability class (pure logic: no such CPU needed).
+CAPS_TO_ROW = [
+    (CpuCaps("scalar"), "scalar"),
+    (CpuCaps("avx2", vendor="AuthenticAMD"), "avx2"),
+    (CpuCaps("avx2", vendor="GenuineIntel"), "avx2"),
+    (CpuCaps("avx512", vendor="GenuineIntel"), "avx512"),
+    (CpuCaps("avx512", vendor="AuthenticAMD"), "avx512"),
+    (CpuCaps("avx512_bf16", vendor="GenuineIntel"), "avx512_bf16"),
+    (CpuCaps("avx512_bf16", vendor="AuthenticAMD"), "avx512_bf16_2x"),
+    (CpuCaps("avx512_bf16", amx=True, vendor="GenuineIntel"), "amx"),
+    (CpuCaps("avx512", amx=True, vendor="GenuineIntel"), "amx"),
+    (CpuCaps("avx2", amx=True, vendor="GenuineIntel"), "avx2"),  # cpu_isa lowered below AVX-512: no AMX route
+]
+
+
+@pytest.mark.parametrize("caps,row", CAPS_TO_ROW, ids=[f"{c.isa}-amx{int(c.amx)}-{c.vendor or 'any'}" for c, _ in CAPS_TO_ROW])
+def test_route_name_for_each_capability(caps, row):
+    assert routing.route_name(caps) == row
+
+
+def test_every_row_is_reachable_and_cites_a_benchmark():
+    assert set(routing.ROUTES) == set(settings.CPU_ROUTES) == {row for _, row in CAPS_TO_ROW}
+    root = Path(__file__).resolve().parent.parent
+    for name, route in routing.ROUTES.items():
+        assert route.bf16_math in ("native", "fp32") and route.linear_activation in ("fused", "eager"), name
+        assert route.evidence, f"row {name} cites no benchmark"
+        for ref in route.evidence:
+            path, _, test_id = ref.partition("::")
+            assert path.startswith("benchmarks/") and (root / path).is_file(), ref
+            func = test_id.split("[")[0]
+            assert f"def {func}(" in (root / path).read_text(), f"{ref}: no {func} in {path}"
+    with pytest.raises(ValueError, match="CpuCaps.isa must be one of"):
+        routing.route_name(CpuCaps("sse4"))
+
+
+def test_cpu_isa_setting_lowers_the_route():
+    for isa in settings.ISA_LEVELS:
+        if routing.missing_features(isa):
+            with pytest.raises(settings.SettingsError, match=f"cpu_isa={isa}"):
+                with settings.override(cpu_isa=isa):
+                    pass
+            continue
+        with settings.override(cpu_isa=isa):
+            assert routing.current_route().name == routing.route_name(routing.detect_caps(isa))
+            if isa in ("scalar", "avx2"):
+                assert routing.current_route().name == isa
+
+
+def test_missing_features_names_what_each_level_needs():
+    assert routing.missing_features("avx2", frozenset({"avx2"})) == ["fma"]
+    assert routing.missing_features("avx512_bf16", frozenset(routing.ISA_FEATURES["avx512"])) == ["avx512_bf16"]
+    assert routing.missing_features("scalar", frozenset()) == []
+
+
+LIN = ops.all_ops()["linear"]
+CONV = ops.all_ops()["conv2d"]
+_CONV_ARGS = (None, (1, 1), (1, 1), (1, 1), 1)
+
+
+@pytest.mark.skipif(bool(LIN.availability()["cpu"]) or bool(LIN.reasons("cpu", torch.zeros(4, 4), torch.zeros(4, 4),
+                                                                           None, None, None, None)),
+                    reason="torch has no oneDNN here")
+@pytest.mark.parametrize("row", list(routing.ROUTES))
+def test_linear_and_conv_follow_the_row(row):
+    """What automatic choice does under each row: the row's rule, the measured machine-independent rules
+    (tiny matmuls and plain fp32 linears / convolutions go to eager torch), and the bf16 math."""
+    route = routing.ROUTES[row]
     a, wl = torch.randn(512, 640), torch.randn(640, 640)
-    assert lin.select(a, wl, None, None, None, None) == "ref"
-    assert lin.select(a[:2, :320], wl[:, :320], None, "silu", None, None) == "ref"  # tiny
-    if not lin.reasons("cpu", a, wl, None, "silu", None, None):
-        # fp32 + a fused activation: oneDNN's post-op lost to F.linear + the activation on AVX2-only CPUs (Zen 3)
-        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-        assert lin.select(a, wl, None, "silu", None, None) == ("cpu" if avx512 else "ref")
-        assert avx512 or "AVX2-only" in lin.why_skipped("cpu", a, wl, None, "silu", None, None)
-        assert lin.select(a, wl, None, None, a, None) == "cpu"  # the fused residual add
-        assert lin.select(a.bfloat16(), wl.bfloat16(), None, None, None, None) == "cpu"
-        assert lin.select(a.bfloat16(), wl.bfloat16(), None, "silu", None, None) == "cpu"
+    x, w = torch.randn(2, 64, 16, 16), torch.randn(64, 64, 3, 3)
+    with settings.override(cpu_route=row):
+        assert routing.current_route() is route
+        # machine-independent: plain fp32 goes to eager torch; tiny matmuls too; fused or bf16 work to oneDNN
+        assert LIN.select(a, wl, None, None, None, None) == "ref"
+        assert LIN.select(a[:2, :320], wl[:, :320], None, "silu", None, None) == "ref"
+        assert LIN.select(a, wl, None, None, a, None) == "cpu"
+        assert LIN.select(a.bfloat16(), wl.bfloat16(), None, "silu", None, None) == "cpu"
+        assert CONV.select(x, w, *_CONV_ARGS, None, False, None) == "ref"
+        assert CONV.select(x, w, *_CONV_ARGS, x, False, None) == "cpu"
+        assert CONV.select(x.bfloat16(), w.bfloat16(), *_CONV_ARGS, None, False, None) == "cpu"
+        # the row's rule: fp32 linear + activation fused in oneDNN, or eager F.linear + the activation
+        want = "cpu" if route.linear_activation == "fused" else "ref"
+        assert LIN.select(a, wl, None, "silu", None, None) == want
+        why = LIN.why_skipped("cpu", a, wl, None, "silu", None, None)
+        assert (why is None) == (want == "cpu") and (why is None or f"routing row {row!r}" in why)
+        # bf16 math: the row's, unless the cpu_bf16_math setting says otherwise
+        assert bf16_math_dtype() == (torch.bfloat16 if route.bf16_math == "native" else torch.float32)
+        for choice, dtype in (("fp32", torch.float32), ("native", torch.bfloat16)):
+            with settings.override(cpu_bf16_math=choice):
+                assert bf16_math_dtype() == dtype
 
 
 def test_info_roofline_is_labelled_and_follows_the_closed_form():

@@ -463,6 +463,33 @@ def test_flow_euler_matches_diffusers(shift, steps):
     assert_inputs_close(grec, rrec, got, ref, "flow")
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [4, 28])
+def test_flow_euler_steps_between_the_timesteps_it_shows(shift, steps, monkeypatch):
+    """The flow Euler step sizes are differences of diffusers' fp32 sigmas, the same points whose T * s the
+    network is given as its timestep. (Steps between the unrounded fp64 sigmas would drift off those points by up
+    to half an fp32 ulp of s per step, the same way for every latent: below what an fp32 trajectory resolves,
+    so the step sizes are read where the sampler hands them to the step op.)"""
+    d = FlowMatchEulerDiscreteScheduler(shift=shift)
+    d.set_timesteps(steps)
+    points = d.sigmas.double().tolist()  # fp32 values, exact in fp64
+    sizes, seen = [], []
+    step_op = S.sampling.sampler_step
+
+    def spy(x, m, a, b, *args, **kw):
+        sizes.append(a)
+        return step_op(x, m, a, b, *args, **kw)
+
+    def net(x, t, cond=None):
+        seen.append(t.double().reshape(-1)[0].item())
+        return fake_net(x, t)
+
+    monkeypatch.setattr(S.sampling, "sampler_step", spy)
+    S.sample_flow_euler(S.Denoiser(net, "flow"), noise(), S.FlowSchedule(shift=shift), steps=steps)
+    assert sizes == [points[i + 1] - points[i] for i in range(steps)]
+    assert seen == d.timesteps.double().tolist()
+
+
 @pytest.mark.parametrize("name,dcls,fkw", [
     ("ddpm", DDPMScheduler, {}), ("ddim", DDIMScheduler, {}), ("euler", EulerDiscreteScheduler, {}),
     ("euler_a", EulerAncestralDiscreteScheduler, {}), ("dpmpp_2m", DPMSolverMultistepScheduler, {})])
@@ -634,3 +661,28 @@ def test_schedule_from_diffusers_config():
     d = DDIMScheduler.from_config(zs)
     d.set_timesteps(10)
     assert np.array_equal(s.timesteps(10), d.timesteps.numpy())
+
+
+@pytest.mark.parametrize("name", sorted(S.SAMPLERS))
+def test_driver_start_keep_callback_for_every_sampler(name):
+    """The one driver gives every sampler the same run: steps start..n-1 each call back once, in order; a keep
+    mask of ones changes nothing, a mask of zeros returns the original exactly (it is blended in after the last
+    step at its clean level); unknown arguments are refused by name."""
+    fn = S.SAMPLERS[name]
+    sched = S.FlowSchedule(shift=3.0) if name == "flow_euler" else S.linear_schedule()
+    model = S.Denoiser(fake_net, "flow" if name == "flow_euler" else "eps")
+    kw = dict(steps=6, generator=torch.Generator().manual_seed(1))
+    seen = []
+    plain = fn(model, noise(), sched, **kw)
+    x0 = 0.5 * noise(2)
+    part = fn(model, noise(), sched, init=x0, start=2, callback=lambda i, t, x: seen.append(i), **dict(
+        kw, generator=torch.Generator().manual_seed(1)))
+    assert seen == [2, 3, 4, 5] and torch.isfinite(part).all()
+    ones = fn(model, noise(), sched, keep=(x0, noise(3), torch.ones(1, 1, 8, 8)),
+              **dict(kw, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(ones, plain)
+    zeros = fn(model, noise(), sched, keep=(x0, noise(3), torch.zeros(1, 1, 8, 8)),
+               **dict(kw, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(zeros, x0)
+    with pytest.raises(TypeError, match="unknown sampler argument.*bogus"):
+        fn(model, noise(), sched, bogus=1, **kw)

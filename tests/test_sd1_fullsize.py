@@ -1,4 +1,4 @@
-"""The full-size check of issue 4: random weights in the real SD1.5 configuration (859.5M-parameter UNet, KL-VAE,
+"""The full-size check: random weights in the real SD1.5 configuration (859.5M-parameter UNet, KL-VAE,
 CLIP ViT-L/14 text encoder), written as a diffusers folder and as an original single-file checkpoint; fastdiff
 loading either gives the same seeded 4-step 256x256 txt2img as diffusers' StableDiffusionPipeline on the same
 weights (within 1/255 per pixel, fp32). The components' own parity is checked on small configurations in
@@ -15,14 +15,13 @@ from fastdiff.io import sd_checkpoint as ck
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
 from fastdiff.pipelines.sd1 import load_sd1
 
-from test_sd1_models import SD15_TEXT_JSON, SD15_UNET_JSON, SD15_VAE_JSON
-
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def full_size(tmp_path_factory):
+def full_size(tmp_path_factory, sd15_json):
+    SD15_UNET_JSON, SD15_VAE_JSON, SD15_TEXT_JSON = sd15_json["unet"], sd15_json["vae"], sd15_json["text"]
     d = tmp_path_factory.mktemp("sd15_random")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**SD15_UNET_JSON).eval()

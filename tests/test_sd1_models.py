@@ -203,32 +203,15 @@ def test_vae_matches_diffusers():
 
 
 # ------------------------------------------------------------------------------------ full-size, on meta
-# config.json of the public SD1.5 release (runwayml/stable-diffusion-v1-5), written out here as the oracle
-SD15_UNET_JSON = {
-    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD15_VAE_JSON = {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-    "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-SD15_TEXT_JSON = {
-    "hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072, "max_position_embeddings": 77,
-    "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 49408, "layer_norm_eps": 1e-05,
-    "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}
+# config.json of the public SD1.5 release: the sd15_json fixture (tests/conftest.py)
 
 
 def _shapes(model):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def test_full_size_key_sets_equal_references():
+def test_full_size_key_sets_equal_references(sd15_json):
+    SD15_UNET_JSON, SD15_VAE_JSON, SD15_TEXT_JSON = sd15_json["unet"], sd15_json["vae"], sd15_json["text"]
     assert unet_sd.UNetSDConfig.from_diffusers(SD15_UNET_JSON) == unet_sd.SD15
     assert vae.VAEConfig.from_diffusers(SD15_VAE_JSON) == vae.SD15
     with torch.device("meta"):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fastdiff.pipelines.sd1 import load_sd1
-from test_sd1_checkpoints import ref_folder  # noqa: F401  (module fixture: a diffusers-saved tiny SD1)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -19,7 +18,7 @@ _SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "eule
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
-def test_txt2img_matches_diffusers(ref_folder, sampler):  # noqa: F811
+def test_txt2img_matches_diffusers(ref_folder, sampler):
     d, ref = ref_folder
     ref.scheduler = getattr(diffusers, _SCHEDULERS[sampler]).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
@@ -40,7 +39,7 @@ def test_txt2img_matches_diffusers(ref_folder, sampler):  # noqa: F811
 
 @pytest.mark.parametrize("sampler,strength", [("ddim", 0.6), ("euler", 0.75), ("euler_a", 0.5), ("dpmpp_2m", 0.8),
                                                ("ddpm", 0.5)])
-def test_img2img_matches_diffusers(ref_folder, sampler, strength):  # noqa: F811
+def test_img2img_matches_diffusers(ref_folder, sampler, strength):
     """Same image as diffusers' StableDiffusionImg2ImgPipeline on the same weights, scheduler and seed."""
     d, ref = ref_folder
     sched = {"ddpm": "DDPMScheduler"}.get(sampler) or _SCHEDULERS[sampler]
@@ -62,7 +61,7 @@ def test_img2img_matches_diffusers(ref_folder, sampler, strength):  # noqa: F811
     assert err <= 1 / 255, f"max per-pixel difference {err * 255:.3f}/255"
 
 
-def test_img2img_bad_input(ref_folder):  # noqa: F811
+def test_img2img_bad_input(ref_folder):
     d, _ = ref_folder
     pipe = load_sd1(d / "sd")
     image = torch.rand(1, 3, 32, 32)
@@ -82,7 +81,7 @@ def test_img2img_bad_input(ref_folder):  # noqa: F811
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
-def test_inpaint_by_mask_blending_matches_diffusers(ref_folder, sampler):  # noqa: F811
+def test_inpaint_by_mask_blending_matches_diffusers(ref_folder, sampler):
     """An ordinary 4-channel checkpoint inpaints by mask blending: the same image as diffusers'
     StableDiffusionInpaintPipeline (which blends for 4-channel UNets) on the same weights and seed."""
     d, ref = ref_folder
@@ -103,7 +102,7 @@ def test_inpaint_by_mask_blending_matches_diffusers(ref_folder, sampler):  # noq
     assert err <= 1 / 255, f"max per-pixel difference {err * 255:.3f}/255"
 
 
-def test_txt2img_seed_and_inputs(ref_folder):  # noqa: F811
+def test_txt2img_seed_and_inputs(ref_folder):
     d, ref = ref_folder
     pipe = load_sd1(d / "sd")
     a = pipe.txt2img("a cat", height=32, width=32, steps=2, seed=3, sampler="ddim")
@@ -120,20 +119,19 @@ def test_txt2img_seed_and_inputs(ref_folder):  # noqa: F811
         pipe.encode_prompt("word " * 80 + "tail end")
 
 
-def test_inpaint_matches_diffusers(tmp_path):
+def test_inpaint_matches_diffusers(tmp_path, randomize):
     """A tiny random SD1.5-inpainting model (9-channel UNet) saved by diffusers: same repainted image."""
     from fastdiff.models import clip_text, unet_sd, vae
     from fastdiff.models.clip_tokenizer import CLIPTokenizer
     from fastdiff.io import sd_checkpoint as ck
-    from test_sd1_checkpoints import _randomize
 
     transformers = pytest.importorskip("transformers")
     ucfg = {**unet_sd.TINY.to_diffusers(), "in_channels": 9}
-    unet = _randomize(diffusers.UNet2DConditionModel(**{k: v for k, v in ucfg.items() if k != "_class_name"}), 11)
-    ae = _randomize(diffusers.AutoencoderKL(**{k: v for k, v in vae.TINY.to_diffusers().items() if k != "_class_name"}), 12)
+    unet = randomize(diffusers.UNet2DConditionModel(**{k: v for k, v in ucfg.items() if k != "_class_name"}), 11)
+    ae = randomize(diffusers.AutoencoderKL(**{k: v for k, v in vae.TINY.to_diffusers().items() if k != "_class_name"}), 12)
     tc = {k: v for k, v in clip_text.TINY.to_transformers().items()
           if k not in ("architectures", "model_type", "torch_dtype")}
-    text = _randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**tc)), 13)
+    text = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**tc)), 13)
     CLIPTokenizer.from_bundled().save_pretrained(tmp_path / "tok")
     tok = transformers.CLIPTokenizer.from_pretrained(tmp_path / "tok", local_files_only=True)
     ref = diffusers.StableDiffusionInpaintPipeline(
@@ -164,7 +162,7 @@ def test_inpaint_matches_diffusers(tmp_path):
         pipe.txt2img("x", height=32, width=32, steps=1)
 
 
-def test_load_pipeline_and_generate_with_a_prompt(ref_folder, tmp_path):  # noqa: F811
+def test_load_pipeline_and_generate_with_a_prompt(ref_folder, tmp_path):
     """fastdiff.load_pipeline recognises SD1 folders and single files; fastdiff.generate(prompt, model=...) and
     `fastdiff generate --prompt` give the pipeline's own image (same seed), with the settings in the PNG."""
     import subprocess

@@ -46,7 +46,7 @@ def test_parameter_counts_equal_the_public_models():
     for name, m in theirs.items():
         n = sum(p.numel() for p in m.parameters())
         assert rows[name].parameters == n, (name, rows[name].parameters, n)
-    # SD3-medium with T5-XXL in fp16: the ~15.4 GB the issue quotes (weights alone)
+    # SD3-medium with T5-XXL in fp16: ~15.4 GB of weights alone (15.0-16.0 GB)
     total16 = sum(r.weights["fp16/bf16"] for r in rows.values())
     assert 15.0e9 < total16 < 16.0e9, total16
 

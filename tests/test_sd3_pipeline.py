@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.io import sd3_load
 from fastdiff.io.sd_checkpoint import CheckpointError
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
 from fastdiff.models.t5_tokenizer import T5Tokenizer
@@ -141,6 +140,10 @@ def test_components_match_diffusers(sd3_folder):
         _close(pipe.vae.encode(img).mean, ref.vae.encode(img).latent_dist.mean)
 
 
+# Seeds of the accuracy statistic below (one batch: each seed's 4 latents in the order the pipeline makes them).
+_ACCURACY_SEEDS = (42, 43, 44, 45, 46, 47)
+
+
 @pytest.mark.parametrize("t5", [True, False])
 def test_txt2img_matches_diffusers(sd3_folder, t5):
     d, ref = sd3_folder
@@ -154,22 +157,44 @@ def test_txt2img_matches_diffusers(sd3_folder, t5):
                                                                  tokenizer_3=None, local_files_only=True)
         ref.set_progress_bar_config(disable=True)
     kw = dict(height=32, width=48)
-    ours = pipe.txt2img(PROMPTS, negative_prompt=["blurry", "low quality"], steps=4, guidance=5.0,
+    neg = ["blurry", "low quality"]
+    ours = pipe.txt2img(PROMPTS, negative_prompt=neg, steps=4, guidance=5.0,
                         generator=torch.Generator().manual_seed(42), num_images_per_prompt=2, **kw)
-    call = dict(negative_prompt=["blurry", "low quality"], num_inference_steps=4, guidance_scale=5.0,
-                num_images_per_prompt=2, output_type="pt", **kw)
-    theirs = ref(PROMPTS, generator=torch.Generator().manual_seed(42), **call).images
-    assert ours.shape == theirs.shape == (4, 3, 32, 48)
+    assert ours.shape == (4, 3, 32, 48)
     _lively(ours)
-    # fp32 rounding grows through the guided steps of a random network (without T5 the two fp32 runs differ by
-    # ~2.5/255, with it by ~0.75/255), so the oracle is diffusers in fp64 from the same initial noise (drawn in
-    # fp32 as its pipeline draws it): fastdiff's error against it at most 2x diffusers' own fp32 error.
-    noise = torch.randn((4, 16, 16, 24), generator=torch.Generator().manual_seed(42))
-    theirs64 = copy.deepcopy(ref).to(torch.float64)(PROMPTS, latents=noise.double(), **call).images
-    e_ours = (ours.double() - theirs64).abs().max().item()
-    e_theirs = (theirs.double() - theirs64).abs().max().item()
-    assert e_theirs < 4 / 255 and e_ours <= 2 * e_theirs, \
-        f"vs fp64 diffusers: fastdiff {e_ours * 255:.3f}/255, diffusers fp32 {e_theirs * 255:.3f}/255"
+    # the seed draws diffusers' initial noise: one fp32 randn of the latent batch
+    noise = torch.cat([torch.randn((4, 16, 16, 24), generator=torch.Generator().manual_seed(s))
+                       for s in _ACCURACY_SEEDS])
+    again = pipe.txt2img(PROMPTS, negative_prompt=neg, steps=4, guidance=5.0, latents=noise[:4],
+                         num_images_per_prompt=2, **kw)
+    assert torch.equal(ours, again)
+
+    # Accuracy, against diffusers in fp64 from the same initial noise: fastdiff's error may be at most 2x
+    # diffusers' own fp32 error. fp32 rounding (~1e-7 per op) grows through the guided steps of a random network
+    # by ~20x in a single step, so the error of one image is the rounding of one run projected on a few unstable
+    # directions, and the ratio of two equally accurate fp32 implementations on one seed is heavy-tailed: block
+    # by block fastdiff's MMDiT and diffusers' have the same fp32 error (ratio 0.97-1.00 over 8 inputs), yet over
+    # 12 seeds the ratio of per-pixel maxima spans 0.34-5.8 (fastdiff's fused ops) and 0.49-4.2 (its pure-PyTorch
+    # ops), and the ratio of diffusers against itself from noise moved by one ulp spans 0.45-3.3. That spread
+    # comes from the trajectory, not from the CPU, so no single-seed bound holds on every CPU. The statistic
+    # compared is the geometric mean over seeds of the per-seed RMS error ratio (1.10 and 1.15 for the two op
+    # sets over those 12 seeds, at most 1.38 over any 6 consecutive ones).
+    many = dict(negative_prompt=neg * len(_ACCURACY_SEEDS), num_images_per_prompt=2, **kw)
+    prompts = PROMPTS * len(_ACCURACY_SEEDS)
+    ours = pipe.txt2img(prompts, steps=4, guidance=5.0, latents=noise, **many)
+    call = dict(num_inference_steps=4, guidance_scale=5.0, output_type="pt", latents=noise, **many)
+    theirs = ref(prompts, **call).images
+    theirs64 = copy.deepcopy(ref).to(torch.float64)(prompts, **{**call, "latents": noise.double()}).images
+
+    def per_seed_rms(a):
+        return (a.double() - theirs64).pow(2).reshape(len(_ACCURACY_SEEDS), -1).mean(1).sqrt()
+
+    e_ours, e_theirs = per_seed_rms(ours), per_seed_rms(theirs)
+    worst = (theirs.double() - theirs64).abs().max().item()
+    assert worst < 4 / 255, f"diffusers' own fp32 run is {worst * 255:.2f}/255 from fp64: the oracle is unusable"
+    ratio = (e_ours / e_theirs).log().mean().exp().item()
+    assert ratio <= 2, (f"vs fp64 diffusers: fastdiff's RMS error is {ratio:.2f}x diffusers' fp32 error "
+                        f"(geometric mean over seeds; per seed {[round(r, 2) for r in (e_ours / e_theirs).tolist()]})")
 
 
 @pytest.mark.parametrize("strength", [0.6, 0.75])
@@ -226,7 +251,7 @@ def test_single_file_without_text_encoders(sd3_folder, tmp_path):
     pipe.save_single_file(path, include_text_encoders=False)
     with pytest.raises(CheckpointError, match="no CLIP text encoders.*text_encoders="):
         load_sd3(path)
-    borrowed = sd3_load.load_sd3(path, text_encoders=d / "sd3")
+    borrowed = load_sd3(path, text_encoders=d / "sd3")
     assert borrowed.text_encoder_3 is not None
     kw = dict(steps=2, guidance=3.0, height=32, width=32, seed=1)
     assert (borrowed.txt2img("a cat", **kw) - pipe.txt2img("a cat", **kw)).abs().max().item() <= 1 / 255

@@ -20,7 +20,7 @@ from fastdiff.io.t5_checkpoint import SD3_T5_PREFIX, infer_t5_config, load_t5_en
 from fastdiff.models import t5
 from fastdiff.models.t5_tokenizer import T5Tokenizer, _bundled_path
 
-from _ops_util import assert_close_lowp, max_err
+from lowp import assert_close_lowp, max_err
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from fastdiff.io.datasets import load_sklearn_digits
 from fastdiff.train import CheckpointError, TrainConfig, Trainer, load_run_model
-from fastdiff.train.checkpoint import load_checkpoint
+from fastdiff.io.run_checkpoint import load_checkpoint
 
 BASE = dict(model="tiny", dataset="digits", image_size=16, batch_size=16, log_every=2, sample_every=0,
             ckpt_every_steps=3, threads=1, warmup_steps=2)

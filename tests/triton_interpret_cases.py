@@ -9,7 +9,7 @@ keeps the compiled-triton behaviour. Run it alone with::
 The interpreter is slow, so the shapes are small but cover what the kernels mask: odd lengths (77, 100),
 cross-attention (Lq != Lk), every head dim (40, 64, 80, 160: padded to 64/128/256), several blocks per axis.
 Under the interpreter the kernels upcast 16-bit tiles to fp32 before tl.dot (the interpreter's 16-bit dot
-is wrong, PLATFORM.md), so bf16 here checks the kernels' loads, stores and rounding of inputs/outputs, and the
+multiplies the raw 16-bit patterns), so bf16 here checks the kernels' loads, stores and rounding of inputs/outputs, and the
 16-bit dots themselves are checked by the AOT compile (tests/test_triton_aot.py).
 """
 import os
@@ -24,7 +24,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - guarded by t
 import fastdiff.ops as ops  # noqa: E402
 from fastdiff.ops.attention import attention, attention_ref  # noqa: E402
 
-from _ops_util import assert_close_lowp, max_err  # noqa: E402
+from lowp import assert_close_lowp, max_err  # noqa: E402
 
 # (B, H, Lq, Lk, D)
 ATTN_SHAPES = [

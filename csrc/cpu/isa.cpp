@@ -1,6 +1,6 @@
 #include "isa.h"
 
-#include <cstdlib>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -20,29 +20,40 @@ Isa detect() {
   return Isa::scalar;
 }
 
-Isa choose() {
-  const Isa best = detect();
-  const char* env = std::getenv("FASTDIFF_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
-  Isa want;
-  if (std::strcmp(env, "scalar") == 0) want = Isa::scalar;
-  else if (std::strcmp(env, "avx2") == 0) want = Isa::avx2;
-  else if (std::strcmp(env, "avx512") == 0) want = Isa::avx512;
-  else if (std::strcmp(env, "avx512_bf16") == 0) want = Isa::avx512_bf16;
-  else throw std::runtime_error(std::string("FASTDIFF_CPU_ISA=") + env +
-                                " is not one of scalar, avx2, avx512, avx512_bf16");
-  if (static_cast<int>(want) > static_cast<int>(best)) {
-    throw std::runtime_error(std::string("FASTDIFF_CPU_ISA=") + env + " but this CPU supports at most " +
-                             isa_name(best));
-  }
-  return want;
+// -1: the detected ISA. Read on every kernel call (a relaxed load: the value changes only between calls).
+std::atomic<int> requested{-1};
+
+std::runtime_error too_high(int level) {
+  return std::runtime_error(std::string("cpu_isa=") + isa_name(static_cast<Isa>(level)) +
+                            " (FASTDIFF_CPU_ISA) but this CPU supports at most " + isa_name(detected_isa()));
 }
 
 }  // namespace
 
+Isa detected_isa() {
+  static const Isa best = detect();
+  return best;
+}
+
 Isa isa() {
-  static const Isa chosen = choose();
-  return chosen;
+  const int want = requested.load(std::memory_order_relaxed);
+  if (want < 0) return detected_isa();
+  if (want > static_cast<int>(detected_isa())) throw too_high(want);
+  return static_cast<Isa>(want);
+}
+
+int parse_isa(const char* name) {
+  if (name == nullptr || *name == '\0' || std::strcmp(name, "auto") == 0) return -1;
+  if (std::strcmp(name, "scalar") == 0) return static_cast<int>(Isa::scalar);
+  if (std::strcmp(name, "avx2") == 0) return static_cast<int>(Isa::avx2);
+  if (std::strcmp(name, "avx512") == 0) return static_cast<int>(Isa::avx512);
+  if (std::strcmp(name, "avx512_bf16") == 0) return static_cast<int>(Isa::avx512_bf16);
+  throw std::invalid_argument(std::string("cpu_isa=") + name + " is not one of scalar, avx2, avx512, avx512_bf16");
+}
+
+void set_isa(int level) {
+  if (level > static_cast<int>(detected_isa())) throw too_high(level);
+  requested.store(level < 0 ? -1 : level, std::memory_order_relaxed);
 }
 
 const char* isa_name(Isa isa) {

@@ -10,9 +10,15 @@ namespace fastdiff::cpu {
 // functions compiled for it, chosen at run time (e.g. FdGnArgs::native_bf16).
 enum class Isa { scalar = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
 
-// Detected once. FASTDIFF_CPU_ISA=scalar|avx2|avx512|avx512_bf16 lowers it (for tests of the other paths); asking for
-// more than the CPU has is an error.
+// The ISA the kernels dispatch to: the best the CPU has (detected once), unless set_isa() lowered it.
+// Python sets it from fastdiff.settings (FASTDIFF_CPU_ISA, or settings.override(cpu_isa=...) in tests); a level
+// above the CPU's is refused.
 Isa isa();
+Isa detected_isa();
 const char* isa_name(Isa isa);
+// Parse "scalar" | "avx2" | "avx512" | "avx512_bf16" ("" or "auto": the detected one; -1). Throws on other names.
+int parse_isa(const char* name);
+// Set the level (-1: the detected one); throws when the CPU lacks it.
+void set_isa(int level);
 
 }  // namespace fastdiff::cpu

@@ -1,5 +1,5 @@
 // Shared device helpers of the pointwise/norm CUDA kernels: element conversion, launch helpers and block
-// reductions. Lean headers only (never ATen/cuda/CUDAContext.h, see PLATFORM.md).
+// reductions. Lean headers only (ATen/cuda/CUDAContext.h pulls cusparse.h and compiles ~4.5x slower).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -29,7 +29,7 @@ def load_for_sampling(path: str | os.PathLike, *, use_ema: bool = True, precisio
     ``precision="bf16"`` runs the network under bf16 autocast (the sampler's state and arithmetic stay fp32),
     as the trainer's own sample grids do; ``"fp32"`` runs it in fp32.
     """
-    from fastdiff.train import load_run_model
+    from fastdiff.io.run_checkpoint import load_run_model
 
     path = Path(path)
     if not path.exists():

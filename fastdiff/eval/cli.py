@@ -13,14 +13,18 @@ import json
 import sys
 from pathlib import Path
 
+from fastdiff._argtypes import existing_path, float_in, int_at_least, output_file
+
+_SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")  # pixel-model samplers of fastdiff.samplers
+
 __all__ = ["add_eval_parser", "run_eval", "parse_run"]
 
 
 def parse_run(spec: str, default_steps: int) -> tuple[str, int]:
     """``"ddim:50"`` -> ("ddim", 50); ``"ddim"`` -> ("ddim", default_steps)."""
     name, _, steps = spec.partition(":")
-    if not name:
-        raise argparse.ArgumentTypeError(f"bad --sampler {spec!r}; use NAME or NAME:STEPS")
+    if name not in _SAMPLERS:
+        raise argparse.ArgumentTypeError(f"bad --sampler {spec!r}: NAME[:STEPS] with NAME one of {', '.join(_SAMPLERS)}")
     try:
         n = int(steps) if steps else default_steps
     except ValueError:
@@ -30,34 +34,54 @@ def parse_run(spec: str, default_steps: int) -> tuple[str, int]:
     return name, n
 
 
+def _sampler_spec(spec: str) -> str:
+    parse_run(spec, 1)  # checked now; the step default (--steps) is applied later
+    return spec
+
+
+def _clip(text: str) -> str:
+    if text.lower() != "none":
+        float_in(0.0, low_open=True)(text)
+    return text
+
+
+def _folder_to_make(text: str) -> Path:
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    if not p.parent.exists():
+        raise argparse.ArgumentTypeError(f"the folder {p.parent} does not exist")
+    return p
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="sample quality: conditional accuracy, classifier FID, real-vs-real floor, Inception FID",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", type=Path, help=".npz (images, optional labels) or folder (class subfolders) to evaluate")
-    src.add_argument("--checkpoint", type=Path, help="a fastdiff training run / checkpoint to sample from")
-    p.add_argument("--sampler", action="append", metavar="NAME[:STEPS]",
+    src.add_argument("--images", type=lambda t: Path(existing_path()(t)), help=".npz (images, optional labels) or folder (class subfolders) to evaluate")
+    src.add_argument("--checkpoint", type=lambda t: Path(existing_path()(t)), help="a fastdiff training run / checkpoint to sample from")
+    p.add_argument("--sampler", action="append", metavar="NAME[:STEPS]", type=_sampler_spec,
                    help="sampler to evaluate (repeatable): ddpm, ddim, euler, euler_a, dpmpp_2m; default ddim:50")
-    p.add_argument("--steps", type=int, default=50, help="steps for a --sampler given without :STEPS")
-    p.add_argument("--per-class", type=int, default=100, help="samples per class (default 100, i.e. N = 1000)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--steps", type=int_at_least(1), default=50, help="steps for a --sampler given without :STEPS")
+    p.add_argument("--per-class", type=int_at_least(1), default=100, help="samples per class (default 100, i.e. N = 1000)")
+    p.add_argument("--guidance", type=float_in(0.0), default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--spacing", default="trailing", choices=["leading", "trailing", "linspace"],
                    help="timestep spacing of the samplers (default trailing: starts at t = T-1 for any step count)")
-    p.add_argument("--clip", default="1.0",
+    p.add_argument("--clip", default="1.0", type=_clip,
                    help="DDPM/DDIM x0 clamp range, or 'none' (default 1.0, diffusers' clip_sample; with strong "
                         "guidance the clamp distorts v-prediction models: the bundled model samples unclipped)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="network precision (sampler state is fp32)")
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=250, help="sampling batch size")
-    p.add_argument("--classifier", type=Path, default=None, help="classifier weights (default: the shipped one)")
-    p.add_argument("--data", type=Path, default=None, help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--inception", type=Path, default=None, help="path of pt_inception-2015-12-05-6726825d.pth for Inception FID")
-    p.add_argument("--inception-real", type=int, default=None, help="real test images for Inception FID (default all 10,000)")
-    p.add_argument("--save-samples", type=Path, default=None, help="folder for one .npz of samples per sampler run")
-    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--batch", type=int_at_least(1), default=250, help="sampling batch size")
+    p.add_argument("--classifier", type=lambda t: Path(existing_path("file")(t)), default=None, help="classifier weights (default: the shipped one)")
+    p.add_argument("--data", type=lambda t: Path(existing_path("folder")(t)), default=None, help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--inception", type=lambda t: Path(existing_path("file")(t)), default=None, help="path of pt_inception-2015-12-05-6726825d.pth for Inception FID")
+    p.add_argument("--inception-real", type=int_at_least(1), default=None, help="real test images for Inception FID (default all 10,000)")
+    p.add_argument("--save-samples", type=_folder_to_make, default=None, help="folder for one .npz of samples per sampler run")
+    p.add_argument("--json", type=lambda t: Path(output_file(t)), default=None, help="also write the results as JSON")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     p.set_defaults(func=run_eval)
     return p
 
@@ -95,7 +119,7 @@ def _sampling_runs(args, reference, inception):
 
 def _checkpoint_errors() -> tuple[type[BaseException], ...]:
     try:
-        from fastdiff.train import CheckpointError
+        from fastdiff.io.checkpoint import CheckpointError
     except ImportError:
         return ()
     return (CheckpointError,)
@@ -109,8 +133,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.per_class < 1:
-        raise SystemExit("fastdiff eval: --per-class must be >= 1")
     try:
         inception = None
         if args.inception is not None:

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdiff import settings
 from fastdiff.io import datasets as _datasets
 
 __all__ = [
-    "FASHION_MNIST_DIR",
+    "fashion_mnist_dir",
     "FASHION_CLASSES",
     "load_fashion_mnist",
     "to_model_space",
@@ -25,16 +26,20 @@ __all__ = [
     "save_image_set",
 ]
 
-# Where Debian's `dataset-fashion-mnist` package installs the IDX files; FASTDIFF_FASHION_MNIST overrides.
-FASHION_MNIST_DIR = Path(os.environ.get("FASTDIFF_FASHION_MNIST", _datasets.FASHION_MNIST_DIR))
 FASHION_CLASSES = tuple(_datasets.FASHION_MNIST_CLASSES)
+
+
+def fashion_mnist_dir() -> Path:
+    """The Fashion-MNIST IDX folder: the ``fashion_mnist`` setting (``FASTDIFF_FASHION_MNIST``; default where
+    Debian's ``dataset-fashion-mnist`` package installs it)."""
+    return settings.current().fashion_mnist
 
 
 def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(images, labels)`` of one split: images (N, 1, 32, 32) float32 in [-1, 1], labels int64."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    root = Path(root) if root is not None else fashion_mnist_dir()
     if not root.is_dir():
         raise FileNotFoundError(
             f"Fashion-MNIST not found at {root}. On Debian/Ubuntu: `apt-get install dataset-fashion-mnist`, "

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdiff import settings
 from fastdiff.eval import classifier as _classifier_module
 from fastdiff.eval.classifier import DEFAULT_CLASSIFIER_PATH, FashionClassifier, load_classifier
-from fastdiff.eval.data import FASHION_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from fastdiff.eval.data import FASHION_CLASSES, fashion_mnist_dir, load_fashion_mnist
 from fastdiff.eval.metrics import (
     GaussianStats,
     conditional_accuracy,
@@ -63,7 +64,7 @@ class RealReference:
 
     @classmethod
     def build(cls, classifier_path: str | os.PathLike | None = None, root: str | os.PathLike | None = None) -> "RealReference":
-        return _cached_reference(str(classifier_path or DEFAULT_CLASSIFIER_PATH), str(root or FASHION_MNIST_DIR))
+        return _cached_reference(str(classifier_path or DEFAULT_CLASSIFIER_PATH), str(root or fashion_mnist_dir()))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return extract_features(self.classifier.features, images)
@@ -87,14 +88,14 @@ class RealReference:
 def _cache_path(classifier_path: str, x_test: torch.Tensor) -> Path | None:
     """Where the test split's classifier features are cached: keyed by the SHA-256 of the classifier's weights,
     its source file and the test images, so a changed classifier or dataset can never reuse stale features.
-    ``FASTDIFF_CACHE`` sets the folder (default ~/.cache/fastdiff); ``FASTDIFF_CACHE=off`` disables it."""
-    root = os.environ.get("FASTDIFF_CACHE", str(Path.home() / ".cache" / "fastdiff"))
-    if root.lower() in ("off", "0", "none", ""):
+    The ``cache_dir`` setting (``FASTDIFF_CACHE``, default ~/.cache/fastdiff; ``off`` disables it) is the folder."""
+    root = settings.current().cache_dir
+    if root is None:
         return None
     h = hashlib.sha256(Path(classifier_path).read_bytes())
     h.update(Path(_classifier_module.__file__).read_bytes())  # the network's code, not only its weights
     h.update(x_test.numpy().tobytes())
-    return Path(root) / "eval" / f"fashion_test_features_{h.hexdigest()[:24]}.npz"
+    return root / "eval" / f"fashion_test_features_{h.hexdigest()[:24]}.npz"
 
 
 def _write_cache(path: Path, feats: torch.Tensor, logits: torch.Tensor) -> None:
@@ -150,7 +151,7 @@ class EvalReport:
 
     @property
     def accuracy_ratio(self) -> float | None:
-        """Conditional accuracy relative to the classifier's accuracy on real images (issue target: >= 0.9)."""
+        """Conditional accuracy relative to the classifier's accuracy on real images (target: >= 0.9)."""
         return None if self.accuracy is None else self.accuracy / self.classifier_real_accuracy
 
     def to_dict(self) -> dict:

@@ -10,23 +10,15 @@ class names) travel in config.json under ``_fastdiff``: diffusers ignores keys s
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from fastdiff.io.checkpoint import CheckpointError, load_component, read_config, state_to_save, write_component
 from fastdiff.models.unet2d import UNet2D, UNet2DConfig
 
-__all__ = ["UNet2DLoadError", "config_from_diffusers", "config_to_diffusers", "load_unet2d", "save_unet2d",
-           "load_state_dict_strict"]
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-class UNet2DLoadError(ValueError):
-    """The folder is not a loadable UNet2DModel: missing files, unsupported config, or mismatched weights."""
+__all__ = ["config_from_diffusers", "config_to_diffusers", "load_unet2d", "save_unet2d"]
 
 
 # diffusers config keys -> the value fastdiff implements (anything else is refused, never ignored).
@@ -49,14 +41,14 @@ _COPIED = ("sample_size", "in_channels", "out_channels", "block_out_channels", "
 def config_from_diffusers(d: dict, where: str = "config.json") -> UNet2DConfig:
     cls = d.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
-        raise UNet2DLoadError(f"{where}: _class_name is {cls!r}, expected 'UNet2DModel'")
+        raise CheckpointError(f"{where}: _class_name is {cls!r}, expected 'UNet2DModel'")
     for k, want in _FIXED.items():
         if k in d and d[k] != want:
-            raise UNet2DLoadError(f"{where}: {k}={d[k]!r} is not supported by fastdiff's UNet2D (only {want!r})")
+            raise CheckpointError(f"{where}: {k}={d[k]!r} is not supported by fastdiff's UNet2D (only {want!r})")
     sample_size = d.get("sample_size", 32)
     if isinstance(sample_size, (list, tuple)):
         if len(set(sample_size)) != 1:
-            raise UNet2DLoadError(f"{where}: non-square sample_size {sample_size} is not supported")
+            raise CheckpointError(f"{where}: non-square sample_size {sample_size} is not supported")
         sample_size = sample_size[0]
     kw = {k: d[k] for k in _COPIED if k in d}
     kw["sample_size"] = sample_size
@@ -69,11 +61,11 @@ def config_from_diffusers(d: dict, where: str = "config.json") -> UNet2DConfig:
         null = bool(ext.get("null_class", False))
         kw.update(num_classes=n_emb - int(null), null_class=null, class_names=tuple(ext.get("class_names", ())))
     elif ext.get("null_class"):
-        raise UNet2DLoadError(f"{where}: _fastdiff.null_class set but num_class_embeds is missing")
+        raise CheckpointError(f"{where}: _fastdiff.null_class set but num_class_embeds is missing")
     try:
         return UNet2DConfig(**kw)
     except (TypeError, ValueError) as e:
-        raise UNet2DLoadError(f"{where}: {e}") from None
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def config_to_diffusers(cfg: UNet2DConfig) -> dict:
@@ -89,64 +81,26 @@ def config_to_diffusers(cfg: UNet2DConfig) -> dict:
     return d
 
 
-def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str = "") -> None:
-    """Copy ``sd`` into ``model``; raise listing missing keys, unexpected keys and shape mismatches."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(sd)) if sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
-                         f"{' ...' if len(unexpected) > 20 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
-        raise UNet2DLoadError(f"{where}: weights do not match the model config: " + " | ".join(parts))
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(sd[k])
-
-
 def _resolve(folder: Path) -> Path:
     if not folder.exists():
-        raise UNet2DLoadError(f"no such folder: {folder}")
+        raise CheckpointError(f"no such folder: {folder}")
     if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
         return folder / "unet"  # a pipeline folder (model_index.json + unet/ + scheduler/)
     if not (folder / "config.json").is_file():
-        raise UNet2DLoadError(f"{folder}: no config.json (expected a diffusers UNet2DModel folder)")
+        raise CheckpointError(f"{folder}: no config.json (expected a diffusers UNet2DModel folder)")
     return folder
 
 
-def load_unet2d(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> UNet2D:
+def load_unet2d(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> UNet2D:
     """A diffusers UNet2DModel folder -> fastdiff :class:`UNet2D` (eval mode), strictly."""
     folder = _resolve(Path(folder))
-    try:
-        cfg_dict = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UNet2DLoadError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-    cfg = config_from_diffusers(cfg_dict, str(folder / "config.json"))
-    st = folder / WEIGHTS_NAME
-    if st.is_file():
-        sd = load_file(str(st))
-    elif (folder / "diffusion_pytorch_model.bin").is_file():
-        sd = torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise UNet2DLoadError(f"{folder}: no {WEIGHTS_NAME} (or diffusion_pytorch_model.bin)")
-    model = UNet2D(cfg)
-    load_state_dict_strict(model, sd, str(folder))
-    return model.to(dtype).eval()
+    cfg = read_config(folder / "config.json", lambda d: config_from_diffusers(d, str(folder / "config.json")))
+    return load_component(folder, UNet2D, cfg, "diffusion_pytorch_model", dtype=dtype, device=device)
 
 
 def save_unet2d(model: UNet2D, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as a diffusers UNet2DModel folder (config.json + safetensors), optionally cast."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-          for k, v in model.state_dict().items()}
-    save_file(sd, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config_to_diffusers(model.config), indent=2))
+    write_component(folder, config_to_diffusers(model.config), state_to_save(model, dtype), "diffusion_pytorch_model")
     return folder

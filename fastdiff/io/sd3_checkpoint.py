@@ -29,7 +29,7 @@ reference code (``mmdit.py`` / ``mmditx.py``)::
 The swaps: the original final layer and the last ("pre-only") context block split their 2-D modulation as
 (shift, scale); diffusers' AdaLayerNormContinuous, which replaces them, splits (scale, shift). The 6-way and
 9-way adaLN-Zero orders agree. Both directions are strict: a key that fits no rule raises
-:class:`~fastdiff.io.sd_checkpoint.CheckpointError` listing it, so nothing is silently dropped.
+:class:`~fastdiff.io.checkpoint.CheckpointError` listing it, so nothing is silently dropped.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from typing import Mapping
 
 import torch
 
-from fastdiff.io.sd_checkpoint import CheckpointError, _fmt, load_state_dict_strict
+from fastdiff.io.checkpoint import CheckpointError, build_on_meta, format_keys, load_state_dict_strict
 from fastdiff.models.mmdit import MMDiT, MMDiTConfig, sincos_pos_embed_2d
 
 __all__ = [
@@ -143,7 +143,7 @@ def mmdit_from_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         else:
             unknown.append(k)
     if unknown:
-        raise CheckpointError(f"keys that are not part of an SD3 MMDiT ({len(unknown)}): {_fmt(unknown)}")
+        raise CheckpointError(f"keys that are not part of an SD3 MMDiT ({len(unknown)}): {format_keys(unknown)}")
     return out
 
 
@@ -177,7 +177,7 @@ def mmdit_to_original(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> di
         else:
             unknown.append(k)
     if unknown:
-        raise CheckpointError(f"keys that are not part of fastdiff's MMDiT ({len(unknown)}): {_fmt(unknown)}")
+        raise CheckpointError(f"keys that are not part of fastdiff's MMDiT ({len(unknown)}): {format_keys(unknown)}")
     for key, parts in pending.items():
         if any(t is None for t in parts):
             raise CheckpointError(f"{key}: q, k and v projections are not all present (got "
@@ -262,6 +262,5 @@ def load_mmdit_original(sd: Mapping[str, torch.Tensor], *, config: MMDiTConfig |
     """An :class:`MMDiT` from an original-layout state dict (config inferred unless given), strict: every
     key used, every parameter present with its shape, else :class:`CheckpointError`."""
     cfg = config or infer_mmdit_config(sd)
-    with torch.device("meta"):
-        model = MMDiT(cfg)
-    return load_state_dict_strict(model, mmdit_from_original(sd), "SD3 MMDiT", dtype=dtype, device=device).eval()
+    return load_state_dict_strict(build_on_meta(MMDiT, cfg), mmdit_from_original(sd), "SD3 MMDiT", dtype=dtype,
+                                  device=device).eval()

@@ -15,58 +15,87 @@ Loading is strict (missing / unexpected keys are listed) and never executes code
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
-from fastdiff.io.sd_checkpoint import (VAE_PREFIX, CheckpointError, _build, _cpu_sd, _fmt, _is_vae_attn_matrix,
-                                       _read_json, _rename, _weights_in, clip_text_state, infer_clip_config,
-                                       infer_vae_config, load_state_dict_strict, read_state_dict, vae_key_to_original,
-                                       write_component)
+from fastdiff.io.checkpoint import (
+    VAE_PREFIX,
+    CheckpointError,
+    build_on_meta,
+    clip_tokenizer_in,
+    format_keys,
+    load_component,
+    load_state_dict_strict,
+    open_pipeline_folder,
+    read_config,
+    read_state_dict,
+    safetensors_keys,
+    save_pipeline_folder,
+    scheduler_config_in,
+    state_to_save,
+    vae_from_original,
+    vae_to_original,
+)
+from fastdiff.io.sd3_checkpoint import MMDIT_PREFIX, load_mmdit_original, mmdit_to_original
+from fastdiff.io.sd_checkpoint import clip_text_state, infer_clip_config
+from fastdiff.io.t5_checkpoint import load_t5_encoder, t5_from_state_dict, t5_state_to_save
 from fastdiff.models.clip_text import CLIP_BIGG14, CLIP_L14_PROJ, CLIPTextConfig, CLIPTextModel
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
+from fastdiff.models.mmdit import MMDiT, MMDiTConfig
+from fastdiff.models.t5_tokenizer import T5Tokenizer
 from fastdiff.models.vae import AutoencoderKL, VAEConfig
 
-__all__ = ["MMDIT_PREFIX", "CLIP_L_PREFIX", "CLIP_G_PREFIX", "T5_PREFIX", "is_sd3_state_dict", "load_sd3",
-           "load_sd3_diffusers", "load_sd3_single_file", "save_sd3_diffusers", "save_sd3_single_file"]
+__all__ = ["MMDIT_PREFIX", "CLIP_L_PREFIX", "CLIP_G_PREFIX", "T5_PREFIX", "SD3_SCHEDULER_CONFIG", "SD3Components",
+           "is_sd3_keys", "load_sd3_components", "load_sd3_diffusers", "load_sd3_single_file", "save_sd3_diffusers",
+           "save_sd3_single_file"]
 
-MMDIT_PREFIX = "model.diffusion_model."
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
 T5_PREFIX = "text_encoders.t5xxl.transformer."
 _SD3_VAE = dict(scaling_factor=1.5305, shift_factor=0.0609)
+# diffusers' stabilityai/stable-diffusion-3-medium-diffusers scheduler/scheduler_config.json
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                        "shift": 3.0}
 
 
-def is_sd3_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.startswith(MMDIT_PREFIX + "joint_blocks.") for k in sd)
+@dataclass
+class SD3Components:
+    """What an SD3 checkpoint holds, as fastdiff modules (``text_encoder_3`` and its tokenizer may be None)."""
+
+    transformer: MMDiT
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModel
+    text_encoder_3: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    tokenizer_3: Any
+    scheduler_config: dict
+
+
+def is_sd3_keys(keys) -> bool:
+    """Whether key names (a state dict's or a safetensors header's) hold SD3 MMDiT blocks."""
+    return any(k.startswith(MMDIT_PREFIX + "joint_blocks.") for k in keys)
 
 
 # ------------------------------------------------------------------------------------------------ CLIP towers
 def _load_clip(sd: Mapping[str, torch.Tensor], cfg: CLIPTextConfig, what: str, dtype, device) -> CLIPTextModel:
-    sd = clip_text_state(sd)
+    sd = _with_projection(clip_text_state(sd), cfg)
+    return load_state_dict_strict(build_on_meta(CLIPTextModel, cfg), sd, what, dtype=dtype, device=device).eval()
+
+
+def _with_projection(sd: dict, cfg: CLIPTextConfig) -> dict:
     if "text_projection.weight" not in sd:  # SD3 single files keep CLIP-L unprojected (diffusers: identity)
         sd["text_projection.weight"] = torch.eye(cfg.hidden_size, cfg.projection_dim or cfg.hidden_size)
-    return load_state_dict_strict(_build(CLIPTextModel, cfg), sd, what, dtype=dtype, device=device).eval()
-
-
-# ------------------------------------------------------------------------------------------------- the VAE
-def _load_vae_original(sd: Mapping[str, torch.Tensor], dtype, device) -> AutoencoderKL:
-    cfg = infer_vae_config(sd, **_SD3_VAE)
-    vae = _build(AutoencoderKL, cfg)
-    to_new = {vae_key_to_original(k, cfg): k for k in vae.state_dict()}
-    vsd = _rename(sd, to_new, VAE_PREFIX)
-    vsd = {k: (v[:, :, 0, 0] if _is_vae_attn_matrix(k) and v.dim() == 4 else v) for k, v in vsd.items()}
-    return load_state_dict_strict(vae, vsd, "VAE (first_stage_model.*)", dtype=dtype, device=device).eval()
+    return sd
 
 
 def _t5_tokenizer(folder: Path | None):
-    from fastdiff.models.t5_tokenizer import T5Tokenizer
-
     if folder is not None and folder.is_dir():
         return T5Tokenizer.from_pretrained(folder)
     return T5Tokenizer.from_bundled()
@@ -78,9 +107,10 @@ def _no_t5_notice(where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- entry point
-def load_sd3(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device="cpu",
-             text_encoder_3: bool = True, text_encoders: str | os.PathLike | None = None):
-    """A :class:`~fastdiff.pipelines.sd3.StableDiffusion3` from a diffusers folder or an original single file."""
+def load_sd3_components(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device="cpu",
+                        text_encoder_3: bool = True, text_encoders: str | os.PathLike | None = None) -> SD3Components:
+    """SD3 / SD3.5 components from a diffusers folder or an original single file (``text_encoders``: a diffusers
+    SD3 folder to take the text encoders from when a single file has none)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no such checkpoint file or folder: {p}")
@@ -91,49 +121,31 @@ def load_sd3(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
 
 
 def load_sd3_diffusers(folder: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device="cpu",
-                       variant: str | None = None, text_encoder_3: bool = True):
-    """A diffusers StableDiffusion3Pipeline folder -> fastdiff pipeline (strict)."""
-    from fastdiff.io.t5_checkpoint import load_t5_encoder
-    from fastdiff.models.mmdit import MMDiT, MMDiTConfig
-    from fastdiff.pipelines.sd3 import SD3_SCHEDULER_CONFIG, StableDiffusion3
-
+                       variant: str | None = None, text_encoder_3: bool = True) -> SD3Components:
+    """A diffusers StableDiffusion3Pipeline folder -> fastdiff modules (strict)."""
     folder = Path(folder)
-    index = _read_json(folder / "model_index.json")
-    cls = index.get("_class_name", "")
+    cls = open_pipeline_folder(folder, ("transformer", "vae", "text_encoder", "text_encoder_2"))
     if not cls.startswith("StableDiffusion3"):
         raise CheckpointError(f"{folder}: model_index.json names {cls!r}, not a StableDiffusion3Pipeline")
-    for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        if not (folder / part).is_dir():
-            raise CheckpointError(f"{folder}: missing the {part}/ folder")
-    try:
-        mcfg = MMDiTConfig.from_diffusers(_read_json(folder / "transformer" / "config.json"))
-        vcfg = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
-        lcfg = CLIPTextConfig.from_transformers(_read_json(folder / "text_encoder" / "config.json"))
-        gcfg = CLIPTextConfig.from_transformers(_read_json(folder / "text_encoder_2" / "config.json"))
-    except ValueError as e:
-        raise CheckpointError(f"{folder}: {e}") from None
-    transformer = load_state_dict_strict(
-        _build(MMDiT, mcfg), _weights_in(folder / "transformer", "diffusion_pytorch_model", variant), "transformer/",
-        dtype=dtype, device=device).eval()
-    vae = load_state_dict_strict(_build(AutoencoderKL, vcfg),
-                                 _weights_in(folder / "vae", "diffusion_pytorch_model", variant), "vae/",
-                                 dtype=dtype, device=device).eval()
-    clip_l = _load_clip(_weights_in(folder / "text_encoder", "model", variant), lcfg, "text_encoder/", dtype, device)
-    clip_g = _load_clip(_weights_in(folder / "text_encoder_2", "model", variant), gcfg, "text_encoder_2/", dtype,
-                        device)
+    mcfg = read_config(folder / "transformer" / "config.json", MMDiTConfig.from_diffusers)
+    vcfg = read_config(folder / "vae" / "config.json", VAEConfig.from_diffusers)
+    lcfg = read_config(folder / "text_encoder" / "config.json", CLIPTextConfig.from_transformers)
+    gcfg = read_config(folder / "text_encoder_2" / "config.json", CLIPTextConfig.from_transformers)
+    kw = dict(variant=variant, dtype=dtype, device=device)
+    transformer = load_component(folder / "transformer", MMDiT, mcfg, "diffusion_pytorch_model", **kw)
+    vae = load_component(folder / "vae", AutoencoderKL, vcfg, "diffusion_pytorch_model", **kw)
+    clip_l = load_component(folder / "text_encoder", CLIPTextModel, lcfg, "model",
+                            state=lambda sd: _with_projection(clip_text_state(sd), lcfg), **kw)
+    clip_g = load_component(folder / "text_encoder_2", CLIPTextModel, gcfg, "model",
+                            state=lambda sd: _with_projection(clip_text_state(sd), gcfg), **kw)
     t5 = None
     if text_encoder_3 and (folder / "text_encoder_3").is_dir():
         t5 = load_t5_encoder(folder / "text_encoder_3", dtype=dtype, device=device)
     elif text_encoder_3:
         _no_t5_notice(str(folder))
-    tok_l = (CLIPTokenizer.from_pretrained(folder / "tokenizer") if (folder / "tokenizer").is_dir()
-             else CLIPTokenizer.from_bundled())
-    tok_g = (CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if (folder / "tokenizer_2").is_dir()
-             else CLIPTokenizer.from_bundled(pad_token="!"))
-    sched_path = folder / "scheduler" / "scheduler_config.json"
-    sched = _read_json(sched_path) if sched_path.is_file() else dict(SD3_SCHEDULER_CONFIG)
-    return StableDiffusion3(transformer, vae, clip_l, clip_g, t5, tok_l, tok_g, _t5_tokenizer(folder / "tokenizer_3"),
-                            sched)
+    return SD3Components(transformer, vae, clip_l, clip_g, t5, clip_tokenizer_in(folder / "tokenizer"),
+                         clip_tokenizer_in(folder / "tokenizer_2", pad_token="!"),
+                         _t5_tokenizer(folder / "tokenizer_3"), scheduler_config_in(folder, SD3_SCHEDULER_CONFIG))
 
 
 def _split_single_file(sd: Mapping[str, torch.Tensor]) -> dict[str, dict]:
@@ -149,21 +161,21 @@ def _split_single_file(sd: Mapping[str, torch.Tensor]) -> dict[str, dict]:
         else:
             other.append(k)
     if other:
-        raise CheckpointError(f"unexpected keys outside the MMDiT / VAE / text encoders: {_fmt(other)}")
+        raise CheckpointError(f"unexpected keys outside the MMDiT / VAE / text encoders: {format_keys(other)}")
     return parts
 
 
 def load_sd3_single_file(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device="cpu",
-                         text_encoder_3: bool = True, text_encoders: str | os.PathLike | None = None):
-    """An original SD3 / SD3.5 single file -> fastdiff pipeline (strict). ``text_encoders``: a diffusers SD3
+                         text_encoder_3: bool = True, text_encoders: str | os.PathLike | None = None) -> SD3Components:
+    """An original SD3 / SD3.5 single file -> fastdiff modules (strict). ``text_encoders``: a diffusers SD3
     folder to take the CLIP (and T5) towers from when the file has none."""
-    from fastdiff.io.sd3_checkpoint import load_mmdit_original
-    from fastdiff.io.t5_checkpoint import t5_from_state_dict
-    from fastdiff.pipelines.sd3 import SD3_SCHEDULER_CONFIG, StableDiffusion3
-
     path = Path(path)
+    keys = safetensors_keys(path)
+    if keys is not None and not is_sd3_keys(keys):  # decided from the header, before reading the tensors
+        raise CheckpointError(f"{path}: no SD3 MMDiT weights (model.diffusion_model.joint_blocks.*); "
+                              "for Stable Diffusion 1.x files use fastdiff.load_pipeline, which recognises them")
     sd = read_state_dict(path)
-    if not is_sd3_state_dict(sd):
+    if not is_sd3_keys(sd):
         raise CheckpointError(f"{path}: no SD3 MMDiT weights (model.diffusion_model.joint_blocks.*); "
                               "for Stable Diffusion 1.x files use fastdiff.load_pipeline, which recognises them")
     parts = _split_single_file(sd)
@@ -171,7 +183,7 @@ def load_sd3_single_file(path: str | os.PathLike, *, dtype: torch.dtype | None =
     transformer = load_mmdit_original(parts["mmdit"], dtype=dtype, device=device)
     if not parts["vae"]:
         raise CheckpointError(f"{path}: no VAE weights (first_stage_model.*)")
-    vae = _load_vae_original(parts["vae"], dtype, device)
+    vae = vae_from_original(parts["vae"], what="VAE (first_stage_model.*)", dtype=dtype, device=device, **_SD3_VAE)
     if parts["clip_l"] and parts["clip_g"]:
         lsd, gsd = clip_text_state(parts["clip_l"]), clip_text_state(parts["clip_g"])
         # SD3 towers are projected; CLIP-L's projection is absent from the file (then the identity, see above)
@@ -184,8 +196,6 @@ def load_sd3_single_file(path: str | os.PathLike, *, dtype: torch.dtype | None =
         if text_encoder_3 and parts["t5"]:
             t5 = t5_from_state_dict(parts["t5"], dtype=dtype, device=device, what="T5 (text_encoders.t5xxl.*)")
         elif text_encoder_3 and text_encoders is not None and (Path(text_encoders) / "text_encoder_3").is_dir():
-            from fastdiff.io.t5_checkpoint import load_t5_encoder
-
             t5 = load_t5_encoder(Path(text_encoders) / "text_encoder_3", dtype=dtype, device=device)
         elif text_encoder_3:
             _no_t5_notice(str(path))
@@ -196,66 +206,44 @@ def load_sd3_single_file(path: str | os.PathLike, *, dtype: torch.dtype | None =
         raise CheckpointError(f"{path}: this SD3 file holds no CLIP text encoders (text_encoders.clip_l / clip_g). "
                               "Use a file that includes them (sd3_medium_incl_clips*.safetensors), a diffusers folder, "
                               "or pass text_encoders=<a diffusers SD3 folder> to take them from")
-    return StableDiffusion3(transformer, vae, clip_l, clip_g, t5, CLIPTokenizer.from_bundled(),
-                            CLIPTokenizer.from_bundled(pad_token="!"), _t5_tokenizer(None), dict(SD3_SCHEDULER_CONFIG))
+    return SD3Components(transformer, vae, clip_l, clip_g, t5, CLIPTokenizer.from_bundled(),
+                         CLIPTokenizer.from_bundled(pad_token="!"), _t5_tokenizer(None), dict(SD3_SCHEDULER_CONFIG))
 
 
 # ---------------------------------------------------------------------------------------------------- saving
-def _state_to_save(model, dtype, *, tied_copies: bool = False) -> dict:
-    """What a file holds of a component. T5 ties ``encoder.embed_tokens`` to ``shared``: transformers' folders
-    store the table once (safetensors refuses aliased tensors); SD3 single files hold both names (diffusers'
-    single-file loader reads ``encoder.embed_tokens`` and does not tie it), so ``tied_copies`` writes a copy."""
-    sd = _cpu_sd(model, dtype)
-    if "shared.weight" in sd and "encoder.embed_tokens.weight" in sd:
-        if tied_copies:
-            sd["encoder.embed_tokens.weight"] = sd["encoder.embed_tokens.weight"].clone()
-        else:
-            del sd["encoder.embed_tokens.weight"]
-    return sd
-
-
-def save_sd3_single_file(pipe, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+def save_sd3_single_file(c, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                          include_text_encoders: bool = True) -> None:
-    """The original layout (``.safetensors``): MMDiT + VAE (+ CLIP-L, CLIP-G, T5 when present)."""
+    """The original layout (``.safetensors``): MMDiT + VAE (+ CLIP-L, CLIP-G, T5 when present). ``c``: anything
+    with the attributes of :class:`SD3Components` (the pipeline too)."""
     from safetensors.torch import save_file
 
-    from fastdiff.io.sd3_checkpoint import mmdit_to_original
-
-    out = mmdit_to_original(_cpu_sd(pipe.transformer, dtype), prefix=MMDIT_PREFIX)
-    for k, v in _cpu_sd(pipe.vae, dtype).items():
-        if _is_vae_attn_matrix(k):
-            v = v[:, :, None, None].contiguous()  # LDM's attention projections are 1x1 convs
-        out[VAE_PREFIX + vae_key_to_original(k, pipe.vae.config)] = v
-    if include_text_encoders:
-        for pre, m in ((CLIP_L_PREFIX, pipe.text_encoder), (CLIP_G_PREFIX, pipe.text_encoder_2),
-                       (T5_PREFIX, pipe.text_encoder_3)):
-            if m is not None:
-                out.update({pre + k: v for k, v in _state_to_save(m, dtype, tied_copies=True).items()})
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: SD3 single files are written as .safetensors")
+    out = mmdit_to_original(state_to_save(c.transformer, dtype), prefix=MMDIT_PREFIX)
+    out.update(vae_to_original(state_to_save(c.vae, dtype), c.vae.config))
+    if include_text_encoders:
+        for pre, m in ((CLIP_L_PREFIX, c.text_encoder), (CLIP_G_PREFIX, c.text_encoder_2)):
+            out.update({pre + k: v for k, v in state_to_save(m, dtype).items()})
+        if c.text_encoder_3 is not None:
+            out.update({T5_PREFIX + k: v for k, v in t5_state_to_save(c.text_encoder_3, dtype, tied_copies=True).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path), metadata={"format": "pt"})
 
 
-def save_sd3_diffusers(pipe, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+def save_sd3_diffusers(c, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
     """A diffusers StableDiffusion3Pipeline folder that diffusers' ``from_pretrained`` loads."""
-    folder = Path(folder)
-    parts = {"transformer": (pipe.transformer, pipe.transformer.config.to_diffusers(), "diffusion_pytorch_model"),
-             "vae": (pipe.vae, pipe.vae.config.to_diffusers(), "diffusion_pytorch_model"),
-             "text_encoder": (pipe.text_encoder, pipe.text_encoder.config.to_transformers(), "model"),
-             "text_encoder_2": (pipe.text_encoder_2, pipe.text_encoder_2.config.to_transformers(), "model")}
-    if pipe.text_encoder_3 is not None:
-        parts["text_encoder_3"] = (pipe.text_encoder_3, pipe.text_encoder_3.config.to_transformers(), "model")
-    for name, (model, cfg, stem) in parts.items():
-        write_component(folder / name, cfg, _state_to_save(model, dtype), stem)
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
-    pipe.tokenizer_2.save_pretrained(folder / "tokenizer_2")
-    pipe.tokenizer_3.save_pretrained(folder / "tokenizer_3")
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    with open(folder / "scheduler" / "scheduler_config.json", "w") as f:
-        json.dump(pipe.scheduler_config, f, indent=2)
-    t5 = pipe.text_encoder_3 is not None
+    components = {"transformer": (c.transformer.config.to_diffusers(), state_to_save(c.transformer, dtype),
+                                  "diffusion_pytorch_model"),
+                  "vae": (c.vae.config.to_diffusers(), state_to_save(c.vae, dtype), "diffusion_pytorch_model"),
+                  "text_encoder": (c.text_encoder.config.to_transformers(), state_to_save(c.text_encoder, dtype),
+                                   "model"),
+                  "text_encoder_2": (c.text_encoder_2.config.to_transformers(),
+                                     state_to_save(c.text_encoder_2, dtype), "model")}
+    t5 = c.text_encoder_3 is not None
+    if t5:
+        components["text_encoder_3"] = (c.text_encoder_3.config.to_transformers(),
+                                        t5_state_to_save(c.text_encoder_3, dtype), "model")
     index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
              "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
@@ -263,7 +251,7 @@ def save_sd3_diffusers(pipe, folder: str | os.PathLike, *, dtype: torch.dtype | 
              "text_encoder_3": ["transformers", "T5EncoderModel"] if t5 else [None, None],
              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
              "tokenizer_3": ["transformers", "T5TokenizerFast"] if t5 else [None, None],
-             "scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")],
+             "scheduler": ["diffusers", c.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")],
              "image_encoder": [None, None], "feature_extractor": [None, None]}
-    with open(folder / "model_index.json", "w") as f:
-        json.dump(index, f, indent=2)
+    tokenizers = {"tokenizer": c.tokenizer, "tokenizer_2": c.tokenizer_2, "tokenizer_3": c.tokenizer_3}
+    save_pipeline_folder(folder, index, components, tokenizers, c.scheduler_config)

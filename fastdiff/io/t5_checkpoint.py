@@ -10,7 +10,7 @@ Layouts a user has:
   CLIP towers: :func:`t5_from_prefixed` takes that part.
 
 fastdiff's :class:`~fastdiff.models.t5.T5EncoderModel` has transformers' names, so loading is a strict copy
-(:func:`fastdiff.io.sd_checkpoint.load_state_dict_strict`) into a model built on the meta device: the weights
+(:func:`fastdiff.io.checkpoint.load_state_dict_strict`) into a model built on the meta device: the weights
 are allocated once, as read. The only key handling, all by name:
 
 * ``shared.weight`` and ``encoder.embed_tokens.weight`` are one tied tensor. transformers 5 saves only
@@ -18,7 +18,7 @@ are allocated once, as read. The only key handling, all by name:
 * a full encoder-decoder checkpoint's ``decoder.*`` and ``lm_head.weight`` are not the encoder's and are ignored
   (transformers' ``T5EncoderModel`` ignores them too).
 
-Anything else missing or unexpected raises :class:`~fastdiff.io.sd_checkpoint.CheckpointError` listing the keys.
+Anything else missing or unexpected raises :class:`~fastdiff.io.checkpoint.CheckpointError` listing the keys.
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ from typing import Mapping
 
 import torch
 
-from fastdiff.io.sd_checkpoint import CheckpointError, _build, _fmt, _read_json, _weights_in, load_state_dict_strict
-from fastdiff.io.sd_checkpoint import read_state_dict
+from fastdiff.io.checkpoint import (CheckpointError, build_on_meta, component_weights, format_keys,
+                                    load_state_dict_strict, read_json, read_state_dict, state_to_save)
 from fastdiff.models.t5 import T5Config, T5EncoderModel
 
-__all__ = ["SD3_T5_PREFIX", "load_t5_encoder", "t5_from_prefixed", "t5_from_state_dict", "infer_t5_config",
-           "quantize_8bit"]
+__all__ = ["SD3_T5_PREFIX", "load_t5_encoder", "t5_from_prefixed", "t5_from_state_dict", "t5_state_to_save",
+           "infer_t5_config", "quantize_8bit"]
 
 SD3_T5_PREFIX = "text_encoders.t5xxl.transformer."
 _SHARED, _EMBED = "shared.weight", "encoder.embed_tokens.weight"
@@ -67,7 +67,7 @@ def infer_t5_config(sd: Mapping[str, torch.Tensor]) -> T5Config:
         absent = [k for k, t in ((f"{_SHARED} (or {_EMBED})", emb), (_REL_BIAS, rel),
                                  ("encoder.block.0.layer.0.SelfAttention.q.weight", q)) if t is None]
         raise CheckpointError(f"not a T5 encoder state dict: no {', '.join(absent)}; "
-                              f"top-level key prefixes: {_fmt({k.split('.')[0] for k in sd})}")
+                              f"top-level key prefixes: {format_keys({k.split('.')[0] for k in sd})}")
     layers = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"encoder\.block\.(\d+)\.", k)] if m)
     heads = int(rel.shape[1])
     wi0 = sd.get("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
@@ -96,7 +96,7 @@ def t5_from_state_dict(sd: Mapping[str, torch.Tensor], *, dtype: torch.dtype | N
         emb = sd[_SHARED]
         emb = (emb.to(dtype) if dtype is not None and emb.is_floating_point() else emb).to(device).contiguous()
         sd[_SHARED] = sd[_EMBED] = emb
-    model = load_state_dict_strict(_build(T5EncoderModel, cfg), sd, what, dtype=dtype, device=device)
+    model = load_state_dict_strict(build_on_meta(T5EncoderModel, cfg), sd, what, dtype=dtype, device=device)
     if model.shared.weight is not model.encoder.embed_tokens.weight:  # the module is shared; guard the invariant
         raise AssertionError("T5EncoderModel: shared and encoder.embed_tokens came apart")
     return model.eval()
@@ -111,7 +111,7 @@ def t5_from_prefixed(sd: Mapping[str, torch.Tensor], prefix: str = SD3_T5_PREFIX
     part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not part:
         raise CheckpointError(f"no T5 encoder weights under {prefix!r}; top-level key prefixes: "
-                              f"{_fmt({k.split('.')[0] for k in sd})}")
+                              f"{format_keys({k.split('.')[0] for k in sd})}")
     return t5_from_state_dict(part, dtype=dtype, device=device, config=config, what=f"T5 encoder ({prefix}*)")
 
 
@@ -128,7 +128,7 @@ def load_t5_encoder(path: str | os.PathLike, *, dtype: torch.dtype | None = torc
         if not (p / "config.json").is_file() and (p / "text_encoder_3").is_dir():
             p = p / "text_encoder_3"  # a diffusers SD3 pipeline folder
         if config is None:
-            raw = _read_json(p / "config.json")
+            raw = read_json(p / "config.json")
             archs = raw.get("architectures") or []
             if raw.get("model_type") not in (None, "t5") or any("T5" not in a for a in archs):
                 raise CheckpointError(f"{p}: config.json describes {archs or raw.get('model_type')}, not a T5 encoder")
@@ -136,12 +136,25 @@ def load_t5_encoder(path: str | os.PathLike, *, dtype: torch.dtype | None = torc
                 config = T5Config.from_transformers(raw)
             except ValueError as e:
                 raise CheckpointError(f"{p}: {e}") from None
-        return t5_from_state_dict(_weights_in(p, "model", variant), dtype=dtype, device=device, config=config,
+        return t5_from_state_dict(component_weights(p, "model", variant), dtype=dtype, device=device, config=config,
                                   what=f"T5 encoder {p}")
     sd = read_state_dict(p)
     if any(k.startswith(SD3_T5_PREFIX) for k in sd):
         return t5_from_prefixed(sd, SD3_T5_PREFIX, dtype=dtype, device=device, config=config)
     return t5_from_state_dict(sd, dtype=dtype, device=device, config=config, what=f"T5 encoder {p}")
+
+
+def t5_state_to_save(model: T5EncoderModel, dtype: torch.dtype | None, *, tied_copies: bool = False) -> dict:
+    """What a file holds of a T5 encoder. T5 ties ``encoder.embed_tokens`` to ``shared``: transformers' folders
+    store the table once (safetensors refuses aliased tensors); SD3 single files hold both names (diffusers'
+    single-file loader reads ``encoder.embed_tokens`` and does not tie it), so ``tied_copies`` writes a copy."""
+    sd = state_to_save(model, dtype)
+    if _SHARED in sd and _EMBED in sd:
+        if tied_copies:
+            sd[_EMBED] = sd[_EMBED].clone()
+        else:
+            del sd[_EMBED]
+    return sd
 
 
 def quantize_8bit(model: T5EncoderModel, *, threshold: float = 6.0) -> T5EncoderModel:

@@ -28,16 +28,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops.conv import Conv2d
-from fastdiff.ops.group_norm import group_norm
-from fastdiff.ops.linear import Linear
+from fastdiff.ops import Conv2d, Linear, group_norm
 
-__all__ = ["ResBlock", "group_norm_silu"]
+__all__ = ["ResBlock", "TimestepEmbedding", "Upsample2D", "apply_group_norm"]
 
 
-def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """silu(norm(x)) in one pass (fastdiff's fused GroupNorm + SiLU), with ``norm``'s parameters."""
-    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
+def apply_group_norm(x: torch.Tensor, module: nn.GroupNorm, *, silu: bool = False,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``module(x + residual)``, SiLU fused when ``silu``, in one pass (:func:`fastdiff.ops.group_norm` with the
+    module's parameters; statistics in fp32, output in x's dtype). Every model's GroupNorm goes through this."""
+    return group_norm(x, module.num_groups, module.weight, module.bias, module.eps, silu=silu, residual=residual)
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2, the SiLU fused into linear_1's output (diffusers' ``TimestepEmbedding``;
+    SD3 also uses it as the pooled-text projection, diffusers' ``PixArtAlphaTextProjection(act_fn="silu")``).
+    Keys: ``linear_1``, ``linear_2``."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.linear_1(x, activation="silu"))
+
+
+class Upsample2D(nn.Module):
+    """2x nearest upsampling, then a 3x3 convolution (diffusers' ``Upsample2D(use_conv=True)``; key ``conv``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class ResBlock(nn.Module):
@@ -81,9 +106,9 @@ class ResBlock(nn.Module):
         nchw_in = not x.is_contiguous(memory_format=torch.channels_last)
         if nchw_in:
             x = x.contiguous(memory_format=torch.channels_last)
-        h = group_norm_silu(x, self.norm1)
+        h = apply_group_norm(x, self.norm1, silu=True)
         h = self.conv1(h, residual=t)
-        h = group_norm_silu(h, self.norm2)
+        h = apply_group_norm(h, self.norm2, silu=True)
         h = self.dropout(h)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = self.conv2(h, residual=skip)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.models import _sd_ops as ops
+from fastdiff.ops import LayerNorm, Linear, attention
 
 __all__ = ["CLIPTextConfig", "CLIPTextTransformer", "CLIPTextModel", "CLIP_L14", "CLIP_L14_PROJ", "CLIP_BIGG14", "SD15",
            "TINY", "PRESETS"]
@@ -99,10 +99,10 @@ class CLIPAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.q_proj = ops.Linear(d, d)
-        self.k_proj = ops.Linear(d, d)
-        self.v_proj = ops.Linear(d, d)
-        self.out_proj = ops.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + out_proj(attention(x))``, the add fused into the output projection."""
@@ -111,7 +111,7 @@ class CLIPAttention(nn.Module):
         def heads(t):
             return t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
 
-        o = ops.attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask)
+        o = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, d), residual=residual)
 
 
@@ -119,8 +119,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.quick = cfg.hidden_act == "quick_gelu"
-        self.fc1 = ops.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = ops.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x, residual):
         if self.quick:
@@ -135,9 +135,9 @@ class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.self_attn = CLIPAttention(cfg)
-        self.layer_norm1 = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
-        self.layer_norm2 = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x, mask):
         x = self.self_attn(self.layer_norm1(x), mask, residual=x)
@@ -155,7 +155,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
-        self.final_layer_norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class CLIPTextModel(nn.Module):
@@ -166,7 +166,7 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
         if cfg.projection_dim:
-            self.text_projection = ops.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+            self.text_projection = Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -175,7 +175,7 @@ class CLIPTextModel(nn.Module):
     @staticmethod
     def _mask(attention_mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
         """Bool mask (True = attend): causal (n, n), and with ``attention_mask`` (B, n) padded keys dropped."""
-        causal = ops.causal_mask(n, device)
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()  # True: j <= i may be attended
         if attention_mask is None:
             return causal
         return causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdiff.models.blocks import TimestepEmbedding
 from fastdiff.ops import Linear, RMSNorm, attention, gate_residual, layer_norm_modulate, linear, timestep_embedding
 
 __all__ = ["MMDiTConfig", "MMDiT", "SD3_MEDIUM", "SD35_MEDIUM", "SD35_LARGE", "TINY", "PRESETS",
@@ -187,25 +188,13 @@ class PatchEmbed(nn.Module):
         return linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias, residual=pos)
 
 
-class _MLPEmbedder(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding and PixArtAlphaTextProjection(act 'silu'))."""
-
-    def __init__(self, cin: int, dim: int):
-        super().__init__()
-        self.linear_1 = Linear(cin, dim)
-        self.linear_2 = Linear(dim, dim)
-
-    def forward(self, x):
-        return self.linear_2(self.linear_1(x, activation="silu"))
-
-
 class CombinedTimestepTextProjEmbeddings(nn.Module):
     """``timestep_embedder(sinusoidal(t, 256, cos first)) + text_embedder(pooled)``: the conditioning vector."""
 
     def __init__(self, dim: int, pooled_dim: int):
         super().__init__()
-        self.timestep_embedder = _MLPEmbedder(_TIME_CHANNELS, dim)
-        self.text_embedder = _MLPEmbedder(pooled_dim, dim)
+        self.timestep_embedder = TimestepEmbedding(_TIME_CHANNELS, dim)
+        self.text_embedder = TimestepEmbedding(pooled_dim, dim)
 
     def forward(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         freq = timestep_embedding(t, _TIME_CHANNELS, flip_sin_to_cos=True, downscale_freq_shift=0)

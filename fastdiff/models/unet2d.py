@@ -25,7 +25,6 @@ Speed vs diffusers' UNet2DModel on the same weights: benchmarks/bench_unet2d.py.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -33,11 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastdiff.models.blocks import ResBlock
-from fastdiff.ops import attention, group_norm
+from fastdiff.models.blocks import ResBlock, TimestepEmbedding, Upsample2D, apply_group_norm
+from fastdiff.ops import Conv2d, Linear, attention, timestep_embedding_ref
 from fastdiff.ops._onednn import bf16_math_dtype
-from fastdiff.ops.conv import Conv2d
-from fastdiff.ops.linear import Linear
 
 __all__ = [
     "UNet2DConfig",
@@ -46,7 +43,6 @@ __all__ = [
     "TINY",
     "CIFAR10_DDPM",
     "PRESETS",
-    "timestep_embedding",
 ]
 
 _DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -198,42 +194,6 @@ TINY = UNet2DConfig(
 PRESETS = {"fashion32": FASHION32, "cifar10_ddpm": CIFAR10_DDPM, "tiny": TINY}
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
-                       max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, fp32, shape (B, dim).
-
-    Frequencies w_k = max_period^(-k / (half - freq_shift)), k = 0..half-1; the embedding is
-    [sin(t w), cos(t w)] (or [cos, sin] when ``flip_sin_to_cos``), as in the DDPM and diffusers code.
-    """
-    half = dim // 2
-    k = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * k / (half - freq_shift))
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
-                    dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
-def _norm_silu(x: torch.Tensor, norm: nn.GroupNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(norm(x + residual)) in one pass (fastdiff.ops.group_norm; statistics in fp32, output in x's dtype,
-    so under bf16 autocast the activations stay bf16 between the convolutions)."""
-    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True, residual=residual)
-
-
-class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal features: linear -> SiLU -> linear (diffusers ``TimestepEmbedding``)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class _Checkpointable(nn.Module):
     """A block whose activations can be recomputed in the backward pass instead of kept (gradient
     checkpointing, Chen et al. 2016): with ``grad_checkpointing`` set, a training forward keeps only the block's
@@ -279,8 +239,7 @@ class SpatialSelfAttention(_Checkpointable):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = group_norm(x, self.group_norm.num_groups, self.group_norm.weight, self.group_norm.bias,
-                       self.group_norm.eps)
+        y = apply_group_norm(x, self.group_norm)
         y = y.flatten(2).transpose(1, 2)  # (B, HW, C)
 
         def heads(t):
@@ -317,15 +276,6 @@ class Downsample2D(nn.Module):
         if self.padding == 0:  # TF "SAME" padding for an even input: one extra row/column at the end
             x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class DownBlock(nn.Module):
@@ -444,8 +394,10 @@ class UNet2D(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                 freq_shift=cfg.freq_shift)
+        # the torch-op form of fastdiff.ops.timestep_embedding: the fused kernel differs by an ulp (~1e-6 in the
+        # output), and trained UNet2D checkpoints keep their exact samples
+        emb = timestep_embedding_ref(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                     downscale_freq_shift=cfg.freq_shift)
         emb = self.time_embedding(emb.to(self.conv_in.weight.dtype))
         if self.class_embedding is not None:
             if class_labels is None:
@@ -471,7 +423,7 @@ class UNet2D(nn.Module):
         h = self.mid_block(h, emb)
         for block in self.up_blocks:
             h = block(h, skips, emb)
-        return self.conv_out(_norm_silu(h, self.conv_norm_out)).contiguous()
+        return self.conv_out(apply_group_norm(h, self.conv_norm_out, silu=True)).contiguous()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

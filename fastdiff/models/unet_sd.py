@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.models import _sd_ops as ops
-from fastdiff.ops import timestep_embedding
+from fastdiff.models.blocks import ResBlock, TimestepEmbedding, apply_group_norm
+from fastdiff.ops import Conv2d, LayerNorm, Linear, attention, geglu, timestep_embedding
 
 __all__ = ["UNetSDConfig", "UNetSD", "SD15", "SD15_INPAINT", "TINY", "PRESETS"]
 
@@ -127,20 +127,10 @@ TINY = UNetSDConfig(block_out_channels=(32, 64), cross_attention=(True, False), 
 PRESETS = {"sd15": SD15, "sd15_inpaint": SD15_INPAINT, "tiny": TINY}
 
 
-class TimestepEmbedding(nn.Module):
-    def __init__(self, cin: int, dim: int):
-        super().__init__()
-        self.linear_1 = ops.Linear(cin, dim)
-        self.linear_2 = ops.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.linear_2(self.linear_1(x, activation="silu"))
-
-
-def ResnetBlock2D(cin: int, cout: int, temb: int, groups: int, eps: float) -> ops.ResBlock:
+def ResnetBlock2D(cin: int, cout: int, temb: int, groups: int, eps: float) -> ResBlock:
     """GroupNorm+SiLU -> conv1 -> + time_emb_proj(SiLU(temb)) -> GroupNorm+SiLU -> conv2, + (1x1) shortcut:
     fastdiff's fused ResBlock (diffusers' ResnetBlock2D names)."""
-    return ops.ResBlock(cin, cout, temb_channels=temb, groups=groups, eps=eps)
+    return ResBlock(cin, cout, temb_channels=temb, groups=groups, eps=eps)
 
 
 class Attention(nn.Module):
@@ -149,10 +139,10 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.to_q = ops.Linear(dim, dim, bias=False)
-        self.to_k = ops.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = ops.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.ModuleList([ops.Linear(dim, dim)])
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim or dim, dim, bias=False)
+        self.to_v = Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([Linear(dim, dim)])
 
     def forward(self, x, context=None, residual=None):
         """``residual + to_out(attention(x, context))``, the add fused into the output projection."""
@@ -163,17 +153,17 @@ class Attention(nn.Module):
         def split(t):
             return t.view(b, t.shape[1], h, d // h).transpose(1, 2)
 
-        o = ops.attention(split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx)))
+        o = attention(split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx)))
         return self.to_out[0](o.transpose(1, 2).reshape(b, n, d), residual=residual)
 
 
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = ops.Linear(dim, 2 * inner)
+        self.proj = Linear(dim, 2 * inner)
 
     def forward(self, x):
-        return ops.geglu(self.proj(x))
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -181,7 +171,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), ops.Linear(mult * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), Linear(mult * dim, dim)])
 
     def forward(self, x, residual=None):
         return self.net[2](self.net[0](x), residual=residual)
@@ -190,11 +180,11 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
-        self.norm1 = ops.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads)
-        self.norm2 = ops.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim)
-        self.norm3 = ops.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x, context):
@@ -208,14 +198,14 @@ class Transformer2D(nn.Module):
         super().__init__()
         self.linear_proj = linear_proj
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        proj = (lambda: ops.Linear(channels, channels)) if linear_proj else (lambda: ops.Conv2d(channels, channels, 1))
+        proj = (lambda: Linear(channels, channels)) if linear_proj else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
         self.proj_out = proj()
 
     def forward(self, x, context):
         b, c, h, w = x.shape
-        y = ops.group_norm(x, self.norm)
+        y = apply_group_norm(x, self.norm)
         if self.linear_proj:
             y = self.proj_in(y.flatten(2).transpose(1, 2))
         else:
@@ -230,7 +220,7 @@ class Transformer2D(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -239,7 +229,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size):
         # nearest to the skip's size: 2x when the latent size divides evenly, else diffusers' upsample_size
@@ -312,7 +302,7 @@ class UNetSD(nn.Module):
         self.config = cfg
         ch = cfg.block_out_channels
         n = len(ch)
-        self.conv_in = ops.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList([
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.cross_attention[i], down=i < n - 1) for i in range(n)])
@@ -322,7 +312,7 @@ class UNetSD(nn.Module):
             UpBlock(rch[max(i - 1, 0)], rch[i], rch[min(i + 1, n - 1)], cfg, rattn[i], up=i < n - 1)
             for i in range(n)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = ops.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -355,4 +345,4 @@ class UNetSD(nn.Module):
         x = self.mid_block(x, temb, context)
         for blk in self.up_blocks:
             x = blk(x, temb, context, skips)
-        return self.conv_out(ops.group_norm(x, self.conv_norm_out, silu=True))
+        return self.conv_out(apply_group_norm(x, self.conv_norm_out, silu=True))

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.models import _sd_ops as ops
+from fastdiff.models.blocks import ResBlock, Upsample2D, apply_group_norm
+from fastdiff.ops import Conv2d, Linear, attention
 
 __all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "SD15", "SD3", "TINY", "TINY_SD3", "PRESETS"]
 
@@ -113,10 +114,10 @@ class DiagonalGaussian:
         return self.mean + self.std * noise.to(self.mean.device)
 
 
-def VAEResnetBlock(cin: int, cout: int, groups: int) -> ops.ResBlock:
+def VAEResnetBlock(cin: int, cout: int, groups: int) -> ResBlock:
     """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus a 1x1 ``conv_shortcut`` when channels change
     (diffusers' ResnetBlock2D without a time embedding, eps 1e-6): fastdiff's fused ResBlock."""
-    return ops.ResBlock(cin, cout, temb_channels=None, groups=groups, eps=_EPS)
+    return ResBlock(cin, cout, temb_channels=None, groups=groups, eps=_EPS)
 
 
 class VAEAttention(nn.Module):
@@ -125,15 +126,15 @@ class VAEAttention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS)
-        self.to_q = ops.Linear(channels, channels)
-        self.to_k = ops.Linear(channels, channels)
-        self.to_v = ops.Linear(channels, channels)
-        self.to_out = nn.ModuleList([ops.Linear(channels, channels)])
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = nn.ModuleList([Linear(channels, channels)])
 
     def forward(self, x):
         b, c, h, w = x.shape
-        y = ops.group_norm(x, self.group_norm).flatten(2).transpose(1, 2)[:, None]  # (B, 1, HW, C)
-        o = ops.attention(self.to_q(y), self.to_k(y), self.to_v(y))[:, 0]
+        y = apply_group_norm(x, self.group_norm).flatten(2).transpose(1, 2)[:, None]  # (B, 1, HW, C)
+        o = attention(self.to_q(y), self.to_k(y), self.to_v(y))[:, 0]
         return self.to_out[0](o).transpose(1, 2).reshape(b, c, h, w) + x
 
 
@@ -152,19 +153,10 @@ class _Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = ops.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class _Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _EncoderBlock(nn.Module):
@@ -183,7 +175,7 @@ class _DecoderBlock(nn.Module):
     def __init__(self, cin: int, cout: int, n: int, groups: int, up: bool):
         super().__init__()
         self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
-        self.upsamplers = nn.ModuleList([_Upsample(cout)]) if up else None
+        self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if up else None
 
     def forward(self, x):
         for r in self.resnets:
@@ -195,39 +187,39 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = ops.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             _EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=i < len(ch) - 1)
             for i in range(len(ch))])
         self.mid_block = VAEMidBlock(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
-        self.conv_out = ops.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)
         for blk in self.down_blocks:
             x = blk(x)
         x = self.mid_block(x)
-        return self.conv_out(ops.group_norm(x, self.conv_norm_out, silu=True))
+        return self.conv_out(apply_group_norm(x, self.conv_norm_out, silu=True))
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-        self.conv_in = ops.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = VAEMidBlock(ch[0], g)
         self.up_blocks = nn.ModuleList([
             _DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, up=i < len(ch) - 1)
             for i in range(len(ch))])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
-        self.conv_out = ops.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
         for blk in self.up_blocks:
             x = blk(x)
-        return self.conv_out(ops.group_norm(x, self.conv_norm_out, silu=True))
+        return self.conv_out(apply_group_norm(x, self.conv_norm_out, silu=True))
 
 
 class AutoencoderKL(nn.Module):
@@ -237,9 +229,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         # absent in SD3's VAE: identity maps then (diffusers stores no weights for them either)
-        self.quant_conv = (ops.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.quant_conv = (Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
                            if cfg.use_quant_conv else nn.Identity())
-        self.post_quant_conv = (ops.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.post_quant_conv = (Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
                                 if cfg.use_post_quant_conv else nn.Identity())
 
     @property

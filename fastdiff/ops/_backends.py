@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 
-from fastdiff import _ext
+from fastdiff import _ext, settings
 from fastdiff.ops.registry import current_backend, register_backend_check
 
 __all__ = ["triton_available", "triton_interpret", "tensor_reasons", "cuda_arch_runs", "cuda_device_reason"]
@@ -89,7 +88,7 @@ def triton_available() -> bool:
 
 def triton_interpret() -> bool:
     """True when triton kernels run on CPU tensors through the interpreter (tests only)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.current().triton_interpret
 
 
 def _triton_check() -> list[str]:

@@ -6,58 +6,30 @@ of another tensor). They have no autograd formula; :mod:`fastdiff.ops.conv` and 
 wrap them in autograd Functions whose backward is the standard convolution / matmul backward.
 
 The bf16 math policy. A bf16 model wants bf16 activations in memory, but which precision the multiply-adds
-should run in depends on the CPU:
-
-- AMX (Intel Sapphire Rapids and later, when the hypervisor exposes it) or AMD Zen 4/5 with AVX512-BF16:
-  bf16 dot products run at 2x (or more) the fp32 FMA rate, so oneDNN's native bf16 kernels are the fast path
-  (PLATFORM.md: ~940 GFLOP/s bf16 vs ~470 fp32 on a Zen 5).
-- Intel AVX512-BF16 without AMX (Cooper Lake; Sapphire/Emerald Rapids guests without AMX): ``vdpbf16ps``
-  issues on one port and does 2 products a lane, the same 64 FLOP/cycle as two ports of fp32 FMA, and
-  oneDNN's bf16 convolutions measured 1.5-2x *slower* than fp32 here (benchmarks/bench_conv_block.py).
-- No AVX512-BF16 at all: bf16 is emulated, far slower than fp32.
-
-So on the last two classes the cpu backends upcast bf16 operands to fp32, run the fp32 oneDNN kernel and round
-the result to bf16 once. That is also more accurate than the bf16 kernel (one rounding at the end), so it
-stays inside the low-precision test rule. ``FASTDIFF_CPU_BF16_MATH=native|fp32`` overrides the choice; where
-oneDNN has no bf16 kernels at all (AVX2-only CPUs such as AMD Zen 2/3: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
-is False, and a bf16 primitive cannot even be created), ``native`` falls back to fp32 math with a warning.
+should run in depends on the CPU: where bf16 dot products run faster than fp32 FMA (AMX, or AMD's AVX512-BF16)
+oneDNN's native bf16 kernels are the fast path; elsewhere (AVX512-BF16 at the fp32 rate, or bf16 emulated) the
+cpu backends upcast bf16 operands to fp32, run the fp32 oneDNN kernel and round the result to bf16 once. That
+is also more accurate than the bf16 kernel (one rounding at the end), so it stays inside the low-precision
+test rule. Which CPU gets which is a row of the routing table (:mod:`fastdiff.ops.routing`, with the
+benchmarks behind each row); the ``cpu_bf16_math`` setting (``FASTDIFF_CPU_BF16_MATH=native|fp32``) overrides
+it. Where oneDNN has no bf16 kernels at all (AVX2-only CPUs: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
+is False, and a bf16 primitive cannot even be created) native bf16 math falls back to fp32 (with a warning
+when ``native`` was asked for explicitly).
 """
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 
+from fastdiff import settings
 from fastdiff.ops._checks import device_dtype_reasons
+from fastdiff.ops.routing import current_route
 
-__all__ = ["CPU_DTYPES", "autocast_cast", "bf16_math_dtype", "cpu_vendor", "onednn_has_bf16", "onednn_math_dtype",
-           "onednn_reasons", "native_bf16_is_fast"]
+__all__ = ["CPU_DTYPES", "autocast_cast", "bf16_math_dtype", "onednn_has_bf16", "onednn_math_dtype", "onednn_reasons"]
 
-CPU_DTYPES = (torch.float32, torch.bfloat16)  # fp16 runs at ~2 GFLOP/s on this class of CPU (PLATFORM.md)
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_vendor() -> str:
-    """'GenuineIntel', 'AuthenticAMD', ... from /proc/cpuinfo ('' when unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-@functools.lru_cache(maxsize=None)
-def native_bf16_is_fast() -> bool:
-    """True when oneDNN's bf16 kernels beat its fp32 kernels on this CPU (see the module doc)."""
-    cpu = torch.cpu
-    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
-        return True
-    return cpu_vendor() == "AuthenticAMD" and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # no fp16: x86 CPUs have no fast fp16 matmul (~2 GFLOP/s measured)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,19 +46,15 @@ def _warn_no_native_bf16() -> None:
 
 
 def bf16_math_dtype() -> torch.dtype:
-    """The bf16 math policy (bf16 or fp32; env override): what the cpu paths compute bf16 inputs in.
+    """The bf16 math policy (bf16 or fp32): the ``cpu_bf16_math`` setting, else the routing table's row.
 
     Attention follows it as is (torch's bf16 SDPA runs on any CPU); conv/linear ask
     :func:`onednn_math_dtype`, which also knows whether oneDNN has bf16 kernels here.
     """
-    choice = os.environ.get("FASTDIFF_CPU_BF16_MATH", "").strip().lower()
-    if choice in ("native", "bf16"):
-        return torch.bfloat16
-    if choice in ("fp32", "float32"):
-        return torch.float32
-    if choice not in ("", "auto"):
-        raise ValueError(f"FASTDIFF_CPU_BF16_MATH must be 'native', 'fp32' or 'auto', got {choice!r}")
-    return torch.bfloat16 if native_bf16_is_fast() else torch.float32
+    choice = settings.current().cpu_bf16_math
+    if choice == "auto":
+        choice = current_route().bf16_math
+    return torch.bfloat16 if choice == "native" else torch.float32
 
 
 def onednn_math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,7 +64,8 @@ def onednn_math_dtype(dtype: torch.dtype) -> torch.dtype:
         return dtype
     math = bf16_math_dtype()
     if math == torch.bfloat16 and not onednn_has_bf16():
-        _warn_no_native_bf16()
+        if settings.current().cpu_bf16_math == "native":  # asked for explicitly (not by the routing row)
+            _warn_no_native_bf16()
         return torch.float32
     return math
 

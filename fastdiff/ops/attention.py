@@ -12,9 +12,10 @@ it touches.
 
 Backends:
 - ``ref``: explicit ``softmax(q k^T * scale) v`` with fp32 math: the oracle.
-- ``cpu``: torch's SDPA (its fused CPU flash kernel), which was 3-5x faster than the eager matmul-softmax-matmul
-  at SD1/SD3 shapes in fp32 (benchmarks/bench_attention.py). For bf16 the choice is made per shape from the
-  same benchmark: see :func:`_cpu_bf16_upcast`.
+- ``cpu``: fastdiff's own flash-attention kernel (csrc/cpu/attention_impl.h: forward and backward, fp32 and bf16,
+  fp32 online softmax, no Lq x Lk matrix, AVX2 / AVX-512 / AVX512-BF16 variants chosen at run time), where
+  benchmarks/bench_attention.py measured it faster than torch's SDPA; torch's SDPA (its fused CPU flash kernel)
+  elsewhere, see :func:`kernel_loses`. :func:`cpu_flash_attention` runs the kernel itself.
 - ``triton``: fastdiff's flash-attention forward and backward kernels (kernels/flash_attention.py).
 - ``cuda``: torch's SDPA on CUDA tensors (its flash / memory-efficient kernels never hold the score matrix), for
   inputs triton cannot run (triton missing, fp32 head dims above 128, ...); automatic choice prefers triton.
@@ -27,11 +28,12 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from fastdiff import _ext
 from fastdiff.ops._backends import tensor_reasons
 from fastdiff.ops._onednn import bf16_math_dtype
 from fastdiff.ops.registry import Op
 
-__all__ = ["attention", "attention_ref"]
+__all__ = ["attention", "attention_ref", "cpu_flash_attention", "kernel_loses"]
 
 _op = Op("attention")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,16 +100,75 @@ def attention_ref(q, k, v, attn_mask=None, scale=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# cpu: torch SDPA
+# cpu: fastdiff's flash-attention kernel (csrc/cpu/attention*), and torch SDPA where the kernel loses
 # ----------------------------------------------------------------------------------------------------------
 
-def _cpu_bf16_upcast(q, k, v) -> bool:
-    """Whether a bf16 attention on CPU runs faster through fp32 SDPA (upcast, compute, round once).
+def _kernel_mask(attn_mask, B, H, Lq, Lk):
+    """The mask as the kernel reads it: fp32, 4-d (B|1, H|1, Lq, Lk) with unit stride along Lk (broadcast dims
+    keep stride 0: no copy of a padding mask), bool turned into 0 / -inf."""
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+    elif m.dtype != torch.float32:
+        m = m.float()
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    m = m.expand(m.shape[0], m.shape[1], Lq, Lk)
+    if m.stride(-1) != 1:   # broadcast along the keys: materialise (rare; a per-row constant)
+        m = m.contiguous()
+    return m
 
-    Measured with benchmarks/bench_attention.py on the 2-core Zen 5 (see the README table): torch's bf16 CPU
-    flash kernel is slower than its fp32 one on long self-attention (SD1 64x64 d40, SD3 joint 1178 d64), where
-    the upcast pays for its copies; on short sequences (cross-attention Lk=77, 16x16 d160) the bf16 kernel wins.
-    The upcast is also more exact (fp32 softmax and accumulation; one rounding at the end).
+
+def _mask_not_finite(attn_mask) -> bool:
+    """NaN or +inf in a float mask: the kernel clamps scores, so such masks go to the reference (NaN propagates)."""
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return False
+    return bool(torch.isnan(attn_mask).any() or torch.isposinf(attn_mask).any())
+
+
+if _ext.has_cpu_kernels():
+
+    @torch.library.register_fake("fastdiff::attention")
+    def _attention_fake(q, k, v, attn_mask, scale, pair_dot):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("fastdiff::attention_backward")
+    def _attention_backward_fake(grad, q, k, v, out, lse, attn_mask, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _setup(ctx, inputs, output):
+        q, k, v, mask, scale, _pair_dot = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+
+    def _backward(ctx, grad, _glse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fastdiff.attention_backward(grad, q, k, v, out, lse, mask, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd("fastdiff::attention", _backward, setup_context=_setup)
+
+
+def cpu_flash_attention(q, k, v, attn_mask=None, scale=None, *, pair_dot: int = 0):
+    """fastdiff's CPU flash-attention kernel itself (what the ``cpu`` backend runs where it wins; tests and
+    benchmarks call it directly). ``pair_dot``: 0 = bf16 pair dot products (``vdpbf16ps``) where the CPU has
+    AVX512-BF16, 1 = fp32 products always, 2 = pair products for bf16 inputs on any CPU (emulated without
+    AVX512-BF16: the tests of that path's logic). Inputs must be finite (the ``cpu`` backend checks)."""
+    B, H, Lq, _ = q.shape
+    m = _kernel_mask(attn_mask, B, H, Lq, k.shape[2])
+    return torch.ops.fastdiff.attention(q, k, v, m, _scale(q, scale), pair_dot)[0]
+
+
+def _sdpa_bf16_upcast(q, k, v) -> bool:
+    """Whether a bf16 attention sent to torch SDPA runs faster upcast to fp32 (compute, round once).
+
+    Measured with benchmarks/bench_attention.py on a 2-core Zen 5: torch's bf16 CPU flash kernel is slower than
+    its fp32 one on long self-attention (SD1 64x64 d40, SD3 joint 1178 d64), where the upcast pays for its
+    copies; on short sequences (cross-attention Lk=77, 16x16 d160) the bf16 kernel wins. The upcast is also more
+    exact (fp32 softmax and accumulation; one rounding at the end).
     """
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # training: the bf16 backward is the slow part (see _UPCAST_MIN_SCORES), unless this CPU has fast bf16
@@ -116,29 +177,48 @@ def _cpu_bf16_upcast(q, k, v) -> bool:
     return q.shape[-2] * k.shape[-2] >= _UPCAST_MIN_SCORES
 
 
-# Score-matrix size (Lq * Lk per head) from which the fp32 upcast wins in bf16 (see _cpu_bf16_upcast). Measured
+# Score-matrix size (Lq * Lk per head) from which the fp32 upcast wins in bf16 (see _sdpa_bf16_upcast). Measured
 # (upcast time / bf16 SDPA time, same run): 4096^2 d40 0.61, 2048^2 d40 0.82, 1178^2 d64 0.89, 1024^2 d80 1.04,
 # 512^2 d80 1.41, 256^2 d160 1.27, 4096x77 d40 1.92. With gradients the upcast wins everywhere measured
 # (fwd+bwd, 1 thread, same run): 1024^2 d80 0.55, 256^2 d160 0.61, 4096^2 d40 0.50 of the bf16 SDPA time.
 _UPCAST_MIN_SCORES = 1_200_000
 
 
-def _cpu_attention(q, k, v, attn_mask=None, scale=None):
-    # torch's CPU flash kernel turns a query row that meets a NaN into zeros (it treats the NaN max like a fully
-    # masked row): silent garbage. Non-finite inputs go to the reference, where NaN propagates as documented.
-    # A NaN or inf anywhere makes a sum non-finite, so three O(L * D) sums (no boolean temporaries) and one
-    # host sync detect it: negligible next to the O(Lq * Lk * D) attention. (A finite sum that overflows only
-    # sends a valid input to the reference: slower, still right.)
-    if not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32)
-                                + v.sum(dtype=torch.float32))):
-        return attention_ref(q, k, v, attn_mask, scale)
-    if q.dtype == torch.bfloat16 and _cpu_bf16_upcast(q, k, v):
+def _sdpa(q, k, v, attn_mask, scale):
+    if q.dtype == torch.bfloat16 and _sdpa_bf16_upcast(q, k, v):
         m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
                                               scale=_scale(q, scale)).to(q.dtype)
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)   # SDPA wants a float mask in the query's dtype
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=_scale(q, scale))
+
+
+def kernel_loses(q, k, v, attn_mask=None, scale=None) -> str | None:
+    """Why the ``cpu`` backend runs torch SDPA instead of fastdiff's kernel for this input (None: the kernel runs).
+
+    The ``cpu`` backend holds both: the kernel where benchmarks/bench_attention.py measured it faster than SDPA,
+    SDPA elsewhere (skipping the whole backend would fall to the ``ref`` oracle, far slower than either).
+    """
+    if not _ext.has_cpu_kernels():
+        return f"the compiled extension fastdiff._C did not import ({_ext.IMPORT_ERROR})"
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "attn_mask requires grad: the kernel computes no mask gradient"
+    return None
+
+
+def _cpu_attention(q, k, v, attn_mask=None, scale=None):
+    # Non-finite inputs go to the reference, where NaN propagates as documented (torch's CPU flash kernel turns a
+    # query row that meets a NaN into zeros, and fastdiff's kernel clamps scores). A NaN or inf anywhere makes a
+    # sum non-finite, so three O(L * D) sums (no boolean temporaries) and one host sync detect it: negligible next
+    # to the O(Lq * Lk * D) attention. (A finite sum that overflows only sends a valid input to the reference:
+    # slower, still right.)
+    if not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32)
+                                + v.sum(dtype=torch.float32))) or _mask_not_finite(attn_mask):
+        return attention_ref(q, k, v, attn_mask, scale)
+    if kernel_loses(q, k, v, attn_mask, scale) is None:
+        return cpu_flash_attention(q, k, v, attn_mask, scale)
+    return _sdpa(q, k, v, attn_mask, scale)
 
 
 def _mask_device(q, attn_mask):
@@ -148,7 +228,7 @@ def _mask_device(q, attn_mask):
 
 
 def _cpu_reasons(q, k, v, attn_mask=None, scale=None):
-    # fp16 on this CPU class runs at ~2 GFLOP/s (PLATFORM.md): leave it to the reference rather than pretend.
+    # fp16 on x86 CPUs runs at ~2 GFLOP/s (torch matmul): leave it to the reference rather than pretend.
     return tensor_reasons("cpu", q, k, v, dtypes=(torch.float32, torch.bfloat16)) + _mask_device(q, attn_mask)
 
 
@@ -211,6 +291,10 @@ def _cuda_sdpa_attention(q, k, v, attn_mask=None, scale=None):
     return out if empty is None else out.masked_fill(empty, 0.0)
 
 
+def _cuda_device_check():
+    return [] if torch.cuda.is_available() else ["no CUDA device is visible to torch"]
+
+
 def _cuda_sdpa_reasons(q, k, v, attn_mask=None, scale=None):
     return tensor_reasons("cuda", q, k, v, dtypes=_FLOAT_DTYPES) + _mask_device(q, attn_mask)
 
@@ -243,9 +327,10 @@ def _flash_attn_reasons(q, k, v, attn_mask=None, scale=None):
 
 
 _op.register("ref")(attention_ref)
-_op.register("cpu", _cpu_reasons, needs_backend=False)(_cpu_attention)  # torch SDPA: no _C
+_op.register("cpu", _cpu_reasons, needs_backend=False)(_cpu_attention)  # SDPA without fastdiff._C
 _op.register("triton", _triton_reasons)(_triton_attention)
-_op.register("cuda", _cuda_sdpa_reasons, needs_backend=False, slower=_cuda_sdpa_after_triton)(_cuda_sdpa_attention)
+_op.register("cuda", _cuda_sdpa_reasons, needs_backend=False, slower=_cuda_sdpa_after_triton,
+             check=_cuda_device_check)(_cuda_sdpa_attention)
 _op.register("flash_attn", _flash_attn_reasons)(_flash_attn_attention)
 
 

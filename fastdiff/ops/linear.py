@@ -6,11 +6,11 @@ The eager sequence it replaces (``linear_ref``)::
     y = y + residual          # optional (an attention output projection + the skip)
     y = act(y)                # optional: 'silu', 'gelu' (erf) or 'gelu_tanh'
 
-Why not ``F.linear``: on this class of CPU the fp32 BLAS path of ``torch.matmul`` / ``F.linear`` is slow
-(PLATFORM.md), while oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the op inductor emits
+Why not ``F.linear``: on many x86 CPUs the fp32 BLAS path of ``torch.matmul`` / ``F.linear`` is slow, while oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the op inductor emits
 for linear + pointwise) is faster and applies the activation (a *unary* post-op) or the residual add (a
 *binary* post-op) to each output block before it is stored. Measured ratios are in
-benchmarks/bench_conv_block.py. As for the convolution, bf16 inputs are computed in
+benchmarks/bench_conv_block.py. Whether the activation is fused or applied after the matmul depends on the CPU:
+the ``linear_activation`` column of :mod:`fastdiff.ops.routing`. As for the convolution, bf16 inputs are computed in
 :func:`fastdiff.ops._onednn.onednn_math_dtype` (fp32 where oneDNN's bf16 kernels lose to its fp32 ones).
 
 Autograd: the oneDNN op has no derivative; with grad the matmul + bias + residual runs inside
@@ -22,14 +22,13 @@ inference it caches the weight pre-packed for oneDNN, keyed on the weight's vers
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops._onednn import autocast_cast, onednn_math_dtype, onednn_reasons
 from fastdiff.ops.registry import Op
+from fastdiff.ops.routing import current_route
 
 __all__ = ["ACTIVATIONS", "Linear", "linear", "linear_ref"]
 
@@ -74,10 +73,9 @@ def _onednn_forward(x, weight, bias, residual, activation, packer=None):
         y = torch.ops.mkldnn._linear_pointwise.binary(xm, residual.to(math).contiguous(), w, bm, "add")
         if activation is not None:
             y = _ACT[activation][2](y)
-    elif activation is not None and not _cpu_has_avx512():
-        # AVX2-only CPUs (Zen 3): oneDNN's unary post-op is the slow part of the fused op; the same matmul, then
-        # the activation in the math dtype (fp32 for bf16 inputs: one rounding at the end, as fused), measured
-        # 1.34x faster at the SD3 MLP shape (2048x1536->6144 gelu_tanh, bf16, 1 thread, same run)
+    elif activation is not None and current_route().linear_activation == "eager":
+        # the routing row says oneDNN's unary post-op is the slow part of the fused op on this CPU: the same
+        # matmul, then the activation in the math dtype (fp32 for bf16 inputs: one rounding at the end, as fused)
         y = _ACT[activation][2](torch.ops.mkldnn._linear_pointwise(xm, w, bm, "none", [], None))
     elif activation is not None:
         attr, algo, _ = _ACT[activation]
@@ -128,12 +126,6 @@ def _cpu_reasons(x, weight, bias, activation, residual, packer):
 _SMALL_MACS = 1 << 22
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_has_avx512() -> bool:
-    """ATen's vector capability (AVX512 vs AVX2 / lower): which of oneDNN's fp32 JIT kernels runs here."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
 def _cpu_slower(x, weight, bias, activation, residual, packer):
     """When automatic choice leaves the oneDNN path to eager F.linear (benchmarks/bench_conv_block.py)."""
     macs = x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1]
@@ -141,16 +133,12 @@ def _cpu_slower(x, weight, bias, activation, residual, packer):
         return f"small matmul ({macs} multiply-adds < {_SMALL_MACS}): eager F.linear is faster (per-call overhead)"
     if x.dtype == torch.float32 and activation is None and residual is None:
         return "plain fp32 linear: oneDNN ties F.linear (0.95-1.07x measured) and there is nothing to fuse"
-    # On an AVX2-only CPU (AMD Zen 3) oneDNN's fp32 inner product with a fused unary post-op lost to F.linear +
-    # the eager activation: at 2 threads 0.62-0.88x at every shape measured with >= 256 rows (SD3 MLP fc1
-    # 1024-8858 x 1536->6144 gelu_tanh 0.62-0.81x, 1178x768->3072 0.81x, T5 512x4096->10240 0.74x, 2048x1536->6144
-    # silu 0.73x, 1024x768->3072 gelu 0.80x), at 1 thread 0.57-0.95x at every shape with >= 32 rows. The post-op
-    # is the slow part: the same oneDNN matmul unfused, then the activation, was 1.0-1.5x faster than fused. Only
-    # 64-154 rows at 2 threads won (1.1-1.4x, a few ms, noisy), so no row threshold. bf16 keeps oneDNN: its
-    # fp32-math upcast beats torch's bf16 F.linear (no bf16 dot products here) 3-5.6x even with the post-op.
-    if x.dtype == torch.float32 and activation is not None and residual is None and not _cpu_has_avx512():
-        return (f"fp32 linear + fused {activation} on an AVX2-only CPU: oneDNN's post-op made it 0.57-0.95x "
-                "F.linear + the eager activation (measured on Zen 3)")
+    if x.dtype == torch.float32 and activation is not None and residual is None:
+        route = current_route()
+        if route.linear_activation == "eager":
+            # the unfused oneDNN matmul then the activation is no faster than F.linear then the activation
+            return (f"fp32 linear + {activation}: oneDNN's fused post-op loses to F.linear + the eager activation "
+                    f"on {route.capability} CPUs (routing row {route.name!r}, {route.evidence[0]})")
     return None
 
 

@@ -9,22 +9,28 @@ Choice:
 - automatic: the first backend in :data:`PRIORITY` with no reasons, skipping a backend whose ``slower``
   function says it loses to the next one on this input (measured: e.g. eager F.linear beats the oneDNN path on
   tiny matmuls, where per-call overhead dominates);
-- forced (``FASTDIFF_BACKEND=name`` or ``with use_backend(name):``): that backend or an error listing
-  every reason it cannot run the input. ``ref`` runs everything, always.
+- forced (``with use_backend(name):``, or the ``backend`` setting: ``FASTDIFF_BACKEND=name``, see
+  :mod:`fastdiff.settings`): that backend or an error listing every reason it cannot run the input. ``ref``
+  runs everything, always.
+
+Which backend loses where on which CPU is the routing table's business (:mod:`fastdiff.ops.routing`); the
+``slower`` hooks of conv/linear ask it.
 
 Cost per call: the whole-backend checks (an import probe, a CUDA query) are machine facts, so their results
-are cached, keyed on the environment variables they read (``TRITON_INTERPRET``); ``refresh_backends()``
+are cached, keyed on the settings they read (``triton_interpret``); ``refresh_backends()``
 drops the cache (e.g. after installing a package in a running process). An implementation that does not
 use what its backend's whole check guards (the cpu attention is torch's SDPA and needs no fastdiff._C)
-registers with ``needs_backend=False`` and is judged on its own reasons only.
+registers with ``needs_backend=False`` and is judged on its own reasons only, or on a whole check of its own
+(``check=``, cached the same way: torch's SDPA on CUDA needs a GPU, not fastdiff._C).
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
+
+from fastdiff import settings
 
 __all__ = [
     "PRIORITY",
@@ -39,14 +45,12 @@ __all__ = [
 ]
 
 # Fastest first. ``ref`` is pure PyTorch and is always last: it is the oracle and the fallback.
-PRIORITY: tuple[str, ...] = ("flash_attn", "cuda", "triton", "cpu", "ref")
+PRIORITY: tuple[str, ...] = settings.BACKENDS
 
 _state = threading.local()
 _backend_checks: dict[str, Callable[[], list[str]]] = {}
 _backend_cache: dict[tuple, tuple[str, ...]] = {}
 _ops: dict[str, "Op"] = {}
-# Environment variables the whole-backend checks read: part of the cache key, so changing one takes effect.
-_CHECK_ENV = ("TRITON_INTERPRET",)
 
 
 class BackendUnavailable(RuntimeError):
@@ -67,7 +71,8 @@ def refresh_backends() -> None:
 
 
 def _env_token() -> tuple:
-    return tuple(os.environ.get(v) for v in _CHECK_ENV)
+    # The settings the whole-backend checks read: part of the cache key, so changing one takes effect.
+    return (settings.current().triton_interpret,)
 
 
 def _whole_reasons(name: str, token: tuple) -> tuple[str, ...]:
@@ -90,14 +95,12 @@ def _validate_backend(name: str) -> str:
 
 
 def current_backend() -> str | None:
-    """The forced backend, if any: the innermost ``use_backend`` or else ``FASTDIFF_BACKEND``."""
+    """The forced backend, if any: the innermost ``use_backend`` or else the ``backend`` setting
+    (``FASTDIFF_BACKEND``)."""
     stack = getattr(_state, "stack", None)
     if stack:
         return stack[-1]
-    env = os.environ.get("FASTDIFF_BACKEND", "").strip()
-    if env and env != "auto":
-        return _validate_backend(env)
-    return None
+    return settings.current().backend
 
 
 @contextlib.contextmanager
@@ -123,6 +126,20 @@ class _Impl:
     reasons: Callable[..., list[str]]
     needs_backend: bool = True  # False: the whole-backend check does not apply (see the module doc)
     slower: Callable[..., str | None] | None = None  # why automatic choice skips it for this input (None: it wins)
+    check: Callable[[], list[str]] | None = None  # with needs_backend=False: a whole check of its own
+
+
+def _impl_whole(impl: _Impl, backend: str, token: tuple) -> tuple[str, ...]:
+    """The whole-machine reasons that apply to one implementation (cached like the backend checks)."""
+    if impl.needs_backend:
+        return _whole_reasons(backend, token)
+    if impl.check is None:
+        return ()
+    key = ("impl", id(impl), token)
+    hit = _backend_cache.get(key)
+    if hit is None:
+        hit = _backend_cache[key] = tuple(impl.check())
+    return hit
 
 
 @dataclass
@@ -138,18 +155,20 @@ class Op:
         _ops[self.name] = self
 
     def register(self, backend: str, reasons: Callable[..., list[str]] | None = None, *,
-                 needs_backend: bool = True, slower: Callable[..., str | None] | None = None):
+                 needs_backend: bool = True, slower: Callable[..., str | None] | None = None,
+                 check: Callable[[], list[str]] | None = None):
         """Decorator: ``@op.register("cpu", reasons=_cpu_reasons)`` on the implementation.
 
         ``needs_backend=False``: the implementation does not use what the backend's whole check guards
-        (e.g. a cpu implementation on torch's own oneDNN/SDPA needs no fastdiff._C).
+        (e.g. a cpu implementation on torch's own oneDNN/SDPA needs no fastdiff._C); ``check() -> list[str]``
+        then says why it cannot run on this machine at all, if it can fail (torch's SDPA on CUDA: no GPU).
         ``slower(*args) -> str | None``: the backend CAN run the input but was measured to lose to the next
         backend on it; automatic choice then skips it (a forced backend still runs). Return the reason.
         """
         _validate_backend(backend)
 
         def deco(fn: Callable) -> Callable:
-            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []), needs_backend, slower)
+            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []), needs_backend, slower, check)
             return fn
 
         return deco
@@ -159,10 +178,9 @@ class Op:
         impl = self.impls.get(backend)
         if impl is None:
             return [f"{self.name} has no {backend!r} implementation"]
-        if impl.needs_backend:
-            out = backend_reasons(backend)
-            if out:
-                return out
+        out = _impl_whole(impl, backend, _env_token())
+        if out:
+            return list(out)
         return list(impl.reasons(*args, **kwargs))
 
     def select(self, *args, **kwargs) -> str:
@@ -177,10 +195,10 @@ class Op:
                     + "\nUse fastdiff.ops.use_backend(None) (or unset FASTDIFF_BACKEND) for automatic choice."
                 )
             return forced
-        token = _env_token()  # the same as self.reasons, with the environment read once per call
+        token = _env_token()  # the same as self.reasons, with the settings read once per call
         for name in PRIORITY:
             impl = self.impls.get(name)
-            if impl is None or (impl.needs_backend and _whole_reasons(name, token)):
+            if impl is None or _impl_whole(impl, name, token):
                 continue
             if not impl.reasons(*args, **kwargs) and (impl.slower is None or impl.slower(*args, **kwargs) is None):
                 return name
@@ -195,7 +213,7 @@ class Op:
             impl = self.impls.get(b)
             if impl is None:
                 return [f"no {b!r} implementation"]
-            return backend_reasons(b) if impl.needs_backend else []
+            return list(_impl_whole(impl, b, _env_token()))
 
         return {b: why(b) for b in PRIORITY}
 

@@ -8,39 +8,43 @@ from pathlib import Path
 
 import torch
 
+from fastdiff._argtypes import existing_path, float_in, int_at_least, multiple_of, output_file
+
 __all__ = ["add_generate_parser"]
 
 
 def add_generate_parser(sub) -> None:
+    from fastdiff.samplers import SAMPLERS
+
     p = sub.add_parser("generate", help="sample a model and write a PNG (default: a labelled grid of every class "
                        "from the bundled model)")
-    p.add_argument("--model", default=None, help="Stable Diffusion 1.x / 3 diffusers folder or .safetensors/.ckpt file "
+    p.add_argument("--model", default=None, type=existing_path(), help="Stable Diffusion 1.x / 3 diffusers folder or .safetensors/.ckpt file "
                    "(with --prompt), pipeline folder, UNet2DModel folder or training run folder (default: the bundled "
                    "Fashion-MNIST model)")
     p.add_argument("--prompt", default=None, help="text prompt (Stable Diffusion --model)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (Stable Diffusion)")
-    p.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (Stable Diffusion)")
-    p.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (Stable Diffusion)")
-    p.add_argument("--init-image", default=None, help="img2img: the picture to start from (Stable Diffusion)")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: share of the schedule re-run, in [0, 1]")
-    p.add_argument("--mask", default=None, help="inpainting: white = repaint (with --init-image)")
+    p.add_argument("--height", type=multiple_of(8, 8), default=512, help="image height, a multiple of 8 (Stable Diffusion)")
+    p.add_argument("--width", type=multiple_of(8, 8), default=512, help="image width, a multiple of 8 (Stable Diffusion)")
+    p.add_argument("--init-image", default=None, type=existing_path("file"), help="img2img: the picture to start from (Stable Diffusion)")
+    p.add_argument("--strength", type=float_in(0.0, 1.0), default=0.8, help="img2img: share of the schedule re-run, in [0, 1]")
+    p.add_argument("--mask", default=None, type=existing_path("file"), help="inpainting: white = repaint (with --init-image)")
     p.add_argument("--label", default=None, help="class name or index; default: a grid of every class")
-    p.add_argument("--n", type=int, default=None, help="images per class in the grid (default 4), or images of "
+    p.add_argument("--n", type=int_at_least(1), default=None, help="images per class in the grid (default 4), or images of "
                    "--label (default 16)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_a, dpmpp_2m, flow_euler (default: ddim "
+    p.add_argument("--sampler", default=None, choices=tuple(SAMPLERS), metavar="SAMPLER", help="ddpm, ddim, euler, euler_a, dpmpp_2m, flow_euler (default: ddim "
                    "for pixel models, euler for SD1, flow_euler for SD3)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20 ddim, 15 dpmpp_2m, "
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="sampling steps (default: 20 ddim, 15 dpmpp_2m, "
                    "30 euler/euler_a, 1000 ddpm; SD1 30, SD3 28)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=float_in(0.0), default=None,
                    help="classifier-free guidance scale (1: off; default: the model's own, e.g. 1.5 for the "
                         "bundled model)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
-    p.add_argument("--out", default="fastdiff-samples.png", help="output PNG path")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="the same seed gives the same images")
+    p.add_argument("--out", default="fastdiff-samples.png", type=output_file, help="output PNG path")
     p.add_argument("--show-process", action="store_true", help="also write the noising/denoising strip "
                    "(x_t at a few t) next to --out")
     p.add_argument("--interpolate", action="store_true", help="also write a slerp between two noises next to "
                    "--out")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_generate)
 
@@ -52,13 +56,13 @@ def _suffixed(out: Path, suffix: str) -> Path:
 def run_generate(args: argparse.Namespace) -> int:
     from fastdiff.pipelines.generate import class_grid, generate, save_png
     from fastdiff.pipelines.pixel import DEFAULT_STEPS, load_pixel_pipeline
-    from fastdiff.train.plots import image_grid
+    from fastdiff.io.images import image_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        print(f"error: the folder of --out ({out.parent}) does not exist", file=sys.stderr)
+    if args.mask is not None and args.init_image is None:
+        print("fastdiff generate: error: argument --mask: needs --init-image (the picture to repaint)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     if args.prompt is not None or args.init_image is not None or args.mask is not None:
@@ -101,7 +105,7 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
     """``--prompt``: text-to-image (img2img with --init-image, inpainting with --mask) with Stable Diffusion."""
     from fastdiff.pipelines.generate import generate, save_png, sd_defaults
     from fastdiff.pipelines.load import load_pipeline
-    from fastdiff.train.plots import image_grid
+    from fastdiff.io.images import image_grid
 
     try:
         if args.model is None:
@@ -132,7 +136,7 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
 def _process_strip(pipe, args, steps, guidance, columns: int = 8):
     """Two labelled rows: the forward (noising) process q(x_t | x_0) of a sample, and the reverse (denoising)
     trajectory the sampler took to make it, at ``columns`` evenly spaced points."""
-    from fastdiff.train.plots import image_grid, to_pil
+    from fastdiff.io.images import image_grid, to_pil
 
     label = [pipe.label_index(args.label) if args.label is not None else 0] if pipe.class_names else None
     frames: list[torch.Tensor] = []
@@ -159,7 +163,7 @@ def _process_strip(pipe, args, steps, guidance, columns: int = 8):
 def _interpolation(pipe, args, steps, guidance, columns: int = 9):
     """Samples from slerp(noise_a, noise_b, w) for w in [0, 1]: a smooth walk between two images."""
     from fastdiff.pipelines.pixel import slerp
-    from fastdiff.train.plots import image_grid, to_pil
+    from fastdiff.io.images import image_grid, to_pil
 
     cfg = pipe.unet.config
     g = torch.Generator().manual_seed(args.seed)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from fastdiff.pipelines.pixel import DEFAULT_STEPS, PixelPipeline, load_pixel_pipeline
-from fastdiff.train.plots import image_grid, to_pil
+from fastdiff.io.images import image_grid, to_pil
 
 __all__ = ["generate", "class_grid", "save_png", "progress_callback"]
 

@@ -16,6 +16,12 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.io.checkpoint import safetensors_keys
+from fastdiff.io.sd_checkpoint import detect_family
+from fastdiff.pipelines.pixel import load_pixel_pipeline
+from fastdiff.pipelines.sd1 import load_sd1
+from fastdiff.pipelines.sd3 import load_sd3
+
 __all__ = ["load_pipeline", "pipeline_kind"]
 
 _SD1 = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
@@ -31,18 +37,10 @@ def pipeline_kind(path: str | os.PathLike | None) -> str:
     if not p.exists():
         raise FileNotFoundError(f"model path {p} does not exist")
     if p.is_file():
-        from fastdiff.io.sd_checkpoint import CheckpointError, detect_architecture, read_state_dict
-
-        if _safetensors_keys_say_sd3(p):  # an SD3 file with T5 is ~10 GB: decide from its header alone
-            return "sd3"
-        sd = read_state_dict(p)
-        try:
-            detect_architecture(sd)
-        except CheckpointError as e:
-            if "SD3" in str(e):
-                return "sd3"
-            raise
-        return "sd1"
+        # A safetensors file is classified by the key names in its header (an SD3 file with T5 is ~10 GB); a
+        # pickle cannot be read in part: it is taken for SD1, whose loader says what else it holds.
+        keys = safetensors_keys(p)
+        return "sd1" if keys is None else detect_family(keys)
     index = p / "model_index.json"
     if index.is_file():
         try:
@@ -60,17 +58,6 @@ def pipeline_kind(path: str | os.PathLike | None) -> str:
     return "pixel"  # a UNet2DModel folder or a training run: load_pixel_pipeline says what is missing
 
 
-def _safetensors_keys_say_sd3(p: Path) -> bool:
-    """True when ``p`` is a safetensors file whose header names SD3 MMDiT keys (reads the header only)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
-            return any(k.startswith("model.diffusion_model.joint_blocks.") for k in f.keys())
-    except Exception:  # not safetensors, or unreadable: read_state_dict gives the real error
-        return False
-
-
 def load_pipeline(path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = torch.float32,
                   device: str | torch.device = "cpu"):
     """The pipeline for ``path`` (see the module doc): an SD1 file/folder gives a
@@ -80,13 +67,7 @@ def load_pipeline(path: str | os.PathLike | None = None, *, dtype: torch.dtype |
     :class:`~fastdiff.pipelines.pixel.PixelPipeline`."""
     kind = pipeline_kind(path)
     if kind == "sd1":
-        from fastdiff.pipelines.sd1 import load_sd1
-
         return load_sd1(path, dtype=dtype, device=device)
     if kind == "sd3":
-        from fastdiff.pipelines.sd3 import load_sd3
-
         return load_sd3(path, dtype=dtype, device=device)
-    from fastdiff.pipelines.pixel import load_pixel_pipeline
-
     return load_pixel_pipeline(path, device=device, dtype=dtype or torch.float32)

@@ -1,19 +1,11 @@
 """Pixel-space DDPM pipelines: load a class-conditional (or unconditional) UNet2D, sample it, make pictures.
 
-A pipeline is a folder in diffusers' layout, so the files are useful beyond fastdiff::
-
-    model_index.json
-    unet/config.json + diffusion_pytorch_model.safetensors     (diffusers UNet2DModel)
-    scheduler/scheduler_config.json                            (diffusers DDPMScheduler: betas, prediction)
-
-``load_pixel_pipeline`` also accepts a bare UNet2DModel folder (the DDPM paper's defaults then: linear betas,
-eps prediction) and a fastdiff training run folder (its latest good checkpoint, EMA weights).
-The bundled default model (Fashion-MNIST, 32x32, 10 classes) lives in ``fastdiff/assets/fashion32``.
+The files (diffusers ``DDPMPipeline`` folders, bare ``UNet2DModel`` folders, fastdiff training runs) are read and
+written by :mod:`fastdiff.io.pixel_folder`; the bundled default model (Fashion-MNIST, 32x32, 10 classes) lives in
+``fastdiff/assets/fashion32``.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +13,16 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastdiff.io.pixel_folder import (DEFAULT_GUIDANCE, PixelComponents, bundled_model_dir, load_pixel_components,
+                                      pixel_schedule, save_pixel_folder)
 from fastdiff.models.unet2d import UNet2D
-from fastdiff.samplers import Denoiser, get_sampler, make_schedule
-from fastdiff.samplers.schedules import NoiseSchedule, normalize_prediction
+from fastdiff.samplers import Denoiser, get_sampler
+from fastdiff.samplers.schedules import NoiseSchedule
 
-__all__ = ["PixelPipeline", "load_pixel_pipeline", "scheduler_config", "bundled_model_dir", "slerp", "DEFAULT_STEPS"]
+__all__ = ["PixelPipeline", "load_pixel_pipeline", "bundled_model_dir", "slerp", "DEFAULT_STEPS"]
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Defaults sized for the 20-second labelled grid of the bundled model on a 2-core CPU.
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 20, "euler": 30, "euler_a": 30, "dpmpp_2m": 15}
-_PRED_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-_KIND_TO_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-
-
-def bundled_model_dir() -> Path:
-    """The default model shipped inside the package."""
-    return ASSETS / "fashion32"
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
@@ -50,22 +36,29 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     return ((torch.sin((1 - w) * theta) / s) * a.double() + (torch.sin(w * theta) / s) * b.double()).to(a.dtype)
 
 
-# Guidance scale for models whose folder does not name one (the scale most class-conditional DDPM write-ups use).
-DEFAULT_GUIDANCE = 3.0
-
-
 @dataclass
 class PixelPipeline:
-    """A pixel-space diffusion model and what is needed to sample it."""
+    """A pixel-space diffusion model and what is needed to sample it.
+
+    ``clip``: DDPM/DDIM clamp their x0 estimate to ``[-clip, clip]`` (None: off); it and the timestep spacing
+    (trailing unless the schedule names one) become the schedule's sampling settings
+    (:func:`fastdiff.io.pixel_folder.pixel_schedule`). ``default_guidance``: the guidance scale this model samples
+    best at (measured; stored in unet/config.json as ``_fastdiff.default_guidance``); ``guidance="model"`` in
+    :meth:`sample` uses it."""
 
     unet: UNet2D
     schedule: NoiseSchedule
     prediction: str
     clip: float | None = 1.0
     source: str = ""
-    # The guidance scale this model samples best at (measured; stored in unet/config.json as
-    # ``_fastdiff.default_guidance``); ``guidance="model"`` in :meth:`sample` uses it.
     default_guidance: float | None = DEFAULT_GUIDANCE
+
+    def __post_init__(self) -> None:
+        self.schedule = pixel_schedule(self.schedule, self.clip)
+
+    @classmethod
+    def from_components(cls, c: PixelComponents) -> "PixelPipeline":
+        return cls(c.unet, c.schedule, c.prediction, c.schedule.clip_sample, c.source, c.default_guidance)
 
     @property
     def class_names(self) -> list[str]:
@@ -143,11 +136,8 @@ class PixelPipeline:
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
                 return unet(xx.to(dev), tt.to(dev), None if yy is None else yy.to(dev)).float().cpu()
 
-        kwargs = {"clip": self.clip} if sampler in ("ddpm", "ddim") and self.clip else {}
-        if sampler in ("ddpm", "ddim"):
-            kwargs["spacing"] = "trailing" if self.schedule.spacing is None else self.schedule.spacing
         out = fn(Denoiser(net, self.prediction), x, self.schedule, steps=steps, cond=y, uncond=uncond,
-                 guidance=guidance if use_cfg else None, generator=gen, callback=callback, **kwargs)
+                 guidance=guidance if use_cfg else None, generator=gen, callback=callback)
         return out.clamp(-1, 1)
 
     def resolve_guidance(self, guidance: float | str | None) -> float | None:
@@ -159,106 +149,18 @@ class PixelPipeline:
         return guidance
 
     def add_noise(self, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
-        """q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""
-        a = float(self.schedule.alphas_cumprod[t])
-        return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * noise
+        """``x0`` noised to training timestep ``t``: the schedule's q(x_t | x_0)."""
+        return self.schedule.add_noise(x0, noise, torch.full((x0.shape[0],), int(t)))
 
     def save(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = torch.float16,
              card: str | None = None) -> Path:
         """Write the pipeline folder (diffusers layout). ``dtype`` casts the weights (fp16 halves the file)."""
-        from fastdiff.io.diffusers_unet2d import save_unet2d
-
-        folder = Path(folder)
-        save_unet2d(self.unet, folder / "unet", dtype=dtype)
-        if self.default_guidance != DEFAULT_GUIDANCE:
-            cfg_path = folder / "unet" / "config.json"
-            d = json.loads(cfg_path.read_text())
-            d.setdefault("_fastdiff", {})["default_guidance"] = self.default_guidance
-            cfg_path.write_text(json.dumps(d, indent=2))
-        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-        (folder / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(scheduler_config(self.schedule, self.prediction, self.clip), indent=2))
-        (folder / "model_index.json").write_text(json.dumps(
-            {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-             "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
-        if card is not None:
-            (folder / "README.md").write_text(card)
-        return folder
-
-
-def scheduler_config(schedule: NoiseSchedule, prediction: str, clip: float | None = 1.0) -> dict:
-    """The diffusers ``DDPMScheduler`` config of a schedule and prediction type (what ``save`` writes).
-
-    Linear and scaled-linear betas are written as their recipe and end points (read back from the betas:
-    ``linspace`` keeps both ends); any other schedule, or one rescaled to zero terminal SNR, as the exact
-    ``trained_betas``, so diffusers and :meth:`NoiseSchedule.from_diffusers_config` rebuild the same betas."""
-    cfg = {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": schedule.num_train_timesteps,
-        "prediction_type": _PRED_TO_DIFFUSERS[normalize_prediction(prediction)],
-        "variance_type": "fixed_small",
-        "clip_sample": clip is not None,
-        "clip_sample_range": clip or 1.0,
-        "timestep_spacing": schedule.spacing or "trailing",
-    }
-    betas = schedule.betas.double()
-    if schedule.kind in ("linear", "scaled_linear") and not schedule.zero_snr:
-        cfg.update(beta_schedule=schedule.kind, beta_start=_tidy(float(betas[0])), beta_end=_tidy(float(betas[-1])))
-    elif schedule.kind == "cosine" and not schedule.zero_snr:
-        cfg["beta_schedule"] = _KIND_TO_DIFFUSERS["cosine"]
-    else:
-        cfg.update(beta_schedule="linear", trained_betas=betas.tolist())
-    return cfg
-
-
-def _tidy(x: float) -> float:
-    """The shortest decimal (up to 8 digits) whose fp32 rounding is ``x`` (the betas are made in fp32, as in
-    diffusers): 1e-4 in the JSON instead of 9.999999747378752e-05, rebuilding the same betas; else ``x``."""
-    for digits in range(1, 9):
-        short = float(f"{x:.{digits}g}")
-        if torch.tensor(short, dtype=torch.float32).item() == x:
-            return short
-    return x
-
-
-def _schedule_from_diffusers(d: dict) -> tuple[NoiseSchedule, str, float | None]:
-    pred = normalize_prediction(d.get("prediction_type", "epsilon"))
-    clip = float(d.get("clip_sample_range", 1.0)) if d.get("clip_sample", True) else None
-    return NoiseSchedule.from_diffusers_config(d), pred, clip
+        return save_pixel_folder(PixelComponents(self.unet, self.schedule, self.prediction, self.default_guidance,
+                                                 self.source), folder, dtype=dtype, card=card)
 
 
 def load_pixel_pipeline(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> PixelPipeline:
     """A pipeline folder, a bare UNet2DModel folder, or a fastdiff training run folder (None: the bundled
-    default model). Errors say what the path is missing."""
-    from fastdiff.io.diffusers_unet2d import load_unet2d
-
-    p = Path(path) if path is not None else bundled_model_dir()
-    if not p.exists():
-        if path is None:
-            raise FileNotFoundError(f"the bundled default model is missing from this installation ({p}); "
-                                    "reinstall fastdiff or pass a model path")
-        raise FileNotFoundError(f"model path {p} does not exist")
-    if (p / "latest.json").is_file():  # a training run
-        from fastdiff.train.trainer import load_run_model
-
-        run = load_run_model(p)
-        unet = run.unet.to(device=device, dtype=dtype)
-        return PixelPipeline(unet, run.schedule, run.prediction, 1.0, source=f"{p} (step {run.step}, EMA)")
-    if (p / "unet" / "config.json").is_file():
-        unet = load_unet2d(p / "unet", dtype=dtype).to(device)
-        sc = p / "scheduler" / "scheduler_config.json"
-        if sc.is_file():
-            sched, pred, clip = _schedule_from_diffusers(json.loads(sc.read_text()))
-        else:
-            sched, pred, clip = make_schedule("linear", 1000), "eps", 1.0
-        ext = json.loads((p / "unet" / "config.json").read_text()).get("_fastdiff", {})
-        return PixelPipeline(unet, sched, pred, clip, source=str(p),
-                             default_guidance=ext.get("default_guidance", DEFAULT_GUIDANCE))
-    if (p / "config.json").is_file():
-        unet = load_unet2d(p, dtype=dtype).to(device)
-        return PixelPipeline(unet, make_schedule("linear", 1000), "eps", 1.0, source=str(p))
-    raise ValueError(f"{p} is neither a pipeline folder (model_index.json, unet/, scheduler/), a UNet2DModel "
-                     "folder (config.json + diffusion_pytorch_model.safetensors) nor a fastdiff run folder "
-                     "(latest.json)")
-
+    default model); see :func:`fastdiff.io.pixel_folder.load_pixel_components`."""
+    return PixelPipeline.from_components(load_pixel_components(path, device=device, dtype=dtype))

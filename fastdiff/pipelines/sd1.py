@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -227,7 +226,7 @@ class StableDiffusion1:
         schedule = NoiseSchedule.from_diffusers_config(self.scheduler_config)
         prediction = self.scheduler_config.get("prediction_type", "epsilon")
         model = Denoiser(lambda xx, t, c: unet(xx, t, c), prediction, dtype=self.dtype)
-        opts = self._sampler_options(sampler)
+        opts = {}
         if keep is not None:
             opts["keep"] = keep
         if start is not None:
@@ -237,18 +236,6 @@ class StableDiffusion1:
         x = sample(model, x, schedule, steps=steps, cond=cond, uncond=uncond, guidance=guidance if guided else None,
                    generator=generator, callback=callback, **opts)
         return self.decode_latents(x)
-
-    def _sampler_options(self, sampler: str) -> dict:
-        """Settings of the checkpoint's scheduler config that the named sampler takes, read with the defaults
-        diffusers' scheduler of that name would apply to the same config (``from_config``)."""
-        cfg = self.scheduler_config
-        opts: dict = {}
-        if sampler in ("ddim", "ddpm"):
-            if cfg.get("clip_sample", True):  # DDIM/DDPMScheduler default clip_sample=True
-                opts["clip"] = float(cfg.get("clip_sample_range", 1.0))
-            if sampler == "ddim":
-                opts["set_alpha_to_one"] = bool(cfg.get("set_alpha_to_one", True))
-        return opts
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -315,17 +302,7 @@ def _image_tensor(img, name: str, channels: int = 3) -> torch.Tensor:
 def load_sd1(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
              device: str | torch.device = "cpu", *, variant: str | None = None, use_ema: bool = False,
              configs: "ckpt.SD1Configs | None" = None) -> StableDiffusion1:
-    """Load SD1.x from a diffusers folder or an original single file (``.safetensors`` / ``.ckpt``).
-
-    ``dtype`` casts every floating tensor (None keeps the file's dtype). ``variant`` picks
-    ``*.{variant}.safetensors`` in a diffusers folder. ``configs`` overrides the architecture read from a single
-    file's shapes (needed only for non-SD1 head counts or norm groups, e.g. tiny test models).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no such checkpoint file or folder: {p}")
-    if p.is_dir():
-        c = ckpt.load_sd1_diffusers(p, dtype=dtype, device=device, variant=variant)
-    else:
-        c = ckpt.load_sd1_single_file(p, dtype=dtype, device=device, configs=configs, use_ema=use_ema)
+    """Load SD1.x from a diffusers folder or an original single file (``.safetensors`` / ``.ckpt``); see
+    :func:`fastdiff.io.sd_checkpoint.load_sd1_components` for the arguments."""
+    c = ckpt.load_sd1_components(path, dtype=dtype, device=device, variant=variant, use_ema=use_ema, configs=configs)
     return StableDiffusion1(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config)

@@ -31,11 +31,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["StableDiffusion3", "SD3_SCHEDULER_CONFIG", "load_sd3"]
+from fastdiff.io import sd3_load
+from fastdiff.io.sd3_load import SD3_SCHEDULER_CONFIG
 
-# diffusers' stabilityai/stable-diffusion-3-medium-diffusers scheduler/scheduler_config.json
-SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-                        "shift": 3.0}
+__all__ = ["StableDiffusion3", "SD3_SCHEDULER_CONFIG", "load_sd3"]
 _CLIP_TOKENS = 77
 
 
@@ -297,15 +296,11 @@ class StableDiffusion3:
     # ----------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
         """A diffusers folder (``StableDiffusion3Pipeline.from_pretrained`` reads it)."""
-        from fastdiff.io import sd3_load
-
         sd3_load.save_sd3_diffusers(self, folder, dtype=dtype)
 
     def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                          include_text_encoders: bool = True) -> None:
         """An original-layout ``.safetensors`` (MMDiT + VAE, and the text encoders unless told otherwise)."""
-        from fastdiff.io import sd3_load
-
         sd3_load.save_sd3_single_file(self, path, dtype=dtype, include_text_encoders=include_text_encoders)
 
     def __repr__(self) -> str:
@@ -322,9 +317,12 @@ def _checked_embeds(e, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_sd3(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu", *, text_encoder_3: bool = True) -> StableDiffusion3:
+             device: str | torch.device = "cpu", *, text_encoder_3: bool = True,
+             text_encoders: str | os.PathLike | None = None) -> StableDiffusion3:
     """Load SD3 / SD3.5 from a diffusers folder or an original single file. ``text_encoder_3=False`` skips T5
-    (its embedding is then zeros, as SD3 allows)."""
-    from fastdiff.io import sd3_load
-
-    return sd3_load.load_sd3(path, dtype=dtype, device=device, text_encoder_3=text_encoder_3)
+    (its embedding is then zeros, as SD3 allows); ``text_encoders``: a diffusers SD3 folder to take the text
+    encoders from when a single file holds none."""
+    c = sd3_load.load_sd3_components(path, dtype=dtype, device=device, text_encoder_3=text_encoder_3,
+                                     text_encoders=text_encoders)
+    return StableDiffusion3(c.transformer, c.vae, c.text_encoder, c.text_encoder_2, c.text_encoder_3, c.tokenizer,
+                            c.tokenizer_2, c.tokenizer_3, c.scheduler_config)

@@ -6,6 +6,9 @@
 See :mod:`fastdiff.samplers.sampling` for the signature and :mod:`fastdiff.samplers.model` for the model-call
 convention (``net(x, t, cond) -> output``, classifier-free guidance in one batched forward).
 """
+from fastdiff.samplers import model as _model
+from fastdiff.samplers import sampling as _sampling
+from fastdiff.samplers import schedules as _schedules
 from fastdiff.samplers.model import Denoiser, as_denoiser, cat_cond, guided_forward
 from fastdiff.samplers.sampling import (
     sample_ddim,
@@ -54,34 +57,4 @@ def get_sampler(name: str):
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
 
 
-__all__ = [
-    "SAMPLERS",
-    "get_sampler",
-    "Denoiser",
-    "as_denoiser",
-    "cat_cond",
-    "guided_forward",
-    "sample_ddim",
-    "sample_ddpm",
-    "sample_dpmpp_2m",
-    "sample_euler",
-    "sample_euler_ancestral",
-    "sample_flow_euler",
-    "PREDICTIONS",
-    "SPACINGS",
-    "FlowSchedule",
-    "NoiseSchedule",
-    "cosine_schedule",
-    "eps_coefs",
-    "karras_sigmas",
-    "linear_schedule",
-    "make_schedule",
-    "normalize_prediction",
-    "prediction_target",
-    "rescale_zero_terminal_snr",
-    "scaled_linear_schedule",
-    "spaced_timesteps",
-    "to_eps",
-    "to_x0",
-    "x0_coefs",
-]
+__all__ = ["SAMPLERS", "get_sampler", *_model.__all__, *_sampling.__all__, *_schedules.__all__]

@@ -20,6 +20,7 @@ timesteps, DPM-Solver spaces ``steps + 1`` points and drops the last (see :func:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ __all__ = [
 PREDICTIONS = ("eps", "v", "x0", "flow")
 SPACINGS = ("leading", "trailing", "linspace")
 
+_PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample", "flow": "flow_prediction"}
 _PREDICTION_ALIASES = {
     "eps": "eps", "epsilon": "eps",
     "v": "v", "v_prediction": "v",
@@ -248,9 +250,16 @@ def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 class NoiseSchedule:
     """A discrete-time variance-preserving schedule (``T`` betas, fp64).
 
-    ``spacing`` / ``steps_offset`` are the checkpoint's timestep-spacing preference (SD1 ships ``leading`` with
-    offset 1); ``spacing=None`` lets each sampler use its diffusers default (DDPM/DDIM leading, Euler/DPM
-    linspace). ``kind`` names the beta recipe (``linear``, ``scaled_linear``, ``cosine``, ``custom``).
+    The sampling settings a checkpoint's scheduler config carries live here too, so a sampler reads them from
+    the schedule and no pipeline restates them:
+
+    - ``spacing`` / ``steps_offset``: the timestep spacing (SD1 ships ``leading`` with offset 1);
+      ``spacing=None`` lets each sampler use its diffusers default (DDPM/DDIM leading, Euler/DPM linspace);
+    - ``clip_sample``: DDPM and DDIM clamp their x0 estimate to ``[-clip_sample, clip_sample]`` (diffusers'
+      ``clip_sample`` / ``clip_sample_range``); None: no clamp;
+    - ``set_alpha_to_one``: DDIM's ``abar`` after the last step is 1, else ``abar_0``.
+
+    ``kind`` names the beta recipe (``linear``, ``scaled_linear``, ``cosine``, ``custom``).
     """
 
     betas: torch.Tensor
@@ -258,6 +267,8 @@ class NoiseSchedule:
     zero_snr: bool = False
     spacing: str | None = None
     steps_offset: int = 0
+    clip_sample: float | None = None
+    set_alpha_to_one: bool = True
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -268,6 +279,8 @@ class NoiseSchedule:
             raise ValueError("betas must lie in (0, 1]")
         if self.spacing is not None and self.spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
+        if self.clip_sample is not None and not self.clip_sample > 0:
+            raise ValueError(f"clip_sample must be a positive number or None, got {self.clip_sample!r}")
         object.__setattr__(self, "betas", betas)
         # abar_t = prod_{s<=t} (1 - beta_s)   (Ho et al. 2020, eq. 4), in fp64.
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, 0))
@@ -330,9 +343,19 @@ class NoiseSchedule:
                              f"outside [0, {self.num_train_timesteps}); use fewer steps or another spacing")
         return ts
 
+    def with_sampling(self, **settings) -> "NoiseSchedule":
+        """The same betas with other sampling settings (``spacing``, ``steps_offset``, ``clip_sample``,
+        ``set_alpha_to_one``)."""
+        unknown = set(settings) - {"spacing", "steps_offset", "clip_sample", "set_alpha_to_one"}
+        if unknown:
+            raise TypeError(f"with_sampling: unknown settings {sorted(unknown)}; choose spacing, steps_offset, "
+                            "clip_sample or set_alpha_to_one")
+        return dataclasses.replace(self, **settings)
+
     @classmethod
     def from_diffusers_config(cls, config: dict) -> "NoiseSchedule":
-        """Build from a diffusers ``scheduler_config.json`` dict (beta recipe, zero SNR, spacing, offset)."""
+        """Build from a diffusers ``scheduler_config.json`` dict: the betas (recipe, zero SNR) and the sampling
+        settings, each with the default diffusers' DDPM/DDIM schedulers apply when a key is absent."""
         t = int(config.get("num_train_timesteps", 1000))
         kind = config.get("beta_schedule", "linear")
         if config.get("trained_betas") is not None:
@@ -344,8 +367,50 @@ class NoiseSchedule:
             sched = make_schedule(kind, t, beta_start=config.get("beta_start", 0.0001),
                                   beta_end=config.get("beta_end", 0.02),
                                   zero_snr=bool(config.get("rescale_betas_zero_snr", False)))
+        clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
         return cls(sched.betas, kind=sched.kind, zero_snr=sched.zero_snr,
-                   spacing=config.get("timestep_spacing"), steps_offset=int(config.get("steps_offset", 0)))
+                   spacing=config.get("timestep_spacing"), steps_offset=int(config.get("steps_offset", 0)),
+                   clip_sample=clip, set_alpha_to_one=bool(config.get("set_alpha_to_one", True)))
+
+    def to_diffusers_config(self, prediction: str) -> dict:
+        """The diffusers ``DDPMScheduler`` config of this schedule and a prediction type (what
+        :meth:`from_diffusers_config` reads back to an equal schedule).
+
+        Linear and scaled-linear betas are written as their recipe and end points (read back from the betas:
+        ``linspace`` keeps both ends); any other schedule, or one rescaled to zero terminal SNR, as the exact
+        ``trained_betas``, so diffusers rebuilds the same betas too."""
+        cfg = {
+            "_class_name": "DDPMScheduler",
+            "num_train_timesteps": self.num_train_timesteps,
+            "prediction_type": _PREDICTION_TO_DIFFUSERS[normalize_prediction(prediction)],
+            "variance_type": "fixed_small",
+            "clip_sample": self.clip_sample is not None,
+            "clip_sample_range": self.clip_sample or 1.0,
+        }
+        if self.spacing is not None:
+            cfg["timestep_spacing"] = self.spacing
+        if self.steps_offset:
+            cfg["steps_offset"] = self.steps_offset
+        if not self.set_alpha_to_one:
+            cfg["set_alpha_to_one"] = False
+        betas = self.betas.double()
+        if self.kind in ("linear", "scaled_linear") and not self.zero_snr:
+            cfg.update(beta_schedule=self.kind, beta_start=_tidy(float(betas[0])), beta_end=_tidy(float(betas[-1])))
+        elif self.kind == "cosine" and not self.zero_snr:
+            cfg["beta_schedule"] = "squaredcos_cap_v2"
+        else:
+            cfg.update(beta_schedule="linear", trained_betas=betas.tolist())
+        return cfg
+
+
+def _tidy(x: float) -> float:
+    """The shortest decimal (up to 8 digits) whose fp32 rounding is ``x`` (the betas are made in fp32, as in
+    diffusers): 1e-4 in the JSON instead of 9.999999747378752e-05, rebuilding the same betas; else ``x``."""
+    for digits in range(1, 9):
+        short = float(f"{x:.{digits}g}")
+        if torch.tensor(short, dtype=torch.float32).item() == x:
+            return short
+    return x
 
 
 def _finish(betas: torch.Tensor, kind: str, zero_snr: bool, spacing, steps_offset) -> NoiseSchedule:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from fastdiff._argtypes import OneLineParser, float_in, int_at_least
+
 __all__ = ["add_train_parser", "run_train", "main"]
 
 _HELP = {
@@ -60,8 +62,40 @@ _HELP = {
 }
 
 
+# What each option accepts, checked when the command line is parsed (before anything is loaded or written).
+_CHOICES = {
+    "schedule": ("linear", "scaled_linear", "cosine"),
+    "prediction": ("eps", "v", "x0"),
+    "optimizer": ("adamw", "adamw8bit"),
+    "precision": ("bf16", "fp32", "fp16"),
+    "device": ("cpu", "cuda"),
+}
+_TYPES = {
+    "image_size": int_at_least(8), "num_train_timesteps": int_at_least(1), "batch_size": int_at_least(1),
+    "grad_accum": int_at_least(1), "lr": float_in(0.0, low_open=True), "warmup_steps": int_at_least(0),
+    "weight_decay": float_in(0.0), "betas": float_in(0.0, 1.0, high_open=True), "grad_clip": float_in(0.0),
+    "ema_decay": float_in(0.0, 1.0, high_open=True), "class_dropout": float_in(0.0, 1.0),
+    "threads": int_at_least(1), "seed": int_at_least(0), "max_steps": int_at_least(1),
+    "log_every": int_at_least(1), "sample_every": int_at_least(0), "sample_steps": int_at_least(1),
+    "sample_guidance": float_in(0.0), "samples_per_class": int_at_least(1),
+    "ckpt_every_minutes": float_in(0.0, low_open=True), "ckpt_every_steps": int_at_least(0),
+}
+
+
+def _json_object(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except ValueError:
+        v = None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"block_out_channels\": [32, 64]}}', "
+                                         f"got {text!r}")
+    return v
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``train`` sub-command on an ``argparse`` subparsers object."""
+    from fastdiff.models.unet2d import PRESETS
     from fastdiff.train.trainer import TrainConfig
 
     p = subparsers.add_parser("train", help="train a pixel-space diffusion model (or --resume a run)",
@@ -71,7 +105,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--plan", action="store_true",
                    help="print the GPU memory this configuration needs and the largest batch that fits; no training")
-    p.add_argument("--gpu-memory", type=float, default=16.0, metavar="GIB",
+    p.add_argument("--gpu-memory", type=float_in(0.0, low_open=True), default=16.0, metavar="GIB",
                    help="memory of the target GPU in GiB for --plan (default 16)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -79,20 +113,22 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         if f.name in ("hflip", "grad_checkpointing"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "betas":
-            p.add_argument(flag, type=float, nargs=2, **kw)
+            p.add_argument(flag, type=_TYPES["betas"], nargs=2, **kw)
         elif f.name == "model_overrides":
-            p.add_argument(flag, type=json.loads, **kw)
-        elif f.name in ("threads", "grad_clip"):
-            p.add_argument(flag, type=int if f.name == "threads" else float, **kw)
+            p.add_argument(flag, type=_json_object, **kw)
+        elif f.name == "model":
+            p.add_argument(flag, choices=tuple(PRESETS), **kw)
+        elif f.name in _CHOICES:
+            p.add_argument(flag, choices=_CHOICES[f.name], **kw)
         else:
-            p.add_argument(flag, type=type(f.default), **kw)
+            p.add_argument(flag, type=_TYPES.get(f.name, type(f.default)), **kw)
     p.set_defaults(func=run_train)
     return p
 
 
 def run_train(args: argparse.Namespace) -> int:
     from fastdiff.io.datasets import DatasetError
-    from fastdiff.train.checkpoint import CheckpointError
+    from fastdiff.io.checkpoint import CheckpointError
 
     try:
         return _run_train(args)
@@ -103,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from fastdiff.train.checkpoint import load_checkpoint
+    from fastdiff.io.run_checkpoint import load_checkpoint
     from fastdiff.train.trainer import TrainConfig, Trainer
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
@@ -138,7 +174,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdiff")
+    parser = OneLineParser(prog="fastdiff")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     args = parser.parse_args(argv)

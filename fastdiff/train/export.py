@@ -16,19 +16,18 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.pipelines.pixel import PixelPipeline, load_pixel_pipeline
-from fastdiff.pipelines.pixel import scheduler_config as pixel_scheduler_config
+from fastdiff.io.pixel_folder import DEFAULT_GUIDANCE, PixelComponents, load_pixel_components, pixel_schedule, save_pixel_folder
+from fastdiff.io.run_checkpoint import RunModel, load_run_model
 from fastdiff.samplers import make_schedule
-from fastdiff.train.trainer import RunModel, load_run_model
 
 __all__ = ["export_run", "load_exported", "scheduler_config"]
 
 
 def scheduler_config(train: dict) -> dict:
     """diffusers ``DDPMScheduler`` config equal to a run's schedule and prediction (``train``: the run's
-    TrainConfig as a dict); see :func:`fastdiff.pipelines.pixel.scheduler_config`."""
-    return pixel_scheduler_config(make_schedule(train["schedule"], train["num_train_timesteps"]),
-                                  train["prediction"], 1.0)
+    TrainConfig as a dict), with the sampling settings of an exported pixel model."""
+    return pixel_schedule(make_schedule(train["schedule"], train["num_train_timesteps"])).to_diffusers_config(
+        train["prediction"])
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
@@ -55,14 +54,15 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: tor
 - Data: Fashion-MNIST train split (60,000 images, 28x28 centred on a 32x32 black canvas), scaled to [-1, 1].
 {notes}
 """
-    pipe = PixelPipeline(run.unet, run.schedule, run.prediction, clip=clip)  # clip: DDPM/DDIM x0 clamp (None: off)
-    if default_guidance is not None:  # the scale measured best for this model (fastdiff eval), kept in its folder
-        pipe.default_guidance = default_guidance
-    return pipe.save(out, dtype=dtype, card=card)
+    # clip: the DDPM/DDIM x0 clamp (None: off); default_guidance: the scale measured best for this model
+    # (fastdiff eval), kept in its folder
+    c = PixelComponents(run.unet, pixel_schedule(run.schedule, clip), run.prediction,
+                        DEFAULT_GUIDANCE if default_guidance is None else default_guidance)
+    return save_pixel_folder(c, out, dtype=dtype, card=card)
 
 
 def load_exported(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> RunModel:
     """An exported folder -> :class:`~fastdiff.train.trainer.RunModel` (UNet in ``dtype``, schedule, prediction),
-    read by :func:`fastdiff.pipelines.pixel.load_pixel_pipeline` (the one loader of pipeline folders)."""
-    pipe = load_pixel_pipeline(folder, dtype=dtype)
+    read by :func:`fastdiff.io.pixel_folder.load_pixel_components` (the one reader of pipeline folders)."""
+    pipe = load_pixel_components(folder, dtype=dtype)
     return RunModel(pipe.unet.requires_grad_(False), pipe.schedule, pipe.prediction, -1, {})

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -30,13 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fastdiff.io.checkpoint import CheckpointError
 from fastdiff.io.datasets import ImageDataset, load_dataset
 from fastdiff.io.images import image_grid, save_png_atomic, to_pil
-from fastdiff.models.unet2d import PRESETS, UNet2D, UNet2DConfig
-from fastdiff.samplers import Denoiser, make_schedule, sample_ddim
-from fastdiff.samplers.schedules import NoiseSchedule
-from fastdiff.train.checkpoint import (
-    CheckpointError,
+from fastdiff.io.run_checkpoint import (
     latest_step,
     load_checkpoint,
     rng_state,
@@ -44,9 +40,12 @@ from fastdiff.train.checkpoint import (
     set_rng_state,
     write_json_atomic,
 )
+from fastdiff.models.unet2d import PRESETS, UNet2D, UNet2DConfig
+from fastdiff.samplers import Denoiser, make_schedule, sample_ddim
+from fastdiff.samplers.schedules import NoiseSchedule
 from fastdiff.train.plots import loss_curve
 
-__all__ = ["TrainConfig", "Trainer", "train", "load_run_model", "sample_grid", "RunModel"]
+__all__ = ["TrainConfig", "Trainer", "train", "sample_grid"]
 
 
 @dataclass
@@ -420,29 +419,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, dataset: ImageDataset | Non
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Using a trained run.
+# Sample grids of a training network.
 # -------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class RunModel:
-    """A trained network with what is needed to sample it."""
-
-    unet: UNet2D
-    schedule: NoiseSchedule
-    prediction: str
-    step: int
-    train: dict
-
-
-def load_run_model(run_dir: str | os.PathLike, *, use_ema: bool = True, step: int | None = None) -> RunModel:
-    """The (EMA by default) network of a run folder's latest good checkpoint, in eval mode."""
-    model_sd, ema_sd, _, state = load_checkpoint(run_dir, step)
-    unet = UNet2D(UNet2DConfig.from_dict(state["unet"]))
-    unet.load_state_dict(ema_sd if use_ema else model_sd, strict=True)
-    tc = TrainConfig.from_dict(state["train"])
-    return RunModel(unet.eval().requires_grad_(False), make_schedule(tc.schedule, tc.num_train_timesteps),
-                    tc.prediction, int(state["step"]), state["train"])
-
 
 @torch.no_grad()
 def sample_grid(unet: UNet2D, schedule: NoiseSchedule, prediction: str, *, per_class: int = 6, steps: int = 20,

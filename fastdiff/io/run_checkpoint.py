@@ -1,4 +1,5 @@
-"""Crash-safe training checkpoints: one safetensors file (model, EMA, optimizer tensors) + one JSON state.
+"""Training-run folders: crash-safe checkpoints (one safetensors file of model, EMA and optimizer tensors + one
+JSON state) written by :mod:`fastdiff.train`, and :func:`load_run_model` to sample a run's network.
 
 Layout of a run folder::
 
@@ -16,13 +17,19 @@ import base64
 import json
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastdiff.io.checkpoint import CheckpointError
+from fastdiff.models.unet2d import UNet2D, UNet2DConfig
+from fastdiff.samplers import NoiseSchedule, make_schedule
+
 __all__ = [
-    "CheckpointError",
+    "RunModel",
+    "load_run_model",
     "save_checkpoint",
     "load_checkpoint",
     "latest_step",
@@ -32,10 +39,6 @@ __all__ = [
     "rng_state",
     "set_rng_state",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or belongs to another model/configuration."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -181,3 +184,24 @@ def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> tupl
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     opt = optimizer_from_flat({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, state["optimizer"])
     return model, ema, opt, state
+
+
+@dataclass
+class RunModel:
+    """A trained network with what is needed to sample it (``train``: the run's training configuration)."""
+
+    unet: UNet2D
+    schedule: NoiseSchedule
+    prediction: str
+    step: int
+    train: dict
+
+
+def load_run_model(run_dir: str | os.PathLike, *, use_ema: bool = True, step: int | None = None) -> RunModel:
+    """The (EMA by default) network of a run folder's latest good checkpoint, in eval mode."""
+    model_sd, ema_sd, _, state = load_checkpoint(run_dir, step)
+    unet = UNet2D(UNet2DConfig.from_dict(state["unet"]))
+    unet.load_state_dict(ema_sd if use_ema else model_sd, strict=True)
+    train = state["train"]
+    return RunModel(unet.eval().requires_grad_(False), make_schedule(train["schedule"], train["num_train_timesteps"]),
+                    train["prediction"], int(state["step"]), train)

@@ -1,0 +1,383 @@
+"""What every checkpoint reader and writer of fastdiff shares: file reading, strict loading, diffusers folders,
+the KL-VAE in both layouts, and the one error they raise.
+
+* :func:`read_state_dict` reads ``.safetensors`` or a pickle through ``torch.load(weights_only=True)`` (never
+  code); :func:`safetensors_keys` reads a safetensors header only (a 10 GB file is classified in microseconds).
+* :func:`load_state_dict_strict` copies a state dict into a model built on the meta device
+  (:func:`build_on_meta`): every key present with its shape, or :class:`CheckpointError` listing what differs.
+* diffusers / transformers folders: :func:`read_json`, :func:`read_config`, :func:`component_weights`
+  (``{stem}[.{variant}].safetensors``, ``.bin``, sharded ``*.index.json``), :func:`load_component`, and
+  :func:`save_pipeline_folder` with :func:`write_component` for the way back.
+* the KL-VAE of SD1 and SD3 in the original (LDM) layout: :func:`vae_key_to_original`,
+  :func:`vae_from_original`, :func:`vae_to_original`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from fastdiff.models.clip_tokenizer import CLIPTokenizer
+from fastdiff.models.vae import AutoencoderKL, VAEConfig
+
+__all__ = [
+    "CheckpointError",
+    "VAE_PREFIX",
+    "build_on_meta",
+    "clip_tokenizer_in",
+    "component_weights",
+    "format_keys",
+    "load_component",
+    "load_state_dict_strict",
+    "max_key_index",
+    "open_pipeline_folder",
+    "read_config",
+    "read_json",
+    "read_state_dict",
+    "safetensors_keys",
+    "save_pipeline_folder",
+    "scheduler_config_in",
+    "state_to_save",
+    "infer_vae_config",
+    "vae_attention_as_linear",
+    "vae_from_original",
+    "vae_key_to_original",
+    "vae_to_original",
+    "write_component",
+]
+
+VAE_PREFIX = "first_stage_model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: wrong architecture, missing/unexpected keys, bad file."""
+
+
+def format_keys(keys, n: int = 12) -> str:
+    """The first ``n`` of ``keys`` (sorted), comma-separated, and how many more there are."""
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:2] == b"PK":
+        return "zip-pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str] | None:
+    """The tensor names of a safetensors file, read from its header alone; None when ``path`` is not one.
+
+    The format starts with an 8-byte little-endian header length and a JSON header mapping each name to its
+    dtype, shape and offsets (``__metadata__`` is not a tensor)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    return [k for k in header if k != "__metadata__"]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` or ``.ckpt``/``.pt``/``.bin`` file (unwrapping ``state_dict``), on CPU.
+
+    Pickles go through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+    containers; such a refusal, a truncated file or a non-weights file raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file (a diffusers folder needs model_index.json)")
+    kind = _sniff(path)
+    if path.suffix == ".safetensors" or kind == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError / OSError for bad headers
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    elif kind in ("zip-pickle", "pickle"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # keep torch's finding, drop its advice to load with weights_only=False
+            found = " ".join(str(e).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].split())
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+                f"({found}); fastdiff never runs code from a checkpoint: use a .safetensors file") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{path}: expected a state dict (mapping of names to tensors), got {type(obj).__name__}")
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{path}: entries that are not tensors: {format_keys(bad)}")
+        sd = dict(obj)
+    else:
+        raise CheckpointError(f"{path}: unknown file format (expected .safetensors, or a torch .ckpt/.pt/.bin)")
+    if not sd:
+        raise CheckpointError(f"{path}: the file holds no tensors")
+    return sd
+
+
+# ------------------------------------------------------------------------------------------- strict loading
+def build_on_meta(cls, cfg):
+    """``cls(cfg)`` with its parameters on the meta device: no memory until :func:`load_state_dict_strict`."""
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, *,
+                           dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Copy ``sd`` into ``model`` (built on any device, meta included): every key present with the same shape.
+
+    Errors list missing keys, unexpected keys and shape mismatches. Tensors are cast to ``dtype`` (floating
+    point only) and moved to ``device``; the model's parameters are replaced by them (no second copy).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        msg = [f"{what}: the checkpoint does not match the model"]
+        if missing:
+            msg.append(f"missing keys ({len(missing)}): {format_keys(missing)}")
+        if unexpected:
+            msg.append(f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
+        if shapes:
+            msg.append(f"shape mismatches ({len(shapes)}): {format_keys(shapes, 6)}")
+        raise CheckpointError("\n  ".join(msg))
+    out = {}
+    for k, v in sd.items():
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.to(device).contiguous()
+    model.load_state_dict(out, strict=True, assign=True)
+    return model
+
+
+def state_to_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``model``'s state dict on the CPU, contiguous, floating tensors cast to ``dtype`` (None: as they are)."""
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------- diffusers folders
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"missing {path}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+
+
+def read_config(path: Path, parse: Callable[[dict], Any]) -> Any:
+    """``parse(json of path)``; a config the model cannot take raises :class:`CheckpointError` naming the file."""
+    raw = read_json(path)
+    try:
+        return parse(raw)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def component_weights(folder: Path, stem: str, variant: str | None) -> dict[str, torch.Tensor]:
+    """Weights of one diffusers component: ``{stem}[.{variant}].safetensors`` (or sharded/.bin)."""
+    variants = [variant] if variant else [None, "fp16"]
+    for var in variants:
+        mid = f".{var}" if var else ""
+        for ext in (".safetensors", ".bin"):
+            f = folder / f"{stem}{mid}{ext}"
+            if f.is_file():
+                return read_state_dict(f)
+            index = folder / f"{stem}{mid}{ext}.index.json"
+            if index.is_file():
+                shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+                if not shards:
+                    raise CheckpointError(f"{index}: empty weight_map")
+                out: dict[str, torch.Tensor] = {}
+                for s in shards:
+                    out.update(read_state_dict(folder / s))
+                return out
+    want = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors (or .fp16.safetensors / .bin)"
+    raise CheckpointError(f"{folder}: no weights file {want}")
+
+
+def load_component(folder: Path, cls, cfg, stem: str, *, variant: str | None = None,
+                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                   state: Callable[[dict], dict] | None = None) -> nn.Module:
+    """One component folder of a diffusers pipeline as ``cls(cfg)``, strictly, in eval mode. ``state``
+    renames the file's keys first (e.g. CLIP's ``text_model.`` level)."""
+    sd = component_weights(folder, stem, variant)
+    if state is not None:
+        sd = state(sd)
+    return load_state_dict_strict(build_on_meta(cls, cfg), sd, f"{folder.name}/", dtype=dtype, device=device).eval()
+
+
+def open_pipeline_folder(folder: Path, parts: tuple[str, ...]) -> str:
+    """The ``_class_name`` of a diffusers pipeline folder whose ``parts`` sub-folders all exist."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a directory: {folder}")
+    cls = read_json(folder / "model_index.json").get("_class_name", "")
+    for part in parts:
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"{folder}: missing the {part}/ folder")
+    return cls
+
+
+def scheduler_config_in(folder: Path, default: Mapping) -> dict:
+    """``scheduler/scheduler_config.json`` of a pipeline folder, or a copy of ``default`` when it has none."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    return read_json(path) if path.is_file() else dict(default)
+
+
+def clip_tokenizer_in(folder: Path, **bundled) -> CLIPTokenizer:
+    """The CLIP tokenizer saved in ``folder``, or the bundled one (``bundled``: its options) when there is none."""
+    return CLIPTokenizer.from_pretrained(folder) if folder.is_dir() else CLIPTokenizer.from_bundled(**bundled)
+
+
+def write_component(folder: Path, config: dict, weights: Mapping[str, torch.Tensor], stem: str) -> None:
+    """One component folder of a diffusers pipeline: ``config.json`` and ``{stem}.safetensors``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(dict(weights), str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+
+
+def save_pipeline_folder(folder: str | os.PathLike, index: dict,
+                         components: Mapping[str, tuple[dict, Mapping[str, torch.Tensor], str]],
+                         tokenizers: Mapping[str, Any], scheduler_config: Mapping) -> None:
+    """A diffusers pipeline folder: ``model_index.json`` (``index``), one folder per component
+    (``name -> (config, weights, file stem)``), the tokenizers and ``scheduler/scheduler_config.json``."""
+    folder = Path(folder)
+    for name, (config, weights, stem) in components.items():
+        write_component(folder / name, config, weights, stem)
+    for name, tok in tokenizers.items():
+        tok.save_pretrained(folder / name)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    with open(folder / "scheduler" / "scheduler_config.json", "w") as f:
+        json.dump(dict(scheduler_config), f, indent=2)
+    with open(folder / "model_index.json", "w") as f:
+        json.dump(index, f, indent=2)
+
+
+# ------------------------------------------------------------------------------------ the KL-VAE, LDM layout
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_key_to_original(key: str, cfg: VAEConfig) -> str:
+    """diffusers AutoencoderKL key -> key under ``first_stage_model.`` in an original checkpoint."""
+    n = len(cfg.block_out_channels)
+    m = re.match(r"(encoder|decoder)\.(.+)", key)
+    if not m:
+        if key.startswith(("quant_conv.", "post_quant_conv.")):
+            return key
+        raise KeyError(f"no original name for VAE key {key!r}")
+    part, rest = m.group(1), m.group(2)
+    if rest.startswith("conv_norm_out."):
+        return f"{part}.norm_out.{rest[len('conv_norm_out.'):]}"
+    if rest.startswith(("conv_in.", "conv_out.")):
+        return key
+    mm = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", rest)
+    if mm:
+        kind, j, tail = mm.group(1), int(mm.group(2)), mm.group(3)
+        if kind == "resnets":
+            return f"{part}.mid.block_{j + 1}.{tail.replace('conv_shortcut', 'nin_shortcut')}"
+        for d, o in _VAE_ATTN.items():
+            if tail.startswith(d + "."):
+                return f"{part}.mid.attn_1.{o}.{tail[len(d) + 1:]}"
+    mm = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", rest)
+    if mm:
+        side, b, kind, j, tail = mm.group(1), int(mm.group(2)), mm.group(3), int(mm.group(4)), mm.group(5)
+        level = b if side == "down" else n - 1 - b  # the LDM decoder numbers its levels from the lowest resolution
+        name = "down" if side == "down" else "up"
+        if kind == "resnets":
+            return f"{part}.{name}.{level}.block.{j}.{tail.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{part}.{name}.{level}.{'downsample' if side == 'down' else 'upsample'}.{tail}"
+    raise KeyError(f"no original name for VAE key {key!r}")
+
+
+def _is_vae_attn_matrix(key: str) -> bool:
+    return ".mid_block.attentions.0.to_" in key and key.endswith(".weight")
+
+
+def vae_attention_as_linear(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM stores the VAE's attention projections as 1x1 convolutions; fastdiff (as diffusers) as matrices."""
+    return {k: (v[:, :, 0, 0] if _is_vae_attn_matrix(k) and v.dim() == 4 else v) for k, v in sd.items()}
+
+
+def max_key_index(keys, pattern: str) -> int:
+    """The largest integer the first group of ``pattern`` matches in ``keys`` (-1 when none matches)."""
+    idx = [int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m]
+    return max(idx) if idx else -1
+
+
+def infer_vae_config(v: Mapping[str, torch.Tensor], **fixed) -> VAEConfig:
+    """The KL-VAE config of original-layout VAE keys (``encoder.down.{i}.block.{j}``, no prefix) from shapes:
+    channels, depth, latent channels (4 for SD1, 16 for SD3) and whether the quant convs exist. ``fixed``
+    sets what shapes cannot show (scaling_factor, shift_factor, norm groups)."""
+    if "encoder.conv_in.weight" not in v:
+        raise CheckpointError("no VAE weights (first_stage_model.encoder.*) in the checkpoint")
+    levels = max_key_index(v, r"encoder\.down\.(\d+)\.") + 1
+    lpb = max_key_index(v, r"encoder\.down\.0\.block\.(\d+)\.") + 1
+    chans = tuple(int(v[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels))
+    return VAEConfig(in_channels=int(v["encoder.conv_in.weight"].shape[1]),
+                     out_channels=int(v["decoder.conv_out.weight"].shape[0]),
+                     latent_channels=int(v["decoder.conv_in.weight"].shape[1]), block_out_channels=chans,
+                     layers_per_block=lpb, use_quant_conv="quant_conv.weight" in v,
+                     use_post_quant_conv="post_quant_conv.weight" in v, **fixed)
+
+
+def vae_from_original(sd: Mapping[str, torch.Tensor], cfg: VAEConfig | None = None, *, what: str,
+                      dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                      **fixed) -> AutoencoderKL:
+    """An :class:`AutoencoderKL` from original-layout keys (no ``first_stage_model.`` prefix), strictly; the
+    config is read from the shapes unless given (``fixed``: what shapes cannot show, see :func:`infer_vae_config`).
+    Keys the renaming does not know keep their original names, so the strict copy reports them."""
+    cfg = cfg or infer_vae_config(sd, **fixed)
+    vae = build_on_meta(AutoencoderKL, cfg)
+    to_new = {vae_key_to_original(k, cfg): k for k in vae.state_dict()}
+    vsd = vae_attention_as_linear({to_new.get(k, VAE_PREFIX + k): v for k, v in sd.items()})
+    return load_state_dict_strict(vae, vsd, what, dtype=dtype, device=device).eval()
+
+
+def vae_to_original(sd: Mapping[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """A VAE state dict under its original names, ``first_stage_model.`` prefix included."""
+    out = {}
+    for k, v in sd.items():
+        if _is_vae_attn_matrix(k):
+            v = v[:, :, None, None].contiguous()  # LDM's attention projections are 1x1 convs
+        out[VAE_PREFIX + vae_key_to_original(k, cfg)] = v
+    return out

@@ -1,0 +1,215 @@
+"""Which CPU path is faster depends on the CPU: the routing table, keyed by CPU capability.
+
+Every choice fastdiff makes because a measurement on one kind of CPU disagreed with another lives in
+:data:`ROUTES`, one row per capability class, each row naming the benchmarks (``file::test id`` under
+``benchmarks/``) that decide its values. The ops ask :func:`current_route` and never look at the CPU
+themselves. Choices that held on every CPU measured (tiny matmuls go eager, a plain fp32 convolution goes to
+``F.conv2d``) stay with their op.
+
+The class of this CPU comes from its features (:func:`detect_caps`) through :func:`route_name`, pure logic
+that the tests check for every row. Two settings (:mod:`fastdiff.settings`) change it:
+
+- ``cpu_isa`` (``FASTDIFF_CPU_ISA``) lowers the instruction set: the C++ kernels dispatch to it and the routing
+  takes that level's row (an AVX-512 CPU with ``cpu_isa="avx2"`` routes as an AVX2-only one);
+- ``cpu_route`` (``FASTDIFF_CPU_ROUTE``) takes any row outright. Routing only chooses between torch ops
+  that run on every x86 CPU (oneDNN picks its own instructions), so any row runs anywhere: an AVX2-only CPU
+  can run, test and time what an AVX-512 CPU would choose.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from fastdiff import settings as _settings
+
+__all__ = [
+    "ISA_FEATURES",
+    "ROUTES",
+    "CpuCaps",
+    "CpuRoute",
+    "cpu_flags",
+    "current_caps",
+    "current_route",
+    "detect_caps",
+    "detected_isa",
+    "missing_features",
+    "route_name",
+]
+
+_BENCH = "benchmarks/bench_conv_block.py::"
+
+# The /proc/cpuinfo flags each instruction-set level of the C++ kernels needs (csrc/cpu/isa.cpp checks the same).
+ISA_FEATURES: dict[str, tuple[str, ...]] = {
+    "scalar": (),
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
+    "avx512_bf16": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
+}
+_ISA_RANK = {name: i for i, name in enumerate(_settings.ISA_LEVELS)}
+
+
+@dataclass(frozen=True)
+class CpuCaps:
+    """The CPU facts routing depends on."""
+
+    isa: str = "avx2"     # one of settings.ISA_LEVELS: the widest vector level in use
+    amx: bool = False     # AMX tiles (bf16 matrix multiply units), usable by oneDNN
+    vendor: str = ""      # CPUID vendor: 'GenuineIntel', 'AuthenticAMD', ...
+
+
+@dataclass(frozen=True)
+class CpuRoute:
+    """One row of the routing table: what the cpu backends do on one capability class."""
+
+    name: str
+    capability: str          # the capability class, in words
+    bf16_math: str           # 'native' | 'fp32': what oneDNN conv/linear (and CPU attention) compute bf16 inputs in
+    linear_activation: str   # 'fused': oneDNN's unary post-op; 'eager': the unfused matmul, then the activation
+    evidence: tuple[str, ...]  # the benchmarks (file::test id) whose ratios decide this row
+
+
+ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
+    CpuRoute(
+        "amx", "AVX-512 with AMX tiles",
+        bf16_math="native", linear_activation="fused",
+        # AMX multiplies bf16 tiles at 8x the fp32 FMA rate; no AMX CPU has run these benchmarks yet, so the row
+        # takes the native bf16 kernels of the AVX512-BF16 row whose bf16 dot products are faster than fp32.
+        evidence=(_BENCH + "test_resblock[bf16-native_bf16_math]", _BENCH + "test_resblock[bf16-nchw]")),
+    CpuRoute(
+        "avx512_bf16_2x", "AVX-512 + AVX512-BF16 whose bf16 dot products run at twice the fp32 FMA rate (AMD)",
+        bf16_math="native", linear_activation="fused",
+        # bf16 dot products at twice the fp32 rate: the native bf16 kernels beat the fp32-math upcast
+        evidence=(_BENCH + "test_resblock[bf16-native_bf16_math]", _BENCH + "test_resblock[bf16-nchw]",
+                  _BENCH + "test_linear[fp32-2x1024x1536to6144-gelu_tanh]")),
+    CpuRoute(
+        "avx512_bf16", "AVX-512 + AVX512-BF16 at the fp32 FMA rate (Intel without AMX)",
+        bf16_math="fp32", linear_activation="fused",
+        # vdpbf16ps on one port = the fp32 FMA rate: native bf16 convolutions 1.5-2x slower than the fp32-math
+        # upcast; fp32 linear + fused activation 0.95-1.07x F.linear (a tie: the fusion saves a pass)
+        evidence=(_BENCH + "test_resblock[bf16-native_bf16_math]", _BENCH + "test_resblock[bf16-nchw]",
+                  _BENCH + "test_linear[fp32-2x1024x1536to6144-gelu_tanh]")),
+    CpuRoute(
+        "avx512", "AVX-512 without bf16 dot products",
+        bf16_math="fp32", linear_activation="fused",
+        # bf16 is emulated without AVX512-BF16 (slower than fp32); oneDNN's fp32 kernels are the AVX-512 row's
+        evidence=(_BENCH + "test_resblock[bf16-native_bf16_math]",
+                  _BENCH + "test_linear[fp32-2x1024x1536to6144-gelu_tanh]")),
+    CpuRoute(
+        "avx2", "AVX2 + FMA only",
+        bf16_math="fp32", linear_activation="eager",
+        # oneDNN has no bf16 kernels here. Its fp32 inner product with a fused unary post-op lost to F.linear +
+        # the eager activation at every shape with >= 256 rows (0.57-0.95x); the unfused oneDNN matmul, then the
+        # activation, was 1.0-1.5x faster than the fused op (bf16 inputs, fp32 math: 1.34x at 2048x1536->6144)
+        evidence=(_BENCH + "test_linear[fp32-2x1024x1536to6144-gelu_tanh]",
+                  _BENCH + "test_linear[fp32-1x1024x1536to6144-gelu_tanh]",
+                  _BENCH + "test_linear[bf16-2x1024x1536to6144-gelu_tanh]")),
+    CpuRoute(
+        "scalar", "neither AVX2 nor AVX-512",
+        bf16_math="fp32", linear_activation="eager",
+        # not measured on such a CPU: the avx2 row's choices (fp32 math, no fused unary post-op)
+        evidence=(_BENCH + "test_linear[fp32-2x1024x1536to6144-gelu_tanh]",)),
+)}
+
+
+def route_name(caps: CpuCaps) -> str:
+    """The row of :data:`ROUTES` for a CPU with these capabilities (pure logic)."""
+    if caps.isa not in _ISA_RANK:
+        raise ValueError(f"CpuCaps.isa must be one of {', '.join(_settings.ISA_LEVELS)}; got {caps.isa!r}")
+    wide = _ISA_RANK[caps.isa] >= _ISA_RANK["avx512"]
+    if wide and caps.amx:
+        return "amx"
+    if caps.isa == "avx512_bf16":
+        return "avx512_bf16_2x" if caps.vendor == "AuthenticAMD" else "avx512_bf16"
+    return caps.isa
+
+
+# ------------------------------------------------------------------------------------------ this machine
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> tuple[frozenset[str], str]:
+    flags, vendor = None, ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:
+        pass
+    if flags is None:  # not Linux: what torch's own dispatch saw
+        import torch
+
+        level = torch.backends.cpu.get_cpu_capability()
+        names = set(ISA_FEATURES["avx512"] if level.startswith("AVX512") else
+                    ISA_FEATURES["avx2"] if level == "AVX2" else ())
+        if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+            names.add("avx512_bf16")
+        flags = frozenset(names)
+    return flags, vendor
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo names; from torch's capability where there is none)."""
+    return _cpuinfo()[0]
+
+
+def missing_features(isa: str, flags: frozenset[str] | None = None) -> list[str]:
+    """The features ``isa`` needs that the CPU (or ``flags``) lacks; empty: it can run."""
+    if isa not in ISA_FEATURES:
+        raise ValueError(f"isa must be one of {', '.join(ISA_FEATURES)}; got {isa!r}")
+    have = cpu_flags() if flags is None else flags
+    return [f for f in ISA_FEATURES[isa] if f not in have]
+
+
+def detected_isa() -> str:
+    """The widest instruction-set level this CPU has."""
+    return [isa for isa in _settings.ISA_LEVELS if not missing_features(isa)][-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _amx() -> bool:
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # also asks the OS for the tile state
+    return bool(probe()) if probe is not None else "amx_tile" in cpu_flags()
+
+
+def detect_caps(isa: str | None = None) -> CpuCaps:
+    """This CPU's capabilities, at instruction-set level ``isa`` (default: the widest it has)."""
+    return CpuCaps(isa=isa or detected_isa(), amx=_amx(), vendor=_cpuinfo()[1])
+
+
+_route_cache: tuple[_settings.Settings, CpuRoute] | None = None
+
+
+def _check_isa(s: _settings.Settings) -> None:
+    # settings listener: a cpu_isa this CPU cannot run is refused where it is set
+    if s.cpu_isa is not None:
+        missing = missing_features(s.cpu_isa)
+        if missing:
+            raise _settings.SettingsError(f"cpu_isa={s.cpu_isa} (FASTDIFF_CPU_ISA): this CPU lacks "
+                                          f"{', '.join(missing)}; it supports at most {detected_isa()}")
+
+
+_settings.on_change(_check_isa)
+
+
+def current_caps() -> CpuCaps:
+    """This CPU's capabilities at the instruction-set level the settings allow."""
+    return detect_caps(_settings.current().cpu_isa)
+
+
+def current_route() -> CpuRoute:
+    """The routing row in force: ``settings.cpu_route`` if set, else the row of :func:`current_caps`."""
+    global _route_cache
+    s = _settings.current()
+    hit = _route_cache
+    if hit is not None and hit[0] is s:
+        return hit[1]
+    route = ROUTES[s.cpu_route or route_name(current_caps())]
+    _route_cache = (s, route)
+    return route

@@ -1,0 +1,219 @@
+"""Shared fixtures of the test suite.
+
+Backends, instruction sets and routing rows. A test module that names its op (``OP = all_ops()["geglu"]``) and
+whose tests take a ``backend`` argument runs each test on every backend that can run here (ref, cpu, cuda)
+and, for the cpu backend,
+
+- at every instruction-set level of the C++ kernels (``cpu-scalar``, ``cpu-avx2``, ``cpu-avx512``,
+  ``cpu-avx512_bf16``, through ``fastdiff.settings.override(cpu_isa=...)``) when the op's cpu path is a
+  compiled kernel; a level this CPU cannot run is skipped with the features it lacks;
+- under each distinct choice of the routing table (``cpu-route_avx2``: eager activations and fp32 bf16 math;
+  ``cpu-route_avx512``: oneDNN's fused post-ops; ``cpu-route_avx512_bf16_2x``: native bf16 math) when the op
+  is routed by CPU capability (:mod:`fastdiff.ops.routing`). These run on any CPU: routing only picks between
+  torch ops, so an AVX2-only machine exercises what an AVX-512 one would choose.
+
+The ``cpu_isa`` and ``cpu_route`` fixtures give the same levels and rows to tests that want them directly.
+The low-precision tolerance rule is one function, :func:`lowp.assert_close_lowp`, in ``tests/lowp.py``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff import settings
+from fastdiff.ops import routing
+
+# Ops whose cpu path follows the routing table, and the columns of the table each one reads.
+ROUTED_OPS = {"linear": ("bf16_math", "linear_activation"), "conv2d": ("bf16_math",), "attention": ("bf16_math",)}
+
+
+def _route_choices(columns=("bf16_math", "linear_activation")) -> tuple[str, ...]:
+    """One row of the routing table per distinct choice it makes in ``columns`` (the first row making it)."""
+    seen, out = set(), []
+    for name, row in routing.ROUTES.items():
+        key = tuple(getattr(row, c) for c in columns)
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return tuple(out)
+
+
+ROUTE_CHOICES = _route_choices()
+
+
+def isa_skip_reason(isa: str) -> str | None:
+    """Why this CPU cannot run the C++ kernels at ``isa`` (None: it can)."""
+    missing = routing.missing_features(isa)
+    return f"this CPU lacks {', '.join(missing)} (needed for cpu_isa={isa})" if missing else None
+
+
+def _isa_params(prefix: str) -> list:
+    out = []
+    for isa in settings.ISA_LEVELS:
+        why = isa_skip_reason(isa)
+        out.append(pytest.param(f"{prefix}{isa}", id=f"{prefix.replace(':', '-')}{isa}",
+                                marks=[pytest.mark.skip(reason=why)] if why else []))
+    return out
+
+
+def backend_params(op) -> list:
+    """pytest params for every backend of ``op`` that can run here, the cpu one per ISA level / routing row."""
+    out = []
+    for name, why in op.availability().items():
+        if why or name not in ("ref", "cpu", "cuda"):
+            continue
+        if name != "cpu":
+            out.append(pytest.param(name, id=name))
+            continue
+        if op.impls["cpu"].needs_backend:  # a compiled kernel: each instruction set
+            out += _isa_params("cpu:")
+        if op.name in ROUTED_OPS:
+            out += [pytest.param(f"cpu@{r}", id=f"cpu-route_{r}") for r in _route_choices(ROUTED_OPS[op.name])]
+        if not op.impls["cpu"].needs_backend and op.name not in ROUTED_OPS:
+            out.append(pytest.param("cpu", id="cpu"))
+    return out
+
+
+def _explicitly_parametrized(metafunc, name: str) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        if name in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc):
+    op = getattr(metafunc.module, "OP", None)
+    if op is not None and "backend" in metafunc.fixturenames and not _explicitly_parametrized(metafunc, "backend"):
+        metafunc.parametrize("backend", backend_params(op), indirect=True)
+
+
+def _settings_for(spec: str) -> tuple[str, dict]:
+    """'cpu:avx2' -> ('cpu', {cpu_isa: 'avx2'}); 'cpu@avx512' -> ('cpu', {cpu_route: 'avx512'}); 'ref' -> ('ref', {})."""
+    if ":" in spec:
+        name, isa = spec.split(":", 1)
+        return name, {"cpu_isa": isa}
+    if "@" in spec:
+        name, route = spec.split("@", 1)
+        return name, {"cpu_route": route}
+    return spec, {}
+
+
+@pytest.fixture
+def backend(request):
+    """The backend name to force (``with use_backend(backend):``), with its ISA level / routing row in force."""
+    name, changes = _settings_for(request.param)
+    with settings.override(**changes):
+        yield name
+
+
+@pytest.fixture(params=_isa_params(""))
+def cpu_isa(request):
+    """Each instruction-set level of the C++ kernels this CPU has, in force for the test."""
+    with settings.override(cpu_isa=request.param):
+        yield request.param
+
+
+@pytest.fixture(params=ROUTE_CHOICES, ids=lambda r: f"route_{r}")
+def cpu_route(request):
+    """Each distinct row of the routing table, in force for the test."""
+    with settings.override(cpu_route=request.param):
+        yield routing.ROUTES[request.param]
+
+
+# ---------------------------------------------------------------------------------------- Stable Diffusion 1
+
+@pytest.fixture
+def use_settings():
+    """``use_settings(cpu_bf16_math="native")``: fastdiff.settings.override for the rest of the test."""
+    entered = []
+
+    def enter(**changes):
+        ctx = settings.override(**changes)
+        ctx.__enter__()
+        entered.append(ctx)
+
+    yield enter
+    for ctx in reversed(entered):
+        ctx.__exit__(None, None, None)
+
+
+def randomize_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights around a working point: norm scales near 1, the rest N(0, 0.2^2); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = p.dim() == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g) if is_norm else 0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    """:func:`randomize_weights`, for tests that build their own random models."""
+    return randomize_weights
+
+
+@pytest.fixture(scope="session")
+def ref_folder(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline saved by diffusers (fp32 in ``sd``, fp16 variant in ``sd16``) and
+    the diffusers pipeline loaded from it: ``(folder, pipeline)``."""
+    import shutil
+
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from fastdiff.io import sd_checkpoint as ck
+    from fastdiff.models import clip_text, unet_sd, vae
+    from fastdiff.models.clip_tokenizer import CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("sd1_diffusers")
+    unet = randomize_weights(diffusers.UNet2DConditionModel(
+        **{k: v for k, v in unet_sd.TINY.to_diffusers().items() if k != "_class_name"}), 1)
+    ae = randomize_weights(
+        diffusers.AutoencoderKL(**{k: v for k, v in vae.TINY.to_diffusers().items() if k != "_class_name"}), 2)
+    tc = {k: v for k, v in clip_text.TINY.to_transformers().items()
+          if k not in ("architectures", "model_type", "torch_dtype")}
+    text = randomize_weights(transformers.CLIPTextModel(transformers.CLIPTextConfig(**tc)), 3)
+    CLIPTokenizer.from_bundled().save_pretrained(d / "_tok")
+    tok = transformers.CLIPTokenizer.from_pretrained(d / "_tok", local_files_only=True)
+    sched = diffusers.PNDMScheduler.from_config(ck.SD1_SCHEDULER_CONFIG)  # keeps clip_sample=False for DDIM
+    pipe = diffusers.StableDiffusionPipeline(vae=ae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(d / "sd")
+    pipe.to(torch.float16).save_pretrained(d / "sd16", variant="fp16")  # (casts pipe in place)
+    shutil.rmtree(d / "_tok")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(d / "sd", local_files_only=True)
+    return d, ref
+
+
+# config.json of the public SD1.5 release (runwayml/stable-diffusion-v1-5), written out here as the oracle
+SD15_JSON = {
+    "unet": {
+        "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False, "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    "vae": {
+        "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+        "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    },
+    "text": {
+        "hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072, "max_position_embeddings": 77,
+        "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 49408, "layer_norm_eps": 1e-05,
+        "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def sd15_json():
+    """The SD1.5 release's config.json contents (unet, vae, text), the oracle of the full-size tests."""
+    import copy
+
+    return copy.deepcopy(SD15_JSON)
