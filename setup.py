@@ -7,16 +7,23 @@ headers and takes no part in the package build).
   binary (``#pragma GCC target`` per file, see csrc/cpu/isa/) and chosen at run time from the CPU's
   features, so the build is portable: no ``-march=native``.
 - CUDA kernels are built as well when torch is a CUDA build and nvcc exists. ``FASTDIFF_BUILD_CUDA=0`` forces
-  them off, ``=1`` forces them on (and fails loudly if it cannot). The default target is sm_89 (RTX 4080);
-  ``TORCH_CUDA_ARCH_LIST`` overrides it. No GPU is needed to build.
+  them off, ``=1`` forces them on (and fails loudly if it cannot). No GPU is needed to build.
+- CUDA targets: ``TORCH_CUDA_ARCH_LIST`` when set (torch's syntax: ``"8.6"``, ``"8.9;9.0+PTX"``, ``"Ampere"``),
+  else :data:`DEFAULT_CUDA_ARCHS`. The machine code and PTX actually built are recorded in the extension
+  (``fastdiff._C.cuda_archs()``), and dispatch declines the CUDA kernels on a GPU they cannot run on.
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Machine code for A100 (sm_80), RTX 30xx (sm_86), RTX 40xx (sm_89) and H100 (sm_90), plus compute_90 PTX that
+# the driver compiles at first use on newer GPUs (Blackwell). Build time: see README ("How the kernels are built").
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _want_cuda() -> bool:
@@ -38,12 +45,30 @@ def _want_cuda() -> bool:
     return possible
 
 
+def _cuda_arch_flags() -> tuple[list[str], str, str]:
+    """nvcc ``-gencode`` flags for TORCH_CUDA_ARCH_LIST (torch's own parser), and the SASS and PTX targets they
+    name as "_"-separated lists ("80_86_89_90", "90") for the extension to record (nvcc splits -D values at
+    commas). Passing the flags explicitly keeps what is compiled and what is recorded the same list."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    flags = _get_cuda_arch_flags()
+    sass, ptx = [], []
+    for f in flags:
+        m = re.fullmatch(r"-gencode=arch=compute_(\w+),code=(sm|compute)_(\w+)", f)
+        if m is None:
+            raise RuntimeError(f"unexpected CUDA arch flag from torch: {f!r}")
+        (sass if m.group(2) == "sm" else ptx).append(m.group(3))
+    key = lambda a: (int(re.match(r"\d+", a).group()), a)  # noqa: E731
+    return flags, "_".join(sorted(set(sass), key=key)), "_".join(sorted(set(ptx), key=key))
+
+
 def _extensions():
     with_cuda = _want_cuda()
     if with_cuda:
         # No GPU on a build box: torch needs an explicit arch list, and must not guess CUDA_HOME (it reads
         # both when torch.utils.cpp_extension is imported, so set them first).
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.9")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         if not os.environ.get("CUDA_HOME"):
             os.environ["CUDA_HOME"] = "/usr/local/cuda"
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
@@ -55,9 +80,11 @@ def _extensions():
     libs_args = ["-fopenmp"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
-        return [CUDAExtension("fastdiff._C", sources, include_dirs=include_dirs,
-                              define_macros=[("FASTDIFF_WITH_CUDA", "1")],
-                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=libs_args)]
+        arch_flags, sass, ptx = _cuda_arch_flags()
+        macros = [("FASTDIFF_WITH_CUDA", "1"), ("FASTDIFF_CUDA_SASS", sass), ("FASTDIFF_CUDA_PTX", ptx)]
+        return [CUDAExtension("fastdiff._C", sources, include_dirs=include_dirs, define_macros=macros,
+                              extra_compile_args={"cxx": cxx, "nvcc": nvcc + arch_flags},
+                              extra_link_args=libs_args)]
     return [CppExtension("fastdiff._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx}, extra_link_args=libs_args)]
 

@@ -15,6 +15,18 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// The CUDA targets the kernels were compiled for, as setup.py passed them to nvcc: (SASS, PTX), each a
+// "_"-separated list of architectures ("80_86_89_90", "90"); None without CUDA kernels.
+#define FD_STRINGIFY_(...) #__VA_ARGS__
+#define FD_STRINGIFY(...) FD_STRINGIFY_(__VA_ARGS__)
+PyObject* cuda_archs(PyObject*, PyObject*) {
+#if defined(FASTDIFF_WITH_CUDA) && defined(FASTDIFF_CUDA_SASS) && defined(FASTDIFF_CUDA_PTX)
+  return Py_BuildValue("(ss)", FD_STRINGIFY(FASTDIFF_CUDA_SASS), FD_STRINGIFY(FASTDIFF_CUDA_PTX));
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 PyObject* cpu_capability(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(fastdiff::cpu::isa_name(fastdiff::cpu::isa()));
@@ -42,6 +54,7 @@ PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
 
 PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"cuda_archs", cuda_archs, METH_NOARGS, "(SASS, PTX) CUDA architectures compiled in, or None."},
     {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU instruction set the kernels dispatch to."},
     {"detected_cpu_capability", detected_cpu_capability, METH_NOARGS, "The best instruction set this CPU has."},
     {"set_cpu_capability", set_cpu_capability, METH_O,

@@ -11,7 +11,7 @@ import torch  # noqa: F401  (the extension links against libtorch: import torch 
 
 from fastdiff import settings
 
-__all__ = ["C", "IMPORT_ERROR", "has_cpu_kernels", "has_cuda_kernels", "cpu_capability"]
+__all__ = ["C", "IMPORT_ERROR", "has_cpu_kernels", "has_cuda_kernels", "cuda_archs", "cpu_capability"]
 
 try:
     from fastdiff import _C as C  # type: ignore[attr-defined]
@@ -44,6 +44,19 @@ def has_cpu_kernels() -> bool:
 
 def has_cuda_kernels() -> bool:
     return C is not None and bool(C.built_with_cuda())
+
+
+def cuda_archs() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """``(sass, ptx)``: the GPU architectures the CUDA kernels were compiled to machine code for and to PTX for,
+    e.g. ``(("80", "86", "89", "90"), ("90",))`` (sm_80 ... and compute_90); None without CUDA kernels (or from
+    a stale build whose module has no record)."""
+    if not has_cuda_kernels() or not hasattr(C, "cuda_archs"):
+        return None
+    got = C.cuda_archs()
+    if got is None:
+        return None
+    sass, ptx = got
+    return tuple(a for a in sass.split("_") if a), tuple(a for a in ptx.split("_") if a)
 
 
 def cpu_capability() -> str:

@@ -23,18 +23,22 @@ per query block, looping over key blocks): no atomics, deterministic.
 A query row whose keys are all masked out (``-inf`` everywhere) gets output 0 and zero gradients; the
 reference :func:`fastdiff.ops.attention.attention_ref` defines the same result.
 
+Offsets are int32 inside a launch, as the block sizes below were tuned for (int64 offsets add registers, and
+these kernels run at the 255-register limit): a batch whose offsets would pass 2^31 elements (a materialised
+mask above all) is launched in chunks of samples, each from its own base pointers, which also keeps grid axis y
+(B * H) within CUDA's 65535.
+
 Block sizes were chosen from ahead-of-time compiles for sm_89 (RTX 4080): no register spills, shared memory
 within the 99 KB per-block limit (``tests/test_triton_aot.py`` checks every configuration listed by
 :func:`configs`, ``python -m fastdiff.kernels.report`` prints registers, shared memory and occupancy).
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
-from fastdiff import settings
+from fastdiff.kernels._launch import MAX_GRID, interpreting, on_device
 
 __all__ = [
     "flash_attention_fwd",
@@ -51,10 +55,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
 MAX_HEAD_DIM_FP32 = 128
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return settings.current().triton_interpret
 
 
 @triton.jit
@@ -431,7 +431,7 @@ def _check_inputs(q, k, v, attn_mask):
         raise TypeError(f"flash attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError("flash attention: the Triton kernel runs CUDA tensors (CPU only under TRITON_INTERPRET=1)")
     B, H, Lq, D = q.shape
     if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[2] != v.shape[2] or k.shape[3] != D \
@@ -444,6 +444,26 @@ def _check_inputs(q, k, v, attn_mask):
     if attn_mask is not None:
         if attn_mask.device != q.device:
             raise ValueError(f"flash attention: attn_mask is on {attn_mask.device}, q on {q.device}")
+
+
+_INT32_LIMIT = 2 ** 31
+
+
+def _batch_chunks(B: int, H: int, tensors) -> list[tuple[int, int]]:
+    """Ranges [b0, b1) of samples to launch together: every offset the kernels compute within a launch must fit
+    int32, and B * H must fit grid axis y. ``tensors``: (name, tensor with the batch as dim 0) pairs."""
+    per = max(1, MAX_GRID[1] // H)
+    for name, t in tensors:
+        if t is None:
+            continue
+        # the largest offset inside one sample: every other dim at its last index
+        inner = sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) + 1
+        if inner >= _INT32_LIMIT:
+            raise ValueError(f"flash attention: one sample of {name} spans {inner} elements; the kernels' offsets "
+                             "within a launch are int32 (below 2^31)")
+        if t.stride(0) > 0:
+            per = min(per, (_INT32_LIMIT - inner) // t.stride(0) + 1)
+    return [(b0, min(B, b0 + per)) for b0 in range(0, B, per)]
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -484,14 +504,17 @@ def flash_attention_fwd(q, k, v, attn_mask=None, scale=None):
         return out.zero_(), lse.fill_(float("inf"))
     mask, ms = _prep_mask(attn_mask, q, Lk)
     cfg = kernel_config("fwd", D, q.dtype, mask is not None)
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, mask if mask is not None else lse, out, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *out.stride()[:3],
-        H, Lq, Lk, D, scale * _LOG2E,
-        HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    lse3 = lse.view(B, H, Lq)
+    with on_device(q):
+        for b0, b1 in _batch_chunks(B, H, (("q", q), ("k", k), ("v", v), ("attn_mask", mask), ("out", out))):
+            grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), (b1 - b0) * H)
+            _attn_fwd_kernel[grid](
+                q[b0:b1], k[b0:b1], v[b0:b1], mask[b0:b1] if mask is not None else lse, out[b0:b1], lse3[b0:b1],
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *out.stride()[:3],
+                H, Lq, Lk, D, scale * _LOG2E,
+                HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -517,16 +540,23 @@ def flash_attention_bwd(do, q, k, v, out, lse, attn_mask=None, scale=None):
     def opts(kind):
         c = kernel_config(kind, D, q.dtype, mask is not None)
         return c, dict(HAS_MASK=mask is not None, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=c["BLOCK_D"],
-                       UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+                       UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
                        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    c, o = opts("bwd_dkdv")
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, c["BLOCK_N"]), B * H)](
-        q, k, v, mask_arg, do, lse, delta, dk, dv, *strides, *dk.stride()[:3],
-        H, Lq, Lk, D, scale * _LOG2E, scale, **o)
-    c, o = opts("bwd_dq")
-    _attn_bwd_dq_kernel[(triton.cdiv(Lq, c["BLOCK_M"]), B * H)](
-        q, k, v, mask_arg, do, lse, delta, dq, *strides, *dq.stride()[:3],
-        H, Lq, Lk, D, scale * _LOG2E, scale, **o)
+    lse3, delta3 = lse.view(B, H, Lq), delta.view(B, H, Lq)
+    chunks = _batch_chunks(B, H, (("q", q), ("k", k), ("v", v), ("attn_mask", mask), ("grad", do), ("dq", dq),
+                                  ("dk", dk), ("dv", dv)))
+    with on_device(q):
+        for b0, b1 in chunks:
+            q_, k_, v_, do_ = q[b0:b1], k[b0:b1], v[b0:b1], do[b0:b1]
+            mask_ = mask[b0:b1] if mask is not None else lse
+            c, o = opts("bwd_dkdv")
+            _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, c["BLOCK_N"]), (b1 - b0) * H)](
+                q_, k_, v_, mask_, do_, lse3[b0:b1], delta3[b0:b1], dk[b0:b1], dv[b0:b1], *strides,
+                *dk.stride()[:3], H, Lq, Lk, D, scale * _LOG2E, scale, **o)
+            c, o = opts("bwd_dq")
+            _attn_bwd_dq_kernel[(triton.cdiv(Lq, c["BLOCK_M"]), (b1 - b0) * H)](
+                q_, k_, v_, mask_, do_, lse3[b0:b1], delta3[b0:b1], dq[b0:b1], *strides, *dq.stride()[:3],
+                H, Lq, Lk, D, scale * _LOG2E, scale, **o)
     return dq, dk, dv
 

@@ -10,12 +10,11 @@ Memory-bound: reads x, model_out (1x or 2x the latents) and noise, writes out on
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
-from fastdiff import settings
+from fastdiff.kernels._launch import check_grid, interpreting, on_device
 
 __all__ = ["sampler_step_triton", "configs", "SUPPORTED_DTYPES"]
 
@@ -65,17 +64,16 @@ def _sampler_step_kernel(
     tl.store(Out + offs, _round_bf16(out, Out.dtype.element_ty, UPCAST), mask=ok)
 
 
-def _interpreting() -> bool:
-    return settings.current().triton_interpret
-
-
 def sampler_step_triton(x, model_out, a, b, s=0.0, noise=None, *, pred=(0.0, 1.0), clip=None, guidance_scale=None):
     """Launcher (same arguments as :func:`fastdiff.ops.sampler_step`, shapes already checked there)."""
     if x.dtype not in SUPPORTED_DTYPES or model_out.dtype != x.dtype or (noise is not None and noise.dtype != x.dtype):
         raise TypeError(f"sampler_step (triton): x, model_out, noise must share a dtype in fp32/bf16/fp16; got "
                         f"{x.dtype}, {model_out.dtype}" + (f", {noise.dtype}" if noise is not None else ""))
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError("sampler_step (triton): CUDA tensors only (CPU only under TRITON_INTERPRET=1)")
+    for name, t in (("model_out", model_out), ("noise", noise)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"sampler_step (triton): {name} is on {t.device}, x on {x.device}")
     want = (2 if guidance_scale is not None else 1) * x.numel()
     if model_out.numel() != want:
         raise ValueError(f"sampler_step (triton): model_out has {model_out.numel()} elements, expected {want}")
@@ -86,12 +84,13 @@ def sampler_step_triton(x, model_out, a, b, s=0.0, noise=None, *, pred=(0.0, 1.0
     if n == 0:
         return out
     has_noise = noise is not None and s != 0.0
-    _sampler_step_kernel[(triton.cdiv(n, _BLOCK),)](
-        x_c, m_c, noise_c, out, n,
-        float(guidance_scale or 0.0), float(pred[0]), float(pred[1]), float(clip or 0.0),
-        float(a), float(b), float(s),
-        HAS_CFG=guidance_scale is not None, HAS_NOISE=has_noise, HAS_CLIP=clip is not None,
-        BLOCK=_BLOCK, UPCAST=_interpreting(), num_warps=_NUM_WARPS)
+    with on_device(x_c):
+        _sampler_step_kernel[check_grid((triton.cdiv(n, _BLOCK),), "sampler_step")](
+            x_c, m_c, noise_c, out, n,
+            float(guidance_scale or 0.0), float(pred[0]), float(pred[1]), float(clip or 0.0),
+            float(a), float(b), float(s),
+            HAS_CFG=guidance_scale is not None, HAS_NOISE=has_noise, HAS_CLIP=clip is not None,
+            BLOCK=_BLOCK, UPCAST=interpreting(), num_warps=_NUM_WARPS)
     return out
 
 

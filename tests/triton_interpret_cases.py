@@ -271,3 +271,134 @@ def test_group_norm_public_op_on_triton_backend():
         for ga, gr in zip(torch.autograd.grad(y, a, dy), torch.autograd.grad(ref, r, dy)):
             assert ga.shape == gr.shape
             torch.testing.assert_close(ga, gr, rtol=1e-4, atol=2e-4)
+
+
+def test_group_norm_split_reductions_fwd_bwd():
+    """Shapes whose reductions are split over several chunks of positions (merged by the second kernels):
+    forward and backward against F.group_norm, NCHW and channels_last, residual and per-channel residual."""
+    from fastdiff.kernels import group_norm as gn
+
+    for shape, G in (((1, 8, 40, 40), 2), ((2, 6, 40, 61), 3)):
+        C, n = shape[1], shape[2] * shape[3]
+        block_c, block_n = gn._blocks(C // G)
+        assert gn._splits(shape[0] * G, n, block_n, gn.sm_count(torch.device("cpu")))[0] > 1
+        block_n_bwd = gn._blocks(C // G, gn._TILE_BWD)[1]
+        assert gn._splits(shape[0] * G, n, block_n_bwd, gn.sm_count(torch.device("cpu")))[0] > 1
+        for layout in ("nchw", "channels_last"):
+            g = torch.Generator().manual_seed(11)
+            x = 2.0 + torch.randn(shape, generator=g)
+            if layout == "channels_last":
+                x = x.to(memory_format=torch.channels_last)
+            w = 1 + 0.3 * torch.randn(C, generator=g)
+            b = 0.2 * torch.randn(C, generator=g)
+            r = torch.randn(shape, generator=g)
+            rc = torch.randn(shape[0], C, generator=g)
+            y, mean, rstd = gn.group_norm_fwd(x, G, w, b, 1e-5, True, r, rc)
+            leaves = [t.clone().requires_grad_(True) for t in (x, w, b, r, rc)]
+            ref = _gn_oracle(leaves[0], G, leaves[1], leaves[2], 1e-5, True, leaves[3], leaves[4])
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-5)
+            dy = torch.randn(shape, generator=g)
+            dx, dw, db, drc = gn.group_norm_bwd(dy, x, G, w, b, mean, rstd, True, r, rc)
+            gx, gw, gb, gr, grc = torch.autograd.grad(ref, leaves, dy)
+            for name, got, want in (("dx", dx, gx), ("dw", dw, gw), ("db", db, gb), ("dr", dx, gr), ("drc", drc, grc)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4, msg=lambda m: f"{layout} {name}: {m}")
+
+
+def test_group_norm_input_with_gaps():
+    """A batch slice (strides with gaps): y and dx are written in a dense layout, never with x's gapped strides
+    (which would write past the end of y)."""
+    from fastdiff.kernels.group_norm import group_norm_bwd, group_norm_fwd
+
+    g = torch.Generator().manual_seed(12)
+    big = torch.randn(6, 16, 5, 7, generator=g)
+    x = big[::2]
+    assert not x.is_contiguous()
+    w = 1 + 0.3 * torch.randn(16, generator=g)
+    b = 0.2 * torch.randn(16, generator=g)
+    y, mean, rstd = group_norm_fwd(x, 4, w, b, 1e-5, True)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    ref = _gn_oracle(leaves[0], 4, leaves[1], leaves[2], 1e-5, True, None, None)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-5)
+    dy = torch.randn(big.shape, generator=g)[1::2]
+    dx, dw, db, _ = group_norm_bwd(dy, x, 4, w, b, mean, rstd, True)
+    for got, want in zip((dx, dw, db), torch.autograd.grad(ref, leaves, dy)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int64 offsets. A tensor past 2^31 elements would need gigabytes of real memory under the interpreter, so
+# these views have the strides of one: a few elements per batch entry, batch stride 2^30 (an int32 argument),
+# batch 3, so b * stride_b = 2^31 wraps in int32. They lie in one storage of 2^32+ elements that is allocated
+# but never touched except where the views are (virtual memory only). The views start 2^31 elements in, so a
+# wrapped offset lands at the start of the storage, which is filled with other values: int32 offsets give
+# wrong results instead of a crash.
+# ----------------------------------------------------------------------------------------------------------
+
+_WRAP = 2 ** 31
+_BSTRIDE = 2 ** 30
+
+
+def _huge_storage(dtype, fill):
+    st = torch.empty(2 ** 32 + 2 ** 20, dtype=dtype)
+    st[: 2 ** 20].fill_(fill)          # where int32-wrapped offsets land
+    return st
+
+
+def _batch_view(st, offset, shape, values=None):
+    """(3, *shape) view of ``st`` at ``_WRAP + offset`` with batch stride 2^30 and dense inner dims."""
+    inner = torch.empty(shape).stride()
+    v = st.as_strided((3, *shape), (_BSTRIDE, *inner), _WRAP + offset)
+    if values is not None:
+        v.copy_(values)
+    return v
+
+
+def test_group_norm_int64_offsets():
+    from fastdiff.kernels import group_norm as gn
+
+    shape, G = (4, 2, 3), 2       # per batch entry: C = 4 channels of 2 x 3 positions
+    g = torch.Generator().manual_seed(13)
+    st = _huge_storage(torch.float16, 9.0)
+    x = _batch_view(st, 0, shape, 1.5 + torch.randn((3, *shape), generator=g))
+    r = _batch_view(st, 4096, shape, torch.randn((3, *shape), generator=g))
+    y = _batch_view(st, 8192, shape)
+    dy = _batch_view(st, 12288, shape, torch.randn((3, *shape), generator=g))
+    dx = _batch_view(st, 16384, shape)
+    w = 1 + 0.3 * torch.randn(4, generator=g)
+    b = 0.2 * torch.randn(4, generator=g)
+    rc = torch.randn(3, 4, generator=g)
+    _, strides = gn._view3(x)
+    assert strides == (_BSTRIDE, 6, 1)
+    mean = torch.empty(3, G)
+    rstd = torch.empty(3, G)
+    gn._launch_fwd(x, strides, r, w, b, rc, y, mean, rstd, G, 6, 1e-5, True)
+    leaves = [t.float().clone().requires_grad_(True) for t in (x, w, b, r, rc)]
+    ref = _gn_oracle(leaves[0], G, leaves[1], leaves[2], 1e-5, True, leaves[3], leaves[4])
+    torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=2e-3)   # fp16 output rounding
+    dwp, dbp, drc = torch.empty(3, 4), torch.empty(3, 4), torch.empty(3, 4)
+    gn._launch_bwd(dy, x, strides, r, w, b, rc, mean, rstd, dx, dwp, dbp, drc, G, 6, True)
+    gx, gw, gb, _, grc = torch.autograd.grad(ref, leaves, dy.float())
+    torch.testing.assert_close(dx.float(), gx, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(dwp.sum(0), gw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dbp.sum(0), gb, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(drc, grc, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_int64_offsets():
+    """q, k, v and a materialised mask whose batch offsets pass 2^31 elements: forward and backward."""
+    H, Lq, Lk, D = 2, 24, 20, 16
+    g = torch.Generator().manual_seed(14)
+    st = _huge_storage(torch.float32, 3.0)
+    q = _batch_view(st, 0, (H, Lq, D), torch.randn((3, H, Lq, D), generator=g))
+    k = _batch_view(st, 4096, (H, Lk, D), torch.randn((3, H, Lk, D), generator=g))
+    v = _batch_view(st, 8192, (H, Lk, D), torch.randn((3, H, Lk, D), generator=g))
+    mask = _batch_view(st, 12288, (H, Lq, Lk), torch.randn((3, H, Lq, Lk), generator=g))
+    assert q.stride(0) == k.stride(0) == mask.stride(0) == _BSTRIDE
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = attention_ref(*leaves, mask)
+    qg, kg, vg = (t.requires_grad_(True) for t in (q, k, v))
+    out = _triton(qg, kg, vg, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    do = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (qg, kg, vg), do), torch.autograd.grad(ref, leaves, do)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -38,9 +38,17 @@ inline void check_cuda_contig(const at::Tensor& t, const char* op, const char* n
   TORCH_CHECK(t.is_contiguous(), op, " (cuda): ", name, " must be contiguous");
 }
 
-inline void check_cuda_param(const at::Tensor& t, int64_t numel, const char* op, const char* name) {
+// `t` must live on `device` (the GPU the kernel launches on), index included: a kernel on cuda:0 cannot read
+// a pointer into cuda:1's memory.
+inline void check_same_device(const at::Tensor& t, const c10::Device& device, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == device, op, " (cuda): ", name, " is on ", t.device(), ", x on ", device);
+}
+
+inline void check_cuda_param(const at::Tensor& t, int64_t numel, const char* op, const char* name,
+                             const c10::Device& device) {
   TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == at::kFloat, op, ": ", name,
               " must be a contiguous float32 CUDA tensor");
+  check_same_device(t, device, op, name);
   TORCH_CHECK(t.numel() == numel, op, ": ", name, " has ", t.numel(), " elements, expected ", numel);
 }
 

@@ -53,6 +53,7 @@ at::Tensor geglu_cuda(const at::Tensor& x) {
 at::Tensor geglu_backward_cuda(const at::Tensor& dy, const at::Tensor& x) {
   check_cuda_contig(x, "geglu_backward", "x");
   check_cuda_contig(dy, "geglu_backward", "grad");
+  check_same_device(dy, x.device(), "geglu_backward", "grad");
   TORCH_CHECK(x.size(-1) % 2 == 0 && dy.numel() * 2 == x.numel() && dy.scalar_type() == x.scalar_type(),
               "geglu_backward: grad ", dy.sizes(), " does not match x ", x.sizes());
   c10::cuda::CUDAGuard guard(x.device());

@@ -81,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
                                                                    const std::optional<at::Tensor>& b, double eps) {
   check_cuda_contig(x, "layer_norm", "x");
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
-  if (w.has_value()) check_cuda_param(*w, d, "layer_norm", "weight");
-  if (b.has_value()) check_cuda_param(*b, d, "layer_norm", "bias");
+  if (w.has_value()) check_cuda_param(*w, d, "layer_norm", "weight", x.device());
+  if (b.has_value()) check_cuda_param(*b, d, "layer_norm", "bias", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   auto stat_sizes = x.sizes().vec();
@@ -106,12 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
                                                                    bool param_grads) {
   check_cuda_contig(x, "layer_norm_backward", "x");
   check_cuda_contig(dy, "layer_norm_backward", "grad");
+  check_same_device(dy, x.device(), "layer_norm_backward", "grad");
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "layer_norm_backward: grad ",
               dy.sizes(), " does not match x ", x.sizes());
-  if (w.has_value()) check_cuda_param(*w, d, "layer_norm_backward", "weight");
-  check_cuda_param(mean, rows, "layer_norm_backward", "mean");
-  check_cuda_param(rstd, rows, "layer_norm_backward", "rstd");
+  if (w.has_value()) check_cuda_param(*w, d, "layer_norm_backward", "weight", x.device());
+  check_cuda_param(mean, rows, "layer_norm_backward", "mean", x.device());
+  check_cuda_param(rstd, rows, "layer_norm_backward", "rstd", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);

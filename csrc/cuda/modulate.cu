@@ -130,6 +130,7 @@ Dims check_x(const at::Tensor& x, const char* op) {
 
 void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   check_cuda_contig(t, op, name);
+  check_same_device(t, x.device(), op, name);
   TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name, " ", t.sizes(),
               " does not match x ", x.sizes());
 }
@@ -141,8 +142,8 @@ at::Tensor maybe_zeros(bool wanted, const Dims& d, const at::Tensor& like) {
 
 at::Tensor modulate_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
   const Dims d = check_x(x, "modulate");
-  check_cuda_param(shift, d.B * d.D, "modulate", "shift");
-  check_cuda_param(scale, d.B * d.D, "modulate", "scale");
+  check_cuda_param(shift, d.B * d.D, "modulate", "shift", x.device());
+  check_cuda_param(scale, d.B * d.D, "modulate", "scale", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   if (d.n == 0) return y;
@@ -159,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulate_bwd_cuda(const at::Tenso
                                                                  const at::Tensor& scale, bool param_grads) {
   const Dims d = check_x(x, "modulate_backward");
   check_like(dy, x, "modulate_backward", "grad");
-  check_cuda_param(scale, d.B * d.D, "modulate_backward", "scale");
+  check_cuda_param(scale, d.B * d.D, "modulate_backward", "scale", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x);
   at::Tensor dshift = maybe_zeros(param_grads, d, x), dscale = maybe_zeros(param_grads, d, x);
@@ -180,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulate_bwd_cuda(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_modulate_cuda(const at::Tensor& x, const at::Tensor& shift,
                                                                         const at::Tensor& scale, double eps) {
   const Dims d = check_x(x, "layer_norm_modulate");
-  check_cuda_param(shift, d.B * d.D, "layer_norm_modulate", "shift");
-  check_cuda_param(scale, d.B * d.D, "layer_norm_modulate", "scale");
+  check_cuda_param(shift, d.B * d.D, "layer_norm_modulate", "shift", x.device());
+  check_cuda_param(scale, d.B * d.D, "layer_norm_modulate", "scale", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   auto stat_sizes = x.sizes().vec();
@@ -207,9 +208,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_modulate_bwd_cuda(cons
                                                                             const at::Tensor& rstd, bool param_grads) {
   const Dims d = check_x(x, "layer_norm_modulate_backward");
   check_like(dy, x, "layer_norm_modulate_backward", "grad");
-  check_cuda_param(scale, d.B * d.D, "layer_norm_modulate_backward", "scale");
-  check_cuda_param(mean, d.rows, "layer_norm_modulate_backward", "mean");
-  check_cuda_param(rstd, d.rows, "layer_norm_modulate_backward", "rstd");
+  check_cuda_param(scale, d.B * d.D, "layer_norm_modulate_backward", "scale", x.device());
+  check_cuda_param(mean, d.rows, "layer_norm_modulate_backward", "mean", x.device());
+  check_cuda_param(rstd, d.rows, "layer_norm_modulate_backward", "rstd", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x);
   at::Tensor dshift = maybe_zeros(param_grads, d, x), dscale = maybe_zeros(param_grads, d, x);
@@ -231,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_modulate_bwd_cuda(cons
 
 at::Tensor gate_residual_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
   const Dims d = check_x(x, "gate_residual");
-  check_cuda_param(gate, d.B * d.D, "gate_residual", "gate");
+  check_cuda_param(gate, d.B * d.D, "gate_residual", "gate", x.device());
   check_like(y, x, "gate_residual", "y");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
@@ -249,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> gate_residual_bwd_cuda(const at::Tensor& dout
                                                           const at::Tensor& y, bool gate_grad) {
   const Dims d = check_x(y, "gate_residual_backward");
   check_like(dout, y, "gate_residual_backward", "grad");
-  check_cuda_param(gate, d.B * d.D, "gate_residual_backward", "gate");
+  check_cuda_param(gate, d.B * d.D, "gate_residual_backward", "gate", y.device());
   c10::cuda::CUDAGuard guard(y.device());
   at::Tensor dy = at::empty_like(y);
   at::Tensor dgate = maybe_zeros(gate_grad, d, y);

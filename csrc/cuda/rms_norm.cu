@@ -65,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
                                                      const std::optional<at::Tensor>& b, double eps) {
   check_cuda_contig(x, "rms_norm", "x");
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
-  if (w.has_value()) check_cuda_param(*w, d, "rms_norm", "weight");
-  if (b.has_value()) check_cuda_param(*b, d, "rms_norm", "bias");
+  if (w.has_value()) check_cuda_param(*w, d, "rms_norm", "weight", x.device());
+  if (b.has_value()) check_cuda_param(*b, d, "rms_norm", "bias", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   auto stat_sizes = x.sizes().vec();
@@ -88,11 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tenso
                                                                  const at::Tensor& rstd, bool param_grads) {
   check_cuda_contig(x, "rms_norm_backward", "x");
   check_cuda_contig(dy, "rms_norm_backward", "grad");
+  check_same_device(dy, x.device(), "rms_norm_backward", "grad");
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "rms_norm_backward: grad ",
               dy.sizes(), " does not match x ", x.sizes());
-  if (w.has_value()) check_cuda_param(*w, d, "rms_norm_backward", "weight");
-  check_cuda_param(rstd, rows, "rms_norm_backward", "rstd");
+  if (w.has_value()) check_cuda_param(*w, d, "rms_norm_backward", "weight", x.device());
+  check_cuda_param(rstd, rows, "rms_norm_backward", "rstd", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);

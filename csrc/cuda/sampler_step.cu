@@ -49,14 +49,17 @@ void launch(const at::Tensor& x, const at::Tensor& m, const at::Tensor* z, bool 
 at::Tensor sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const std::optional<at::Tensor>& noise,
                              std::optional<double> guidance, double px, double pm, double clip, double a, double b,
                              double s) {
-  TORCH_CHECK(x.is_cuda() && model_out.is_cuda(), "sampler_step (cuda): tensors must be on a CUDA device");
+  TORCH_CHECK(x.is_cuda() && model_out.device() == x.device(),
+              "sampler_step (cuda): x and model_out must be on one CUDA device, got ", x.device(), " and ",
+              model_out.device());
   TORCH_CHECK(x.scalar_type() == model_out.scalar_type(), "sampler_step: x and model_out dtypes differ");
   TORCH_CHECK(x.is_contiguous() && model_out.is_contiguous(), "sampler_step (cuda): tensors must be contiguous");
   TORCH_CHECK(model_out.numel() == (guidance.has_value() ? 2 : 1) * x.numel(),
               "sampler_step: model_out ", model_out.sizes(), " does not match x ", x.sizes());
   const at::Tensor* z = noise.has_value() ? &noise.value() : nullptr;
-  if (z) TORCH_CHECK(z->sizes() == x.sizes() && z->scalar_type() == x.scalar_type() && z->is_contiguous(),
-                     "sampler_step: noise must be a contiguous tensor like x");
+  if (z) TORCH_CHECK(z->sizes() == x.sizes() && z->scalar_type() == x.scalar_type() && z->is_contiguous() &&
+                         z->device() == x.device(),
+                     "sampler_step: noise must be a contiguous tensor like x, on x's device");
   c10::cuda::CUDAGuard guard(x.device());
   FdStepCoefs k{static_cast<float>(guidance.value_or(1.0)), static_cast<float>(px), static_cast<float>(pm),
                 static_cast<float>(clip), static_cast<float>(a), static_cast<float>(b),

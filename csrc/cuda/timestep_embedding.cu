@@ -35,7 +35,7 @@ at::Tensor timestep_embedding_cuda(const at::Tensor& t, const at::Tensor& freq, 
               "tensor, got ", t.sizes(), " ", t.scalar_type());
   TORCH_CHECK(dim >= 0, "timestep_embedding: embedding_dim must be >= 0, got ", dim);
   const int64_t half = dim / 2, B = t.size(0);
-  check_cuda_param(freq, half, "timestep_embedding", "freq");
+  check_cuda_param(freq, half, "timestep_embedding", "freq", t.device());
   c10::cuda::CUDAGuard guard(t.device());
   at::Tensor out = at::empty({B, dim}, t.options());
   const int64_t n = B * (half + 1);

@@ -9,13 +9,57 @@ import torch
 from fastdiff import _ext, settings
 from fastdiff.ops.registry import current_backend, register_backend_check
 
-__all__ = ["triton_available", "triton_interpret", "tensor_reasons"]
+__all__ = ["triton_available", "triton_interpret", "tensor_reasons", "cuda_arch_runs", "cuda_device_reason"]
 
 
 def _cpu_check() -> list[str]:
     if not _ext.has_cpu_kernels():
         return [f"the compiled extension fastdiff._C did not import ({_ext.IMPORT_ERROR})"]
     return []
+
+
+def _arch_num(arch: str) -> tuple[int, int, str]:
+    """"86" -> (8, 6, ""), "90a" -> (9, 0, "a"), "120" -> (12, 0, "")."""
+    digits = arch.rstrip("abcdefghijklmnopqrstuvwxyz")
+    major, minor = divmod(int(digits), 10)
+    return major, minor, arch[len(digits):]
+
+
+def cuda_arch_runs(capability: tuple[int, int], sass, ptx) -> bool:
+    """Whether code built for ``sass`` (machine code) and ``ptx`` (e.g. ``("80", "86")``, ``("90",)``) runs on a
+    GPU of compute ``capability`` (major, minor).
+
+    CUDA's rules: machine code for X.y runs on X.z with z >= y (same major version; an arch-specific "a" build
+    only on X.y itself); PTX for an architecture up to the GPU's is compiled by the driver at first use.
+    """
+    major, minor = capability
+    for arch in sass:
+        a_major, a_minor, suffix = _arch_num(arch)
+        if a_major == major and (a_minor == minor if suffix == "a" else a_minor <= minor):
+            return True
+    for arch in ptx:
+        a_major, a_minor, suffix = _arch_num(arch)
+        if ((a_major, a_minor) == (major, minor)) if suffix == "a" else ((a_major, a_minor) <= (major, minor)):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_device_reason(index: int) -> str | None:
+    """Why fastdiff's CUDA kernels cannot run on GPU ``index`` (None: they can, or nothing to check).
+
+    Cached per device: the kernels a build holds and a GPU's capability do not change while a process runs.
+    """
+    archs = _ext.cuda_archs()
+    if archs is None or not torch.cuda.is_available():   # the whole-backend check says why
+        return None
+    sass, ptx = archs
+    cap = torch.cuda.get_device_capability(index)
+    if cuda_arch_runs(cap, sass, ptx):
+        return None
+    built = ", ".join(f"sm_{a}" for a in sass) + "".join(f" + PTX compute_{a}" for a in ptx)
+    return (f"fastdiff._C was built for {built}; this GPU (cuda:{index}) is sm_{cap[0]}{cap[1]}: rebuild with "
+            f"TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]}")
 
 
 def _cuda_check() -> list[str]:
@@ -28,6 +72,12 @@ def _cuda_check() -> list[str]:
         )
     if not torch.cuda.is_available():
         out.append("no CUDA device is visible to torch")
+    if not out:
+        # The whole backend steps aside only when no visible GPU can run the kernels; on a machine with GPUs of
+        # several kinds, the per-input check (ops/_checks.py) declines the tensors of an unsupported one.
+        why = [cuda_device_reason(i) for i in range(torch.cuda.device_count())]
+        if why and all(why):
+            out.extend(why)
     return out
 
 
@@ -63,11 +113,12 @@ def tensor_reasons(backend: str, *tensors: torch.Tensor | None, dtypes=None) -> 
 
     ``cpu`` runs CPU tensors, ``cuda`` and ``flash_attn`` CUDA tensors. ``triton`` runs CUDA tensors, and CPU
     tensors only under TRITON_INTERPRET=1 when triton is requested explicitly (the interpreter is for tests,
-    never for an automatic choice).
+    never for an automatic choice). Every tensor must be on one device, index included: a kernel launched for
+    ``cuda:0`` cannot read a weight on ``cuda:1``.
     """
     ts = [t for t in tensors if t is not None]
     out: list[str] = []
-    devices = {t.device.type for t in ts}
+    devices = {str(t.device) for t in ts}
     if len(devices) > 1:
         out.append(f"tensors are on different devices ({', '.join(sorted(devices))})")
     dev = ts[0].device.type if ts else "cpu"

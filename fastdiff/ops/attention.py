@@ -17,6 +17,8 @@ Backends:
   benchmarks/bench_attention.py measured it faster than torch's SDPA; torch's SDPA (its fused CPU flash kernel)
   elsewhere, see :func:`kernel_loses`. :func:`cpu_flash_attention` runs the kernel itself.
 - ``triton``: fastdiff's flash-attention forward and backward kernels (kernels/flash_attention.py).
+- ``cuda``: torch's SDPA on CUDA tensors (its flash / memory-efficient kernels never hold the score matrix), for
+  inputs triton cannot run (triton missing, fp32 head dims above 128, ...); automatic choice prefers triton.
 - ``flash_attn``: the flash-attn package on a CUDA device, when it is installed (optional, never a dependency).
 """
 from __future__ import annotations
@@ -270,6 +272,41 @@ def _triton_reasons(q, k, v, attn_mask=None, scale=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# cuda: torch SDPA on the GPU (needs no fastdiff._C), where triton cannot run the input
+# ----------------------------------------------------------------------------------------------------------
+
+def _cuda_sdpa_attention(q, k, v, attn_mask=None, scale=None):
+    # Fully masked rows must give 0 (module doc), but SDPA's memory-efficient CUDA kernel can give NaN there. Such
+    # rows attend to every key inside SDPA instead (finite values, and no NaN in its backward) and are zeroed
+    # after it, which also zeroes their gradient.
+    empty = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            empty = ~attn_mask.any(-1, keepdim=True)
+            attn_mask = attn_mask | empty
+        else:
+            empty = torch.isneginf(attn_mask).all(-1, keepdim=True)
+            attn_mask = attn_mask.masked_fill(empty, 0.0).to(q.dtype)   # SDPA wants a float mask in q's dtype
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=_scale(q, scale))
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+def _cuda_device_check():
+    return [] if torch.cuda.is_available() else ["no CUDA device is visible to torch"]
+
+
+def _cuda_sdpa_reasons(q, k, v, attn_mask=None, scale=None):
+    return tensor_reasons("cuda", q, k, v, dtypes=_FLOAT_DTYPES) + _mask_device(q, attn_mask)
+
+
+def _cuda_sdpa_after_triton(q, k, v, attn_mask=None, scale=None):
+    if not _op.reasons("triton", q, k, v, attn_mask, scale):
+        return ("fastdiff's triton flash attention runs this input and goes first (torch SDPA on CUDA is the "
+                "fallback; the two have not been timed against each other on a GPU)")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # flash_attn: the optional flash-attn package (CUDA, fp16/bf16, no arbitrary mask)
 # ----------------------------------------------------------------------------------------------------------
 
@@ -292,6 +329,8 @@ def _flash_attn_reasons(q, k, v, attn_mask=None, scale=None):
 _op.register("ref")(attention_ref)
 _op.register("cpu", _cpu_reasons, needs_backend=False)(_cpu_attention)  # SDPA without fastdiff._C
 _op.register("triton", _triton_reasons)(_triton_attention)
+_op.register("cuda", _cuda_sdpa_reasons, needs_backend=False, slower=_cuda_sdpa_after_triton,
+             check=_cuda_device_check)(_cuda_sdpa_attention)
 _op.register("flash_attn", _flash_attn_reasons)(_flash_attn_attention)
 
 

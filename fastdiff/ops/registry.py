@@ -20,7 +20,8 @@ Cost per call: the whole-backend checks (an import probe, a CUDA query) are mach
 are cached, keyed on the settings they read (``triton_interpret``); ``refresh_backends()``
 drops the cache (e.g. after installing a package in a running process). An implementation that does not
 use what its backend's whole check guards (the cpu attention is torch's SDPA and needs no fastdiff._C)
-registers with ``needs_backend=False`` and is judged on its own reasons only.
+registers with ``needs_backend=False`` and is judged on its own reasons only, or on a whole check of its own
+(``check=``, cached the same way: torch's SDPA on CUDA needs a GPU, not fastdiff._C).
 """
 from __future__ import annotations
 
@@ -125,6 +126,20 @@ class _Impl:
     reasons: Callable[..., list[str]]
     needs_backend: bool = True  # False: the whole-backend check does not apply (see the module doc)
     slower: Callable[..., str | None] | None = None  # why automatic choice skips it for this input (None: it wins)
+    check: Callable[[], list[str]] | None = None  # with needs_backend=False: a whole check of its own
+
+
+def _impl_whole(impl: _Impl, backend: str, token: tuple) -> tuple[str, ...]:
+    """The whole-machine reasons that apply to one implementation (cached like the backend checks)."""
+    if impl.needs_backend:
+        return _whole_reasons(backend, token)
+    if impl.check is None:
+        return ()
+    key = ("impl", id(impl), token)
+    hit = _backend_cache.get(key)
+    if hit is None:
+        hit = _backend_cache[key] = tuple(impl.check())
+    return hit
 
 
 @dataclass
@@ -140,18 +155,20 @@ class Op:
         _ops[self.name] = self
 
     def register(self, backend: str, reasons: Callable[..., list[str]] | None = None, *,
-                 needs_backend: bool = True, slower: Callable[..., str | None] | None = None):
+                 needs_backend: bool = True, slower: Callable[..., str | None] | None = None,
+                 check: Callable[[], list[str]] | None = None):
         """Decorator: ``@op.register("cpu", reasons=_cpu_reasons)`` on the implementation.
 
         ``needs_backend=False``: the implementation does not use what the backend's whole check guards
-        (e.g. a cpu implementation on torch's own oneDNN/SDPA needs no fastdiff._C).
+        (e.g. a cpu implementation on torch's own oneDNN/SDPA needs no fastdiff._C); ``check() -> list[str]``
+        then says why it cannot run on this machine at all, if it can fail (torch's SDPA on CUDA: no GPU).
         ``slower(*args) -> str | None``: the backend CAN run the input but was measured to lose to the next
         backend on it; automatic choice then skips it (a forced backend still runs). Return the reason.
         """
         _validate_backend(backend)
 
         def deco(fn: Callable) -> Callable:
-            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []), needs_backend, slower)
+            self.impls[backend] = _Impl(fn, reasons or (lambda *a, **k: []), needs_backend, slower, check)
             return fn
 
         return deco
@@ -161,10 +178,9 @@ class Op:
         impl = self.impls.get(backend)
         if impl is None:
             return [f"{self.name} has no {backend!r} implementation"]
-        if impl.needs_backend:
-            out = backend_reasons(backend)
-            if out:
-                return out
+        out = _impl_whole(impl, backend, _env_token())
+        if out:
+            return list(out)
         return list(impl.reasons(*args, **kwargs))
 
     def select(self, *args, **kwargs) -> str:
@@ -182,7 +198,7 @@ class Op:
         token = _env_token()  # the same as self.reasons, with the settings read once per call
         for name in PRIORITY:
             impl = self.impls.get(name)
-            if impl is None or (impl.needs_backend and _whole_reasons(name, token)):
+            if impl is None or _impl_whole(impl, name, token):
                 continue
             if not impl.reasons(*args, **kwargs) and (impl.slower is None or impl.slower(*args, **kwargs) is None):
                 return name
@@ -197,7 +213,7 @@ class Op:
             impl = self.impls.get(b)
             if impl is None:
                 return [f"no {b!r} implementation"]
-            return backend_reasons(b) if impl.needs_backend else []
+            return list(_impl_whole(impl, b, _env_token()))
 
         return {b: why(b) for b in PRIORITY}
 
