@@ -132,8 +132,11 @@ def _cpu_attention(q, k, v, attn_mask=None, scale=None):
         return attention_ref(q, k, v, attn_mask, scale)
     if q.dtype == torch.bfloat16 and _cpu_bf16_upcast(q, k, v):
         m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
-                                              scale=_scale(q, scale)).to(q.dtype)
+        # autocast off: under bf16 autocast SDPA would cast the fp32 operands straight back to bf16 (measured
+        # 10x slower in training on an AVX2-only CPU, benchmarks/bench_train_ops.py::test_attention_train)
+        with torch.autocast(q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                                  scale=_scale(q, scale)).to(q.dtype)
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)   # SDPA wants a float mask in the query's dtype
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=_scale(q, scale))
