@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fastdiff.ops._backends import tensor_reasons
 from fastdiff.ops._onednn import bf16_math_dtype
 from fastdiff.ops.registry import Op
+from fastdiff.ops.routing import train_ref_reason
 
 __all__ = ["attention", "attention_ref"]
 
@@ -213,7 +214,12 @@ def _flash_attn_reasons(q, k, v, attn_mask=None, scale=None):
 
 
 _op.register("ref")(attention_ref)
-_op.register("cpu", _cpu_reasons, needs_backend=False)(_cpu_attention)  # torch SDPA: no _C
+def _cpu_slower(q, k, v, attn_mask=None, scale=None):
+    # training: the routing row's train_ref (benchmarks/bench_train_ops.py::test_attention_train)
+    return train_ref_reason("attention", q, k, v)
+
+
+_op.register("cpu", _cpu_reasons, needs_backend=False, slower=_cpu_slower)(_cpu_attention)  # torch SDPA: no _C
 _op.register("triton", _triton_reasons)(_triton_attention)
 _op.register("flash_attn", _flash_attn_reasons)(_flash_attn_attention)
 
