@@ -556,47 +556,31 @@ static inline void row_bwd_apply(const T* x, const T* r, const T* dy, float af, 
   }
 }
 
-// Channels-last forward sums over positions [0, np) of a chunk (row stride C), channel blocks of 32 outermost
-// so the 8 accumulators stay in registers (see v512::cl_sums_chunk). Lanes past C are never stored.
+// Channels-last forward sums over positions [0, np) of a chunk (row stride C) for one block of 8 channels
+// (FULL) or the last `left` < 8: s1 = sum v, s2 = sum v^2, v = x + r + off. One block a pass over the chunk
+// keeps the accumulators in registers (a per-position loop over all C would load and store them for every
+// vector); the chunk is sized to stay in L2 across the passes. Lanes past C hold zeros and are not stored.
+template <class T, bool RES, bool FULL>
+static inline void cl_sums_block(const T* x, const T* r, const float* off, int64_t C, int64_t np, int64_t left,
+                                 float* s1, float* s2) {
+  const __m256 o = FULL ? _mm256_loadu_ps(off) : ld(off, left);
+  __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+  for (int64_t q = 0; q < np; ++q) {
+    const __m256 v = _mm256_add_ps(load_u<T, RES>(x, r, q * C, FULL ? 8 : left), o);
+    a1 = _mm256_add_ps(a1, v);
+    a2 = _mm256_fmadd_ps(v, v, a2);
+  }
+  store_v(s1, 0, FULL ? 8 : left, a1);
+  store_v(s2, 0, FULL ? 8 : left, a2);
+}
+
 template <class T, bool RES>
 static inline void cl_sums_chunk(const T* x, const T* r, const float* off, int64_t C, int64_t np, float* s1,
                                  float* s2) {
-  for (int64_t c0 = 0; c0 < C; c0 += 32) {
-    __m256 o[4], a1[4], a2[4];
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const int64_t left = C - c0 - 8 * j;
-      o[j] = left > 0 ? ldf(off + c0 + 8 * j, left) : _mm256_setzero_ps();
-      a1[j] = _mm256_setzero_ps(), a2[j] = _mm256_setzero_ps();
-    }
-    const int64_t nv = imin(4, (C - c0 + 7) / 8);
-    const bool full = C - c0 >= 32;
-    for (int64_t q = 0; q < np; ++q) {
-      const T* xq = x + q * C + c0;
-      const T* rq = RES ? r + q * C + c0 : nullptr;
-      if (full) {
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          __m256 v = _mm256_add_ps(ld(xq + 8 * j), o[j]);
-          if (RES) v = _mm256_add_ps(v, ld(rq + 8 * j));
-          a1[j] = _mm256_add_ps(a1[j], v);
-          a2[j] = _mm256_fmadd_ps(v, v, a2[j]);
-        }
-      } else {
-        for (int j = 0; j < nv; ++j) {
-          const int64_t left = C - c0 - 8 * j;
-          const __m256 v = _mm256_add_ps(load_u<T, RES>(xq, rq, 8 * j, left), o[j]);
-          a1[j] = _mm256_add_ps(a1[j], v);
-          a2[j] = _mm256_fmadd_ps(v, v, a2[j]);
-        }
-      }
-    }
-    for (int j = 0; j < nv; ++j) {
-      const int64_t left = imin(8, C - c0 - 8 * j);
-      store_v(s1 + c0 + 8 * j, 0, left, a1[j]);
-      store_v(s2 + c0 + 8 * j, 0, left, a2[j]);
-    }
-  }
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    cl_sums_block<T, RES, true>(x + c, RES ? r + c : nullptr, off + c, C, np, 8, s1 + c, s2 + c);
+  if (c < C) cl_sums_block<T, RES, false>(x + c, RES ? r + c : nullptr, off + c, C, np, C - c, s1 + c, s2 + c);
 }
 
 // Channels-last, one position: y[c] = act((x + r) * a[c] + k[c]).
@@ -610,56 +594,40 @@ static inline void cl_apply(const T* x, const T* r, const float* a, const float*
   }
 }
 
-// Channels-last backward sums over positions [0, np) of a chunk: per channel s0 = sum dz, s1 = sum dz * v,
-// s2 = sum v (u = x + r, dz = dy * act'(u * a + k), v = u + off). Blocks of 16 channels outermost, the six
-// accumulators in registers across the positions (a per-position loop over all C is store-bound).
+// Channels-last backward sums over positions [0, np) of a chunk for one block of 8 channels (FULL) or the last
+// `left` < 8: s0 = sum dz, s1 = sum dz * v, s2 = sum v (u = x + r, dz = dy * act'(u * a + k), v = u + off), the
+// three accumulators in registers across the positions (see cl_sums_block). Lanes past C are not stored.
+template <class T, bool RES, bool SILU, bool FULL>
+static inline void cl_bwd_sums_block(const T* x, const T* r, const T* dy, const float* a, const float* k,
+                                     const float* off, int64_t C, int64_t np, int64_t left, float* s0, float* s1,
+                                     float* s2) {
+  const int64_t w = FULL ? 8 : left;
+  const __m256 av = ldf(a, w), kv = ldf(k, w), ov = ldf(off, w);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+  for (int64_t q = 0; q < np; ++q) {
+    const __m256 u = load_u<T, RES>(x, r, q * C, w);
+    __m256 dz = load_v(dy, q * C, w);
+    if (SILU) dz = _mm256_mul_ps(dz, silu_grad<lowp<T>()>(_mm256_fmadd_ps(u, av, kv)));
+    const __m256 v = _mm256_add_ps(u, ov);
+    acc0 = _mm256_add_ps(acc0, dz);
+    acc1 = _mm256_fmadd_ps(dz, v, acc1);
+    acc2 = _mm256_add_ps(acc2, v);
+  }
+  store_v(s0, 0, w, acc0);
+  store_v(s1, 0, w, acc1);
+  store_v(s2, 0, w, acc2);
+}
+
 template <class T, bool RES, bool SILU>
 static inline void cl_bwd_sums_chunk(const T* x, const T* r, const T* dy, const float* a, const float* k,
                                      const float* off, int64_t C, int64_t np, float* s0, float* s1, float* s2) {
-  for (int64_t c0 = 0; c0 < C; c0 += 16) {
-    const int64_t nv = imin(2, (C - c0 + 7) / 8);
-    __m256 av[2], kv[2], ov[2], acc0[2], acc1[2], acc2[2];
-    for (int j = 0; j < 2; ++j) {
-      const int64_t left = C - c0 - 8 * j;
-      av[j] = left > 0 ? ldf(a + c0 + 8 * j, left) : _mm256_setzero_ps();
-      kv[j] = left > 0 ? ldf(k + c0 + 8 * j, left) : _mm256_setzero_ps();
-      ov[j] = left > 0 ? ldf(off + c0 + 8 * j, left) : _mm256_setzero_ps();
-      acc0[j] = acc1[j] = acc2[j] = _mm256_setzero_ps();
-    }
-    const bool full = C - c0 >= 16;
-    for (int64_t q = 0; q < np; ++q) {
-      const int64_t o = q * C + c0;
-      if (full) {
-#pragma GCC unroll 2
-        for (int j = 0; j < 2; ++j) {
-          const __m256 u = load_u<T, RES>(x, r, o + 8 * j, 8);
-          __m256 dz = ld(dy + o + 8 * j);
-          if (SILU) dz = _mm256_mul_ps(dz, silu_grad<lowp<T>()>(_mm256_fmadd_ps(u, av[j], kv[j])));
-          const __m256 v = _mm256_add_ps(u, ov[j]);
-          acc0[j] = _mm256_add_ps(acc0[j], dz);
-          acc1[j] = _mm256_fmadd_ps(dz, v, acc1[j]);
-          acc2[j] = _mm256_add_ps(acc2[j], v);
-        }
-      } else {
-        for (int j = 0; j < nv; ++j) {  // lanes past C: never stored below
-          const int64_t left = C - c0 - 8 * j;
-          const __m256 u = load_u<T, RES>(x, r, o + 8 * j, left);
-          __m256 dz = load_v(dy, o + 8 * j, left);
-          if (SILU) dz = _mm256_mul_ps(dz, silu_grad<lowp<T>()>(_mm256_fmadd_ps(u, av[j], kv[j])));
-          const __m256 v = _mm256_add_ps(u, ov[j]);
-          acc0[j] = _mm256_add_ps(acc0[j], dz);
-          acc1[j] = _mm256_fmadd_ps(dz, v, acc1[j]);
-          acc2[j] = _mm256_add_ps(acc2[j], v);
-        }
-      }
-    }
-    for (int j = 0; j < nv; ++j) {
-      const int64_t left = imin(8, C - c0 - 8 * j);
-      store_v(s0 + c0 + 8 * j, 0, left, acc0[j]);
-      store_v(s1 + c0 + 8 * j, 0, left, acc1[j]);
-      store_v(s2 + c0 + 8 * j, 0, left, acc2[j]);
-    }
-  }
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    cl_bwd_sums_block<T, RES, SILU, true>(x + c, RES ? r + c : nullptr, dy + c, a + c, k + c, off + c, C, np, 8,
+                                          s0 + c, s1 + c, s2 + c);
+  if (c < C)
+    cl_bwd_sums_block<T, RES, SILU, false>(x + c, RES ? r + c : nullptr, dy + c, a + c, k + c, off + c, C, np,
+                                           C - c, s0 + c, s1 + c, s2 + c);
 }
 
 // Channels-last backward, one position: dx[c] = cd[c] * dz + cb[c] * u + cc[c].
