@@ -27,12 +27,13 @@ OP = _op
 HAS_CPU = not OP.availability()["cpu"]  # the cpu backend can run here
 
 # (shape, groups): SD1 UNet channels (320/640/1280, 32 groups) and VAE channels (128/256/512) at small
-# spatial sizes, plus odd ones: batch 1, C = 96 (3 channels a group), 6 channels in 3 groups, odd H/W, a
-# single position, 3-D (B, C, L) input.
+# spatial sizes, plus odd ones: batch 1, C = 96 (3 channels a group), 6 channels in 3 groups, C = 40 and 24 (part
+# of a channel block of the vector kernels), odd H/W, a single position, 3-D (B, C, L) input.
 SHAPES = [
     ((2, 320, 8, 8), 32), ((1, 640, 4, 4), 32), ((2, 1280, 2, 3), 32), ((1, 128, 8, 8), 32),
     ((1, 256, 5, 5), 32), ((1, 512, 4, 4), 32), ((1, 96, 5, 7), 32), ((3, 6, 5, 3), 3), ((2, 6, 9), 3),
     ((1, 64, 1, 1), 32),
+    ((2, 40, 3, 5), 8), ((2, 24, 7, 3), 4),
 ]
 # (silu, residual kind): residual "chan" is (B, C) broadcast over positions (the ResBlock time embedding),
 # "full" has x's shape.

@@ -172,7 +172,11 @@ def test_every_row_is_reachable_and_cites_a_benchmark():
     for name, route in routing.ROUTES.items():
         assert route.bf16_math in ("native", "fp32") and route.linear_activation in ("fused", "eager"), name
         assert route.evidence, f"row {name} cites no benchmark"
-        for ref in route.evidence:
+        assert not route.train_ref or route.train_evidence, f"row {name}: train_ref cites no benchmark"
+        for entry in route.train_ref:
+            op, _, dtype = entry.partition(":")
+            assert op in ops.all_ops() and dtype in ("fp32", "bf16"), f"row {name}: bad train_ref entry {entry!r}"
+        for ref in route.evidence + route.train_evidence:
             path, _, test_id = ref.partition("::")
             assert path.startswith("benchmarks/") and (root / path).is_file(), ref
             func = test_id.split("[")[0]
@@ -250,3 +254,38 @@ def test_info_roofline_is_labelled_and_follows_the_closed_form():
         mem_us, flop_us = mb * 1e6 / 716.8e9 * 1e6, gflop * 1e9 / 97.5e12 * 1e6
         assert est_us == pytest.approx(max(mem_us, flop_us), rel=0.02, abs=0.06)
         assert bound == ("memory" if mem_us >= flop_us else "compute")
+
+
+GN = ops.all_ops()["group_norm"]
+ATTN = ops.all_ops()["attention"]
+
+
+@pytest.mark.skipif(bool(LIN.availability()["cpu"]), reason="torch has no oneDNN here")
+@pytest.mark.parametrize("row", list(routing.ROUTES))
+def test_training_follows_the_rows_train_ref(row):
+    """With inputs that require grad, an op listed in the row's train_ref (for that dtype) runs ref, and says
+    why citing the row; every other op and dtype, and the same inputs without grad, keep the inference choice."""
+    route = routing.ROUTES[row]
+    g = torch.Generator().manual_seed(0)
+    calls = {
+        "conv2d": (CONV, lambda t: (t(2, 64, 16, 16), t(64, 64, 3, 3), None, (1, 1), (1, 1), (1, 1), 1,
+                                    t(2, 64, 16, 16), False, None)),
+        "linear": (LIN, lambda t: (t(512, 640), t(640, 640), None, None, t(512, 640), None)),
+        "attention": (ATTN, lambda t: (t(2, 4, 64, 32), t(2, 4, 64, 32), t(2, 4, 64, 32))),
+    }
+    if not GN.availability()["cpu"]:
+        calls["group_norm"] = (GN, lambda t: (t(2, 64, 8, 8), 32, torch.ones(64, requires_grad=True),
+                                              torch.zeros(64, requires_grad=True)))
+    with settings.override(cpu_route=row):
+        for name, (op, make) in calls.items():
+            for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                def tensor(*shape, grad):
+                    return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
+                infer = op.select(*make(lambda *sh: tensor(*sh, grad=False)))
+                args = make(lambda *sh: tensor(*sh, grad=True))
+                listed = f"{name}:{dname}" in route.train_ref
+                assert op.select(*args) == ("ref" if listed else infer), (row, name, dname)
+                why = op.why_skipped("cpu", *args)
+                assert (why is not None and f"routing row {row!r}" in why and "training" in why) == listed
+                with torch.no_grad():
+                    assert op.select(*args) == infer, (row, name, dname)

@@ -415,7 +415,10 @@ class UNet2D(nn.Module):
         # Activations stay channels_last from here to the output: oneDNN's convolutions read and write that
         # layout directly (NCHW is reordered around every convolution), the fused GroupNorm has a
         # channels-last path, and attention's (B, HW, C) token view of a channels_last map is free.
-        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
+        # (With one input channel a channels_last tensor is also NCHW-contiguous, and torch's convolution then
+        # returns NCHW: make conv_in's output channels_last explicitly, or every block of the first level would
+        # convert to channels_last and back.)
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last)).contiguous(memory_format=torch.channels_last)
         skips = [h]
         for block in self.down_blocks:
             h, s = block(h, emb)

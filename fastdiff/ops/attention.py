@@ -32,6 +32,7 @@ from fastdiff import _ext
 from fastdiff.ops._backends import tensor_reasons
 from fastdiff.ops._onednn import bf16_math_dtype
 from fastdiff.ops.registry import Op
+from fastdiff.ops.routing import train_ref_reason
 
 __all__ = ["attention", "attention_ref", "cpu_flash_attention", "kernel_loses"]
 
@@ -187,8 +188,11 @@ _UPCAST_MIN_SCORES = 1_200_000
 def _sdpa(q, k, v, attn_mask, scale):
     if q.dtype == torch.bfloat16 and _sdpa_bf16_upcast(q, k, v):
         m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
-                                              scale=_scale(q, scale)).to(q.dtype)
+        # autocast off: under bf16 autocast SDPA would cast the fp32 operands straight back to bf16 (measured
+        # 10x slower in training on an AVX2-only CPU, benchmarks/bench_train_ops.py::test_attention_train)
+        with torch.autocast(q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                                  scale=_scale(q, scale)).to(q.dtype)
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)   # SDPA wants a float mask in the query's dtype
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=_scale(q, scale))
@@ -327,7 +331,12 @@ def _flash_attn_reasons(q, k, v, attn_mask=None, scale=None):
 
 
 _op.register("ref")(attention_ref)
-_op.register("cpu", _cpu_reasons, needs_backend=False)(_cpu_attention)  # SDPA without fastdiff._C
+def _cpu_slower(q, k, v, attn_mask=None, scale=None):
+    # training: the routing row's train_ref (benchmarks/bench_train_ops.py::test_attention_train)
+    return train_ref_reason("attention", q, k, v)
+
+
+_op.register("cpu", _cpu_reasons, needs_backend=False, slower=_cpu_slower)(_cpu_attention)  # SDPA without fastdiff._C
 _op.register("triton", _triton_reasons)(_triton_attention)
 _op.register("cuda", _cuda_sdpa_reasons, needs_backend=False, slower=_cuda_sdpa_after_triton,
              check=_cuda_device_check)(_cuda_sdpa_attention)

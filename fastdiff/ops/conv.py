@@ -34,6 +34,7 @@ from torch import nn
 
 from fastdiff.ops._onednn import autocast_cast, onednn_math_dtype, onednn_reasons
 from fastdiff.ops.registry import Op
+from fastdiff.ops.routing import train_ref_reason
 
 __all__ = ["Conv2d", "conv2d", "conv2d_ref"]
 
@@ -163,7 +164,11 @@ def _cpu_reasons(x, weight, bias, stride, padding, dilation, groups, residual, s
 
 
 def _cpu_slower(x, weight, bias, stride, padding, dilation, groups, residual, silu, packer):
-    """When automatic choice leaves the oneDNN path to eager F.conv2d (benchmarks/bench_conv_block.py)."""
+    """When automatic choice leaves the oneDNN path to eager F.conv2d (benchmarks/bench_conv_block.py; in
+    training, the routing row's ``train_ref``, benchmarks/bench_train_ops.py)."""
+    why = train_ref_reason("conv2d", x, weight, bias, residual)
+    if why is not None:
+        return why
     if x.dtype == torch.float32 and residual is None and not silu:
         return ("plain fp32 convolution: F.conv2d runs the same oneDNN kernel (0.97-0.99x measured) and there is "
                 "nothing to fuse")

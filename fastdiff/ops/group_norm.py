@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from fastdiff import _ext
 from fastdiff.ops._checks import device_dtype_reasons
 from fastdiff.ops.registry import Op
+from fastdiff.ops.routing import train_ref_reason
 
 __all__ = ["GroupNorm", "group_norm", "group_norm_ref"]
 
@@ -97,8 +98,13 @@ def _compiled(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, re
     return y
 
 
+def _cpu_slower(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, residual=None):
+    # training: the routing row's train_ref (benchmarks/bench_train_ops.py::test_group_norm_train)
+    return train_ref_reason("group_norm", x, weight, bias, residual)
+
+
 _op.register("ref")(group_norm_ref)
-_op.register("cpu", _reasons("cpu", _CPU_DTYPES))(_compiled)
+_op.register("cpu", _reasons("cpu", _CPU_DTYPES), slower=_cpu_slower)(_compiled)
 _op.register("cuda", _reasons("cuda", _CUDA_DTYPES))(_compiled)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from fastdiff.ops._onednn import autocast_cast, onednn_math_dtype, onednn_reasons
 from fastdiff.ops.registry import Op
-from fastdiff.ops.routing import current_route
+from fastdiff.ops.routing import current_route, train_ref_reason
 
 __all__ = ["ACTIVATIONS", "Linear", "linear", "linear_ref"]
 
@@ -127,7 +127,11 @@ _SMALL_MACS = 1 << 22
 
 
 def _cpu_slower(x, weight, bias, activation, residual, packer):
-    """When automatic choice leaves the oneDNN path to eager F.linear (benchmarks/bench_conv_block.py)."""
+    """When automatic choice leaves the oneDNN path to eager F.linear (benchmarks/bench_conv_block.py; in
+    training, the routing row's ``train_ref``, benchmarks/bench_train_ops.py)."""
+    why = train_ref_reason("linear", x, weight, bias, residual)
+    if why is not None:
+        return why
     macs = x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1]
     if macs < _SMALL_MACS:
         return f"small matmul ({macs} multiply-adds < {_SMALL_MACS}): eager F.linear is faster (per-call overhead)"

@@ -6,6 +6,13 @@ Every choice fastdiff makes because a measurement on one kind of CPU disagreed w
 themselves. Choices that held on every CPU measured (tiny matmuls go eager, a plain fp32 convolution goes to
 ``F.conv2d``) stay with their op.
 
+Training has rows of its own: an op's ``cpu`` backend may win a forward alone and lose forward + backward (its
+backward is torch's, and the fused forward saves nothing the backward needs), so each row lists the ops whose
+``cpu`` forward + backward did not beat ``ref`` on that class (``train_ref``, measured by
+``benchmarks/bench_train_ops.py``); for inputs that require grad, automatic choice runs ``ref`` for them
+(:func:`train_ref_reason`, asked by the ops' ``slower`` hooks). A row not yet measured for training lists none:
+the inference choice stands.
+
 The class of this CPU comes from its features (:func:`detect_caps`) through :func:`route_name`, pure logic
 that the tests check for every row. Two settings (:mod:`fastdiff.settings`) change it:
 
@@ -34,9 +41,11 @@ __all__ = [
     "detected_isa",
     "missing_features",
     "route_name",
+    "train_ref_reason",
 ]
 
 _BENCH = "benchmarks/bench_conv_block.py::"
+_TRAIN = "benchmarks/bench_train_ops.py::"
 
 # The /proc/cpuinfo flags each instruction-set level of the C++ kernels needs (csrc/cpu/isa.cpp checks the same).
 ISA_FEATURES: dict[str, tuple[str, ...]] = {
@@ -66,6 +75,10 @@ class CpuRoute:
     bf16_math: str           # 'native' | 'fp32': what oneDNN conv/linear (and CPU attention) compute bf16 inputs in
     linear_activation: str   # 'fused': oneDNN's unary post-op; 'eager': the unfused matmul, then the activation
     evidence: tuple[str, ...]  # the benchmarks (file::test id) whose ratios decide this row
+    # Training (inputs that require grad): "op:dtype" entries ("conv2d:fp32") whose cpu forward + backward did not
+    # beat ref on this class; automatic choice runs ref for them. Empty: the inference choice (not measured).
+    train_ref: tuple[str, ...] = ()
+    train_evidence: tuple[str, ...] = ()  # the benchmarks behind train_ref
 
 
 ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
@@ -102,13 +115,46 @@ ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
         # activation, was 1.0-1.5x faster than the fused op (bf16 inputs, fp32 math: 1.34x at 2048x1536->6144)
         evidence=(_BENCH + "test_linear[fp32-2x1024x1536to6144-gelu_tanh]",
                   _BENCH + "test_linear[fp32-1x1024x1536to6144-gelu_tanh]",
-                  _BENCH + "test_linear[bf16-2x1024x1536to6144-gelu_tanh]")),
+                  _BENCH + "test_linear[bf16-2x1024x1536to6144-gelu_tanh]"),
+        # Training, forward + backward, one thread, the UNet2D presets' shapes (ref time / cpu time, same run):
+        # fp32 convolutions with the time term or the skip fused 0.95-1.10 (median 0.97: the same oneDNN kernels,
+        # and the backward is torch's either way), fp32 linears with or without the residual 0.89-1.05. In bf16
+        # the cpu paths compute in fp32 and win 7-20x (no bf16 kernels here); GroupNorm (+ SiLU) wins 1.1-2.1x
+        # except at 8x8 maps in fp32 (0.7-1.0, per-call overhead), attention ties or wins (0.93-1.37).
+        train_ref=("conv2d:fp32", "linear:fp32"),
+        train_evidence=(_TRAIN + "test_conv2d_train[fashion32-32to32x32-skip-fp32]",
+                        _TRAIN + "test_conv2d_train[cifar10-128to128x32-time-fp32]",
+                        _TRAIN + "test_linear_train[fashion32-b32x64x128-res-fp32]",
+                        _TRAIN + "test_linear_train[cifar10-b8x256x256-res-fp32]")),
     CpuRoute(
         "scalar", "neither AVX2 nor AVX-512",
         bf16_math="fp32", linear_activation="eager",
         # not measured on such a CPU: the avx2 row's choices (fp32 math, no fused unary post-op)
         evidence=(_BENCH + "test_linear[fp32-2x1024x1536to6144-gelu_tanh]",)),
 )}
+
+
+_DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def train_ref_reason(op: str, *tensors) -> str | None:
+    """Why automatic choice leaves ``op``'s cpu backend to ``ref`` for these inputs (None: it does not).
+
+    Only a training call counts (grad enabled and an input that requires grad); its dtype is the first tensor's.
+    The ops' ``slower`` hooks ask this with their inputs.
+    """
+    import torch
+
+    ts = [t for t in tensors if t is not None]
+    if not ts or not torch.is_grad_enabled() or not any(t.requires_grad for t in ts):
+        return None
+    route = current_route()
+    dtype = _DTYPE_NAMES.get(str(ts[0].dtype), str(ts[0].dtype))
+    if f"{op}:{dtype}" not in route.train_ref:
+        return None
+    cited = [e for e in route.train_evidence if f"test_{op}_train" in e] or list(route.train_evidence)
+    return (f"training in {dtype}: {op}'s cpu forward + backward did not beat ref on {route.capability} CPUs "
+            f"(routing row {route.name!r}, {cited[0]})")
 
 
 def route_name(caps: CpuCaps) -> str:
