@@ -34,7 +34,7 @@ def on_device(t: torch.Tensor):
 
 def check_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
     """``grid`` unchanged, or ValueError if an axis exceeds CUDA's limits (a clear error instead of a failed
-    launch). The launchers fold their axes so that real shapes never get here."""
+    launch). The launchers fold or chunk their grids so that real shapes never get here."""
     for axis, (size, limit) in enumerate(zip(grid, MAX_GRID)):
         if size > limit:
             raise ValueError(f"{what}: grid axis {'xyz'[axis]} = {size} exceeds CUDA's limit {limit}")
