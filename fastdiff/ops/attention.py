@@ -213,12 +213,12 @@ def _flash_attn_reasons(q, k, v, attn_mask=None, scale=None):
     return out
 
 
-_op.register("ref")(attention_ref)
 def _cpu_slower(q, k, v, attn_mask=None, scale=None):
     # training: the routing row's train_ref (benchmarks/bench_train_ops.py::test_attention_train)
     return train_ref_reason("attention", q, k, v)
 
 
+_op.register("ref")(attention_ref)
 _op.register("cpu", _cpu_reasons, needs_backend=False, slower=_cpu_slower)(_cpu_attention)  # torch SDPA: no _C
 _op.register("triton", _triton_reasons)(_triton_attention)
 _op.register("flash_attn", _flash_attn_reasons)(_flash_attn_attention)
