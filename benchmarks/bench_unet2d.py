@@ -86,17 +86,17 @@ def _train_step(call, params, bf16, recipe="fastdiff"):
 def _time_interleaved(fns: dict, rounds: int = ROUNDS, slow: float = 30.0) -> dict:
     """Median seconds per call of each callable, one call of each per round (a burst of load from the other
     processes on this machine hits every side alike); one warm-up call each first. A side whose warm-up took
-    over ``slow`` seconds (bf16 where oneDNN has no bf16 kernels: minutes a step) is timed in the first round
-    only."""
+    over ``slow`` seconds (bf16 where oneDNN has no bf16 kernels: a minute or more a step) is not called again:
+    its warm-up is its time (the one-time costs it includes are negligible at that length)."""
     warm = {}
     for k, fn in fns.items():
         t0 = time.perf_counter()
         fn()
         warm[k] = time.perf_counter() - t0
-    times = {k: [] for k in fns}
-    for i in range(rounds):
+    times = {k: [warm[k]] if warm[k] > slow else [] for k in fns}
+    for _ in range(rounds):
         for k, fn in fns.items():
-            if i and warm[k] > slow:
+            if warm[k] > slow:
                 continue
             t0 = time.perf_counter()
             fn()

@@ -330,12 +330,12 @@ def _flash_attn_reasons(q, k, v, attn_mask=None, scale=None):
     return out
 
 
-_op.register("ref")(attention_ref)
 def _cpu_slower(q, k, v, attn_mask=None, scale=None):
     # training: the routing row's train_ref (benchmarks/bench_train_ops.py::test_attention_train)
     return train_ref_reason("attention", q, k, v)
 
 
+_op.register("ref")(attention_ref)
 _op.register("cpu", _cpu_reasons, needs_backend=False, slower=_cpu_slower)(_cpu_attention)  # SDPA without fastdiff._C
 _op.register("triton", _triton_reasons)(_triton_attention)
 _op.register("cuda", _cuda_sdpa_reasons, needs_backend=False, slower=_cuda_sdpa_after_triton,

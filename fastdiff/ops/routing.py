@@ -119,7 +119,7 @@ ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
         # Training, forward + backward, one thread, the UNet2D presets' shapes (ref time / cpu time, same run):
         # fp32 convolutions with the time term or the skip fused 0.95-1.10 (median 0.97: the same oneDNN kernels,
         # and the backward is torch's either way), fp32 linears with or without the residual 0.89-1.05. In bf16
-        # the cpu paths compute in fp32 and win 7-20x (no bf16 kernels here); GroupNorm (+ SiLU) wins 1.1-2.1x
+        # the cpu paths compute in fp32 and win 6.6-20x (no bf16 kernels here); GroupNorm (+ SiLU) wins 1.1-2.1x
         # except at 8x8 maps in fp32 (0.7-1.0, per-call overhead), attention ties or wins (0.93-1.37).
         train_ref=("conv2d:fp32", "linear:fp32"),
         train_evidence=(_TRAIN + "test_conv2d_train[fashion32-32to32x32-skip-fp32]",
