@@ -156,6 +156,22 @@ def _gn_stats_merge_kernel(
 
 
 @triton.jit
+def _apply_tile(G, cpg, n, nblk, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile of one program of the apply kernels: program id = (b * G + g) * nblk + position block.
+    Returns the (b, g) row index, b, the group's channels and positions, and their masks."""
+    pid = tl.program_id(0)
+    bg = pid // nblk
+    b = bg // G
+    g = bg % G
+    cc = tl.arange(0, BLOCK_C)
+    c = g * cpg + cc
+    c_ok = cc < cpg
+    p = (pid % nblk) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_ok = p < n
+    return bg, b, c, c_ok, p, p_ok
+
+
+@triton.jit
 def _gn_apply_kernel(
     X, R, RC, W, Bias,  # W, Bias: optional (C,) fp32 affine
     Mean, Rstd,
@@ -165,15 +181,7 @@ def _gn_apply_kernel(
     HAS_R: tl.constexpr, HAS_RC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)            # = (b * G + g) * nblk + position block
-    bg = pid // nblk
-    b = bg // G
-    g = bg % G
-    cc = tl.arange(0, BLOCK_C)
-    c = g * cpg + cc
-    c_ok = cc < cpg
-    p = (pid % nblk) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok = p < n
+    bg, b, c, c_ok, p, p_ok = _apply_tile(G, cpg, n, nblk, BLOCK_C, BLOCK_N)
     mean = tl.load(Mean + bg)
     rstd = tl.load(Rstd + bg)
     v = _load_v(X, R, RC, b, c, c_ok, p, p_ok, stride_b, stride_c, stride_n, C, HAS_R, HAS_RC)
@@ -301,15 +309,7 @@ def _gn_bwd_apply_kernel(
     HAS_R: tl.constexpr, HAS_RC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)            # = (b * G + g) * nblk + position block
-    bg = pid // nblk
-    b = bg // G
-    g = bg % G
-    cc = tl.arange(0, BLOCK_C)
-    c = g * cpg + cc
-    c_ok = cc < cpg
-    p = (pid % nblk) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok = p < n
+    bg, b, c, c_ok, p, p_ok = _apply_tile(G, cpg, n, nblk, BLOCK_C, BLOCK_N)
     mean = tl.load(Mean + bg)
     rstd = tl.load(Rstd + bg)
     mg = tl.load(Coef + 2 * bg)

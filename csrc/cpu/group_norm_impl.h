@@ -44,6 +44,17 @@ struct Buf {
 // partial sums stay short (accurate) and the loop still vectorises.
 constexpr int64_t kBlock = 4096;
 
+// The exp polynomial of the vector paths below: exp(x) = 2^n e^r, n = round(x log2 e), r = x - n ln2 (ln2 split
+// in hi + lo), e^r = 1 + r + r^2 P(r) with Cephes' expf polynomial P (coefficients highest degree first). LOWP
+// (bf16 output) uses a one-part ln2 and P's last three terms.
+namespace expc {
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.69314718056f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr int kLowpFirst = 3;  // LOWP starts at kP[3]
+}  // namespace expc
+
 #if defined(FD_ISA_IS_AVX512)
 // ---- explicit AVX-512 versions of the forward hot loops --------------------------------------------------------
 // GCC vectorises the generic loops, but calls libmvec's expf and divides for the sigmoid, and keeps one
@@ -78,24 +89,18 @@ static inline void st(uint16_t* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_e
 // a bf16 ulp, 2e-3): the SiLU is the compute bottleneck of the bf16 pass.
 template <bool LOWP>
 static inline __m512 exp(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(expc::kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 y, r;
   if (LOWP) {
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.69314718056f), x);
-    y = _mm512_set1_ps(4.1665795894e-2f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(expc::kLn2), x);
   } else {
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(expc::kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(expc::kLn2Lo), r);
   }
+  constexpr int first = LOWP ? expc::kLowpFirst : 0;
+  y = _mm512_set1_ps(expc::kP[first]);
+  for (int k = first + 1; k < 6; ++k) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(expc::kP[k]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(y, n);
 }
@@ -404,24 +409,18 @@ static inline __m256 ldf(const float* p, int64_t n) { return n >= 8 ? _mm256_loa
 template <bool LOWP>
 static inline __m256 exp(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(expc::kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 y, r;
   if (LOWP) {
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.69314718056f), x);
-    y = _mm256_set1_ps(4.1665795894e-2f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(expc::kLn2), x);
   } else {
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(expc::kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(expc::kLn2Lo), r);
   }
+  constexpr int first = LOWP ? expc::kLowpFirst : 0;
+  y = _mm256_set1_ps(expc::kP[first]);
+  for (int k = first + 1; k < 6; ++k) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(expc::kP[k]));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));

@@ -27,6 +27,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
+
 from fastdiff import settings as _settings
 
 __all__ = [
@@ -134,22 +136,25 @@ ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
 )}
 
 
-_DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def train_ref_reason(op: str, *tensors) -> str | None:
     """Why automatic choice leaves ``op``'s cpu backend to ``ref`` for these inputs (None: it does not).
 
     Only a training call counts (grad enabled and an input that requires grad); its dtype is the first tensor's.
-    The ops' ``slower`` hooks ask this with their inputs.
+    The ops' ``slower`` hooks ask this with their inputs on every call, so the common answers come first: no
+    grad (inference), or a row that sends nothing to ``ref``.
     """
-    import torch
-
-    ts = [t for t in tensors if t is not None]
-    if not ts or not torch.is_grad_enabled() or not any(t.requires_grad for t in ts):
+    if not torch.is_grad_enabled():
         return None
     route = current_route()
-    dtype = _DTYPE_NAMES.get(str(ts[0].dtype), str(ts[0].dtype))
+    if not route.train_ref:
+        return None
+    ts = [t for t in tensors if t is not None]
+    if not ts or not any(t.requires_grad for t in ts):
+        return None
+    dtype = _DTYPE_NAMES.get(ts[0].dtype, str(ts[0].dtype))
     if f"{op}:{dtype}" not in route.train_ref:
         return None
     cited = [e for e in route.train_evidence if f"test_{op}_train" in e] or list(route.train_evidence)

@@ -36,6 +36,8 @@ prediction + update, one pass). No noise is added at the last step.
 """
 from __future__ import annotations
 
+import abc
+
 import inspect
 import math
 from typing import Any, Callable
@@ -71,8 +73,9 @@ Step = Callable[[int, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
 # Plans: the noise levels of a run, and how a clean sample is noised to each.
 # --------------------------------------------------------------------------------------------------------------
 
-class _Plan:
-    """The timesteps of a sampling run and its noise levels, in one sampler's parameterisation of the state."""
+class _Plan(abc.ABC):
+    """The timesteps of a sampling run and its noise levels, in one sampler's parameterisation of the state.
+    Each sampler family's plan says how a clean sample is noised to its levels (:meth:`noised`)."""
 
     def __init__(self, timesteps) -> None:
         self.timesteps = list(timesteps)  # what the network sees at step i (python numbers)
@@ -88,10 +91,10 @@ class _Plan:
         """What the network sees of the state at step ``i``."""
         return x
 
+    @abc.abstractmethod
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, j: int) -> torch.Tensor:
         """The clean ``x0`` noised with ``noise`` to the level step ``j`` starts from (``x0`` itself after the
         last step): the matching diffusers scheduler's ``add_noise`` at ``timesteps[j]``."""
-        raise NotImplementedError
 
 
 class _VPPlan(_Plan):
