@@ -61,19 +61,21 @@ def _say(what, peak_gflops):
           f"{100 * gb / peak_gflops:.0f}%): {r['eager'] / r['fast']:.2f}x")
 
 
+def _side(which: str, q, k, v):
+    """fastdiff's side of a case: the automatic choice (label names the backend) or the CPU kernel itself."""
+    if which == "auto":
+        return f"auto: {OP.select(q, k, v, None, None)}", lambda: attention(q, k, v)
+    _skip_without_kernel()
+    return "cpu kernel", lambda: cpu_flash_attention(q, k, v)
+
+
 @pytest.mark.parametrize("which", ["auto", "cpu kernel"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_attention_fwd_vs_sdpa(compare, matmul_peak, shape, dtype, which):
     name, B, H, Lq, Lk, D = shape
     q, k, v = _inputs(B, H, Lq, Lk, D, dtype)
-    if which == "auto":
-        label = f"auto: {OP.select(q, k, v, None, None)}"
-        fast = lambda: attention(q, k, v)  # noqa: E731
-    else:
-        _skip_without_kernel()
-        label = "cpu kernel"
-        fast = lambda: cpu_flash_attention(q, k, v)  # noqa: E731
+    label, fast = _side(which, q, k, v)
     flops = 4 * B * H * Lq * Lk * D
     with torch.no_grad():
         compare(f"attention fwd [{label}] vs SDPA", f"{name} B{B} H{H} {Lq}x{Lk} d{D} {str(dtype)[6:]}", fast,
@@ -88,13 +90,7 @@ def test_attention_fwd_bwd_vs_sdpa(compare, matmul_peak, shape, dtype, which):
     name, B, H, Lq, Lk, D = shape
     q, k, v = _inputs(B, H, Lq, Lk, D, dtype, grad=True)
     do = torch.randn(B, H, Lq, D).to(dtype)
-    if which == "auto":
-        label = f"auto: {OP.select(q, k, v, None, None)}"
-        ours = lambda: attention(q, k, v)  # noqa: E731
-    else:
-        _skip_without_kernel()
-        label = "cpu kernel"
-        ours = lambda: cpu_flash_attention(q, k, v)  # noqa: E731
+    label, ours = _side(which, q, k, v)
 
     def step(fn):
         return lambda: torch.autograd.grad(fn(), (q, k, v), do)
