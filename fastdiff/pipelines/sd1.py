@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from fastdiff.adapters.lora import LoraMixin
 from fastdiff.io import sd_checkpoint as ckpt
 from fastdiff.models.clip_text import CLIPTextModel
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
@@ -23,7 +24,7 @@ __all__ = ["StableDiffusion1", "load_sd1"]
 _MAX_TOKENS = 77
 
 
-class StableDiffusion1:
+class StableDiffusion1(LoraMixin):
     """Holds ``.unet``, ``.vae``, ``.text_encoder``, ``.tokenizer`` (fastdiff modules) and the scheduler settings."""
 
     def __init__(self, unet: UNetSD, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,

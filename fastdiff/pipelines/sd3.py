@@ -31,6 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from fastdiff.adapters.lora import LoraMixin
 from fastdiff.io import sd3_load
 from fastdiff.io.sd3_load import SD3_SCHEDULER_CONFIG
 
@@ -38,7 +39,7 @@ __all__ = ["StableDiffusion3", "SD3_SCHEDULER_CONFIG", "load_sd3"]
 _CLIP_TOKENS = 77
 
 
-class StableDiffusion3:
+class StableDiffusion3(LoraMixin):
     """Holds ``.transformer`` (MMDiT), ``.vae``, ``.text_encoder`` (CLIP-L), ``.text_encoder_2`` (CLIP-G),
     ``.text_encoder_3`` (T5-XXL or None), their tokenizers, and the scheduler settings."""
 

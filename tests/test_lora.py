@@ -1,0 +1,191 @@
+"""LoRA on SD1 against diffusers' ``load_lora_weights`` / ``set_adapters`` / ``fuse_lora`` (peft) as the oracle.
+
+Random LoRA weights on the tiny random SD1 pipeline (the ``ref_folder`` fixture), written in each file format
+users have (kohya with diffusers or original LDM names, LoCon conv layers, diffusers/peft with alpha in the
+header metadata, the older attention-processor format); fastdiff's UNet outputs, prompt embeddings and images
+must equal diffusers' with the same file loaded, fused and unfused. Unfusing restores the weights bit-exactly;
+a scale change needs no reload; unsupported files fail with errors that name what is wrong.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdiff.adapters import LoraError
+from fastdiff.pipelines.sd1 import load_sd1
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+_ATTN = (".to_q", ".to_k", ".to_v", ".to_out.0")
+_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+# ------------------------------------------------------------------------------------------ making LoRA files
+def _unet_targets(pipe, convs: bool) -> dict[str, torch.nn.Module]:
+    """Attention projections, feed-forwards, proj_in/out, time MLP; with ``convs`` the ResNet/sampler convs."""
+    out = {}
+    for n, m in pipe.unet.named_modules():
+        if isinstance(m, torch.nn.Linear) and not n.startswith("time_embedding"):
+            out[n] = m
+        elif isinstance(m, torch.nn.Conv2d) and (convs or n.endswith(("proj_in", "proj_out"))):
+            out[n] = m
+    return out
+
+
+def _text_targets(pipe) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in pipe.text_encoder.named_modules() if n.endswith(_TEXT)}
+
+
+def _pair(m: torch.nn.Module, rank: int, g: torch.Generator, std: float):
+    """Random (down, up) for a layer: a conv's down has its kernel, its up is 1x1 (LoCon)."""
+    if isinstance(m, torch.nn.Conv2d):
+        down = torch.randn(rank, m.in_channels, *m.kernel_size, generator=g) * std
+        up = torch.randn(m.out_channels, rank, 1, 1, generator=g) * std
+    else:
+        down = torch.randn(rank, m.in_features, generator=g) * std
+        up = torch.randn(m.out_features, rank, generator=g) * std
+    return down, up
+
+
+def _kohya(pipe, *, convs=False, ldm_names=False, text=True, rank=4, alpha=2.0, seed=0, std=0.3):
+    from fastdiff.io.sd_checkpoint import unet_key_to_original
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    items = [("lora_unet_", n, m) for n, m in _unet_targets(pipe, convs).items()]
+    if text:
+        items += [("lora_te_", n, m) for n, m in _text_targets(pipe).items()]
+    for prefix, n, m in items:
+        name = n
+        if ldm_names and prefix == "lora_unet_":
+            name = unet_key_to_original(n + ".weight", pipe.unet.config).removesuffix(".weight")
+        flat = prefix + name.replace(".", "_")
+        down, up = _pair(m, rank, g, std)
+        sd[f"{flat}.lora_down.weight"], sd[f"{flat}.lora_up.weight"] = down, up
+        sd[f"{flat}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def _peft(pipe, *, rank=4, alpha=8.0, seed=1, std=0.3):
+    """diffusers' own format: ``unet.*.lora_A/B.weight`` + header metadata with peft's LoraConfig fields."""
+    g = torch.Generator().manual_seed(seed)
+    sd, meta = {}, {}
+    for comp, targets in (("unet", _unet_targets(pipe, convs=True)), ("text_encoder", _text_targets(pipe))):
+        for n, m in targets.items():
+            down, up = _pair(m, rank, g, std)
+            sd[f"{comp}.{n}.lora_A.weight"], sd[f"{comp}.{n}.lora_B.weight"] = down, up
+        meta.update({f"{comp}.r": rank, f"{comp}.lora_alpha": alpha, f"{comp}.target_modules": sorted(targets)})
+    return sd, {"lora_adapter_metadata": json.dumps(meta)}
+
+
+def _old_processor(pipe, *, rank=4, seed=2, std=0.3):
+    """The older diffusers attention-processor format: ``<attn>.processor.to_q_lora.down.weight``."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for n, m in _unet_targets(pipe, convs=False).items():
+        if n.endswith(_ATTN):
+            attn, proj = n.rsplit(".to_", 1)
+            proj = "to_out" if proj == "out.0" else "to_" + proj
+            down, up = _pair(m, rank, g, std)
+            sd[f"unet.{attn}.processor.{proj}_lora.down.weight"] = down
+            sd[f"unet.{attn}.processor.{proj}_lora.up.weight"] = up
+    return sd
+
+
+def _save(tmp_path, name, sd, metadata=None):
+    path = tmp_path / f"{name}.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- comparing
+def _diffusers_pipe(d):
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(d / "sd", local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def _inputs(pipe):
+    g = torch.Generator().manual_seed(3)
+    cfg = pipe.unet.config
+    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g)
+    ctx = torch.randn(2, 7, cfg.cross_attention_dim, generator=g)
+    return x, torch.tensor([10, 700]), ctx
+
+
+@torch.no_grad()
+def _unet_out(pipe, ref=False):
+    x, t, ctx = _inputs(pipe)
+    return pipe.unet(x, t, ctx).sample if ref else pipe.unet(x, t, ctx)
+
+
+_PROMPTS = ["a photo of a cat", "an astronaut riding a horse"]
+
+
+@torch.no_grad()
+def _text_out(pipe, ref=False):
+    if ref:
+        return pipe.encode_prompt(_PROMPTS, "cpu", 1, False)[0]
+    return pipe.encode_prompt(_PROMPTS)
+
+
+def _assert_close(ours, want, base, rel=2e-5):
+    """fp32 parity within ``rel`` of the reference's magnitude, and the LoRA must have moved the output."""
+    assert ours.shape == want.shape
+    scale = want.abs().max().item()
+    err = (ours - want).abs().max().item()
+    moved = (want - base).abs().max().item()
+    assert moved > 1e3 * rel * scale, f"the LoRA barely changes the output ({moved:.3g} vs scale {scale:.3g})"
+    assert err <= rel * scale, f"max abs error {err:.3g} vs scale {scale:.3g} (LoRA moved it by {moved:.3g})"
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+FORMATS = {
+    "kohya": lambda p: (_kohya(p), None),
+    "kohya_ldm_names": lambda p: (_kohya(p, ldm_names=True, seed=5), None),
+    "locon": lambda p: (_kohya(p, convs=True, alpha=1.0, seed=6, std=0.2), None),
+    "peft": lambda p: _peft(p),
+    "old_processor": lambda p: (_old_processor(p), None),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_lora_matches_diffusers(ref_folder, tmp_path, fmt):
+    d, _ = ref_folder
+    ours = load_sd1(d / "sd")
+    ref = _diffusers_pipe(d)
+    base_u, base_t = _unet_out(ours), _text_out(ours)
+    sd, meta = FORMATS[fmt](ours)
+    path = _save(tmp_path, fmt, sd, meta)
+
+    ref.load_lora_weights(str(path), adapter_name="a")
+    name = ours.load_lora(path, name="a")
+    assert name == "a" and ours.lora_scales == {"a": 1.0}
+    _assert_close(_unet_out(ours), _unet_out(ref, ref=True), base_u)
+    if fmt != "old_processor":  # that format carries no text-encoder layers here
+        _assert_close(_text_out(ours), _text_out(ref, ref=True), base_t)
+
+    # a scale change takes effect on the next call, with no reload
+    ref.set_adapters(["a"], adapter_weights=[0.4])
+    ours.set_lora_scale("a", 0.4)
+    _assert_close(_unet_out(ours), _unet_out(ref, ref=True), base_u)
+
+    # fused: the same outputs, the same weights as diffusers' fused ones; unfused: base weights bit-exact
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    ref.fuse_lora(lora_scale=1.0)
+    ours.fuse_lora()
+    _assert_close(_unet_out(ours), _unet_out(ref, ref=True), base_u)
+    ours.unfuse_lora()
+    after = ours.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ref.unfuse_lora()
+    _assert_close(_unet_out(ours), _unet_out(ref, ref=True), base_u)
+
+    ours.unload_lora()
+    assert ours.lora_scales == {}
+    assert torch.equal(_unet_out(ours), base_u)
+    assert type(ours.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__name__ == "Linear"
