@@ -70,11 +70,16 @@ def _kohya(pipe, *, convs=False, ldm_names=False, text=True, rank=4, alpha=2.0, 
     return sd
 
 
-def _peft(pipe, *, rank=4, alpha=8.0, seed=1, std=0.3):
-    """diffusers' own format: ``unet.*.lora_A/B.weight`` + header metadata with peft's LoraConfig fields."""
+def _peft(pipe, *, rank=4, alpha=8.0, seed=1, std=0.3, text_model_level=False):
+    """diffusers' own format: ``unet.*.lora_A/B.weight`` + header metadata with peft's LoraConfig fields.
+
+    Text-encoder names: transformers >= 5 (what diffusers writes and reads here) has no ``text_model.`` level;
+    files written with transformers 4 have it (``text_model_level=True``)."""
     g = torch.Generator().manual_seed(seed)
     sd, meta = {}, {}
     for comp, targets in (("unet", _unet_targets(pipe, convs=True)), ("text_encoder", _text_targets(pipe))):
+        if comp == "text_encoder" and not text_model_level:
+            targets = {n.removeprefix("text_model."): m for n, m in targets.items()}
         for n, m in targets.items():
             down, up = _pair(m, rank, g, std)
             sd[f"{comp}.{n}.lora_A.weight"], sd[f"{comp}.{n}.lora_B.weight"] = down, up
@@ -144,12 +149,18 @@ def _assert_close(ours, want, base, rel=2e-5):
 
 
 # ---------------------------------------------------------------------------------------------------- tests
+# format -> (state dict, header metadata, the same LoRA in a file diffusers reads or None for the same file).
+# diffusers does not read original-LDM module names for SD1 (its sgm remap targets SDXL's layout), so that
+# file's oracle is the same weights under diffusers' names.
 FORMATS = {
-    "kohya": lambda p: (_kohya(p), None),
-    "kohya_ldm_names": lambda p: (_kohya(p, ldm_names=True, seed=5), None),
-    "locon": lambda p: (_kohya(p, convs=True, alpha=1.0, seed=6, std=0.2), None),
-    "peft": lambda p: _peft(p),
-    "old_processor": lambda p: (_old_processor(p), None),
+    "kohya": lambda p: (_kohya(p), None, None),
+    "kohya_ldm_names": lambda p: (_kohya(p, ldm_names=True, seed=5), None, _kohya(p, seed=5)),
+    "locon": lambda p: (_kohya(p, convs=True, alpha=1.0, seed=6, std=0.2), None, None),
+    "locon_ldm_names": lambda p: (_kohya(p, convs=True, ldm_names=True, seed=7, std=0.2), None,
+                                  _kohya(p, convs=True, seed=7, std=0.2)),
+    "peft": lambda p: (*_peft(p), None),
+    "peft_text_model_names": lambda p: (*_peft(p, seed=8, text_model_level=True), _peft(p, seed=8)),
+    "old_processor": lambda p: (_old_processor(p), None, None),
 }
 
 
@@ -159,10 +170,14 @@ def test_lora_matches_diffusers(ref_folder, tmp_path, fmt):
     ours = load_sd1(d / "sd")
     ref = _diffusers_pipe(d)
     base_u, base_t = _unet_out(ours), _text_out(ours)
-    sd, meta = FORMATS[fmt](ours)
+    sd, meta, for_diffusers = FORMATS[fmt](ours)
     path = _save(tmp_path, fmt, sd, meta)
+    for_diffusers, ref_meta = for_diffusers if isinstance(for_diffusers, tuple) else (for_diffusers, None)
+    if for_diffusers is not None:  # same tensors under other names
+        assert set(for_diffusers) != set(sd) and len(for_diffusers) == len(sd)
+    ref_path = path if for_diffusers is None else _save(tmp_path, fmt + "_diffusers_names", for_diffusers, ref_meta)
 
-    ref.load_lora_weights(str(path), adapter_name="a")
+    ref.load_lora_weights(str(ref_path), adapter_name="a")
     name = ours.load_lora(path, name="a")
     assert name == "a" and ours.lora_scales == {"a": 1.0}
     _assert_close(_unet_out(ours), _unet_out(ref, ref=True), base_u)

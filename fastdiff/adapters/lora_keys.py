@@ -259,6 +259,9 @@ def convert_lora_state_dict(sd: Mapping[str, torch.Tensor], components: Mapping[
 
     pairs: list[LoraPair] = []
     for (comp, module), s in found.items():
+        if comp.startswith("text_encoder") and comp in modules and module not in modules[comp]:
+            # transformers >= 5 names CLIP's layers without the "text_model." level; files from either era load
+            module = "text_model." + module if "text_model." + module in modules[comp] else module
         if comp not in modules or module not in modules[comp]:
             unmatched.append(s["key"])
             continue
