@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastdiff.adapters import LoraError
+from fastdiff.io.checkpoint import CheckpointError
 from fastdiff.pipelines.sd1 import load_sd1
 
 diffusers = pytest.importorskip("diffusers")
@@ -204,3 +205,121 @@ def test_lora_matches_diffusers(ref_folder, tmp_path, fmt):
     assert ours.lora_scales == {}
     assert torch.equal(_unet_out(ours), base_u)
     assert type(ours.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__name__ == "Linear"
+
+
+def test_several_loras_and_images_match_diffusers(ref_folder, tmp_path):
+    """Two named LoRAs at once at their own scales (diffusers' set_adapters), then the txt2img image."""
+    d, _ = ref_folder
+    ours = load_sd1(d / "sd")
+    ref = _diffusers_pipe(d)
+    base_u = _unet_out(ours)
+    style = _save(tmp_path, "style", _kohya(ours, seed=11, std=0.25))
+    subject = _save(tmp_path, "subject", *_peft(ours, seed=12, std=0.25))
+    ref.load_lora_weights(str(style), adapter_name="style")
+    ref.load_lora_weights(str(subject), adapter_name="subject")
+    ref.set_adapters(["style", "subject"], adapter_weights=[0.7, -0.5])
+    assert ours.load_lora(style, scale=0.7) == "style"
+    assert ours.load_lora(subject, scale=-0.5) == "subject"
+    assert ours.lora_scales == {"style": 0.7, "subject": -0.5}
+    _assert_close(_unet_out(ours), _unet_out(ref, ref=True), base_u)
+
+    kw = dict(height=32, width=32, generator=torch.Generator().manual_seed(4))
+    mine = ours.txt2img(_PROMPTS, steps=3, sampler="ddim", guidance=5.0, **kw)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    theirs = ref(_PROMPTS, num_inference_steps=3, guidance_scale=5.0, output_type="pt", **kw).images
+    assert ((mine > 0.01) & (mine < 0.99)).float().mean() > 0.1
+    err = (mine - theirs.float()).abs().max().item()
+    assert err <= 1 / 255, f"max per-pixel difference {err * 255:.3f}/255"
+
+    # one LoRA off (scale 0) equals having only the other; unloading one by name keeps the other
+    ref.set_adapters(["style", "subject"], adapter_weights=[0.0, -0.5])
+    ours.set_lora_scale("style", 0.0)
+    _assert_close(_unet_out(ours), _unet_out(ref, ref=True), base_u)
+    ours.unload_lora("style")
+    ref.delete_adapters("style")
+    assert ours.lora_scales == {"subject": -0.5}
+    _assert_close(_unet_out(ours), _unet_out(ref, ref=True), base_u)
+    with pytest.raises(ValueError, match="no LoRA named 'style'"):
+        ours.set_lora_scale("style", 1.0)
+    with pytest.raises(ValueError, match="loaded already"):
+        ours.load_lora(subject, name="subject")
+    with pytest.raises(ValueError, match="finite number"):
+        ours.set_lora_scale("subject", float("nan"))
+
+
+def test_unfuse_is_bit_exact_and_fused_matches_unfused(ref_folder, tmp_path):
+    d, _ = ref_folder
+    ours = load_sd1(d / "sd")
+    before_u = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    before_t = {k: v.clone() for k, v in ours.text_encoder.state_dict().items()}
+    ours.load_lora(_save(tmp_path, "a", _kohya(ours, convs=True, seed=21, std=0.2)), scale=0.8)
+    ours.load_lora(_save(tmp_path, "b", *_peft(ours, seed=22, std=0.2)), scale=0.3)
+    assert ours.unet.state_dict().keys() == before_u.keys()  # LoRA tensors are not part of the state dict
+    unfused = _unet_out(ours)
+    ours.fuse_lora()
+    fused = _unet_out(ours)
+    assert (fused - unfused).abs().max() <= 2e-5 * unfused.abs().max()
+    assert not torch.equal(ours.unet.conv_in.weight, before_u["conv_in.weight"])
+    ours.set_lora_scale("a", 0.2)  # re-fused at the new scale from the kept base weights
+    ours.unfuse_lora()
+    assert all(torch.equal(v, before_u[k]) for k, v in ours.unet.state_dict().items())
+    assert all(torch.equal(v, before_t[k]) for k, v in ours.text_encoder.state_dict().items())
+    again = _unet_out(ours)
+    ours.set_lora_scale("a", 0.8)
+    assert torch.equal(_unet_out(ours), unfused) and not torch.equal(again, unfused)
+    ours.fuse_lora("b")
+    ours.unload_lora()
+    assert all(torch.equal(v, before_u[k]) for k, v in ours.unet.state_dict().items())
+
+
+def _lora_error(ours, tmp_path, sd, match, name="bad"):
+    with pytest.raises(LoraError, match=match) as e:
+        ours.load_lora(_save(tmp_path, name, sd))
+    assert "\n" not in str(e.value)
+    assert ours.lora_scales == {}  # nothing half-loaded
+    return str(e.value)
+
+
+def test_errors_name_what_is_wrong(ref_folder, tmp_path):
+    d, _ = ref_folder
+    ours = load_sd1(d / "sd")
+    base_u = _unet_out(ours)
+    good = _kohya(ours, seed=31)
+    # keys that match no layer are listed (and nothing of the file is applied)
+    bad = {**good, "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+           "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4),
+           "something_else.weight": torch.zeros(3)}
+    msg = _lora_error(ours, tmp_path, bad, "3 LoRA keys match no layer")
+    assert "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight" in msg and "something_else.weight" in msg
+    assert torch.equal(_unet_out(ours), base_u)
+    # LoHa, LoKr, DoRA: refused by name
+    flat = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    _lora_error(ours, tmp_path, {f"{flat}.hada_w1_a": torch.zeros(4, 32), f"{flat}.hada_w1_b": torch.zeros(4, 32)},
+                "LoHa")
+    _lora_error(ours, tmp_path, {f"{flat}.lokr_w1": torch.zeros(4, 4), f"{flat}.lokr_w2": torch.zeros(8, 8)}, "LoKr")
+    _lora_error(ours, tmp_path, {**good, f"{flat}.dora_scale": torch.ones(1, 32)}, "DoRA")
+    # another architecture, by key names and by shapes
+    _lora_error(ours, tmp_path, {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight":
+                                 torch.zeros(4, 1280)}, "made for SDXL")
+    _lora_error(ours, tmp_path, {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 64)},
+                r"made for SD3")
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    for width, arch in ((1024, "SD2"), (2048, "SDXL")):
+        sd = {f"{k}.lora_down.weight": torch.zeros(4, width), f"{k}.lora_up.weight": torch.zeros(32, 4)}
+        _lora_error(ours, tmp_path, sd, f"made for {arch}")
+    # an unsafe pickle is refused; a tensors-only .pt loads (weights_only=True)
+
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran code from a LoRA file",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1), "p": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="refused to unpickle") as e:
+        ours.load_lora(evil)
+    assert "\n" not in str(e.value)
+    pt = tmp_path / "good.pt"
+    torch.save(good, pt)
+    assert ours.load_lora(pt) == "good"
+    assert not torch.equal(_unet_out(ours), base_u)
