@@ -16,6 +16,7 @@ import torch
 from fastdiff.adapters import LoraError
 from fastdiff.io.checkpoint import CheckpointError
 from fastdiff.pipelines.sd1 import load_sd1
+from test_sd3_pipeline import sd3_folder  # noqa: F401  (the tiny random SD3 pipeline fixture)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -324,3 +325,80 @@ def test_errors_name_what_is_wrong(ref_folder, tmp_path):
     torch.save(good, pt)
     assert ours.load_lora(pt) == "good"
     assert not torch.equal(_unet_out(ours), base_u)
+
+
+# ------------------------------------------------------------------------------------------------------- SD3
+_SD3_TARGETS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+_KOHYA_SD3 = {"x_block_attn_proj": "attn.to_out.0", "context_block_attn_proj": "attn.to_add_out",
+              "x_block_mlp_fc1": "ff.net.0.proj", "x_block_mlp_fc2": "ff.net.2",
+              "context_block_mlp_fc1": "ff_context.net.0.proj", "context_block_mlp_fc2": "ff_context.net.2"}
+_KOHYA_QKV = {"x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+              "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+
+
+def _sd3_loras(transformer, rank=4, alpha=2.0, seed=41, std=0.1):
+    """The same random LoRA as (kohya file with fused qkv, diffusers/peft file with the qkv up rows split)."""
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(transformer.named_modules())
+    kohya, peft = {}, {}
+    for i in range(len(transformer.transformer_blocks)):
+        for flat, names in [(k, (v,)) for k, v in _KOHYA_SD3.items()] + list(_KOHYA_QKV.items()):
+            paths = [f"transformer_blocks.{i}.{n}" for n in names]
+            if not all(p in mods for p in paths):
+                continue  # the last block's context stream is pre-only
+            m = mods[paths[0]]
+            down = torch.randn(rank, m.in_features, generator=g) * std
+            up = torch.randn(m.out_features * len(paths), rank, generator=g) * std
+            key = f"lora_unet_joint_blocks_{i}_{flat}"
+            kohya[f"{key}.lora_down.weight"], kohya[f"{key}.lora_up.weight"] = down, up
+            kohya[f"{key}.alpha"] = torch.tensor(alpha)
+            for p, u in zip(paths, up.chunk(len(paths))):
+                peft[f"transformer.{p}.lora_A.weight"], peft[f"transformer.{p}.lora_B.weight"] = down.clone(), u
+    targets = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in peft})
+    meta = {"transformer.r": rank, "transformer.lora_alpha": alpha, "transformer.target_modules": targets}
+    return kohya, peft, {"lora_adapter_metadata": json.dumps(meta)}
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya_fused_qkv"])
+def test_sd3_lora_matches_diffusers(sd3_folder, tmp_path, fmt):
+    """SD3 MMDiT with a LoRA: diffusers/peft ``transformer.*`` files, and kohya's original names whose fused qkv
+    LoRA is applied to the q, k and v row slices (oracle: diffusers with the up rows split into three)."""
+    import copy
+
+    from fastdiff.pipelines.sd3 import load_sd3
+
+    d, _ = sd3_folder
+    ours = load_sd3(d / "sd3")
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(d / "sd3", local_files_only=True)
+    kohya, peft, meta = _sd3_loras(ours.transformer)
+    peft_path = _save(tmp_path, "sd3_peft", peft, meta)
+    path = peft_path if fmt == "peft" else _save(tmp_path, "sd3_kohya", kohya)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 12, 8, generator=g)
+    t = torch.tensor([999.0, 250.5])
+    ctx, pooled = torch.randn(2, 20, 256, generator=g), torch.randn(2, 192, generator=g)
+    with torch.no_grad():
+        base = ours.transformer(x, t, ctx, pooled)
+        ref.load_lora_weights(str(peft_path), adapter_name="a")
+        ours.load_lora(path, scale=0.8, name="a")
+        ref.set_adapters(["a"], adapter_weights=[0.8])
+        kw = dict(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled)
+        r64 = copy.deepcopy(ref.transformer).double()(**{k: v.double() for k, v in kw.items()}).sample
+
+        def rms(a):
+            return (a.double() - r64).pow(2).mean().sqrt().item()
+
+        # the SD3 parity rule (see test_sd3_pipeline): fastdiff's fp32 error at most 2x diffusers' own fp32 error
+        for step in ("unfused", "fused"):
+            got = ours.transformer(x, t, ctx, pooled)
+            e_ours, e_theirs = rms(got), rms(ref.transformer(**kw).sample)
+            assert (r64 - base.double()).abs().max() > 0.05 * r64.abs().max(), "the LoRA barely changes the output"
+            assert e_theirs < 1e-5 * r64.abs().max().item() and e_ours <= 2 * e_theirs, (step, e_ours, e_theirs)
+            ours.fuse_lora()
+        ours.unfuse_lora()
+        ours.unload_lora()
+        assert torch.equal(ours.transformer(x, t, ctx, pooled), base)
+    with pytest.raises(LoraError, match="made for SD1/SD2"):
+        ours.load_lora(_save(tmp_path, "sd1", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight":
+                                                torch.zeros(4, 32)}))

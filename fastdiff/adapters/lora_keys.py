@@ -137,9 +137,32 @@ def _underscore_table(component: str, model: nn.Module, modules: Mapping[str, nn
             except KeyError:
                 continue
             add(orig.removesuffix(".weight").replace(".", "_"), name)
+    if component == "transformer" and hasattr(cfg, "num_layers"):
+        table.update(_mmdit_original_table(model, modules))
     for flat in clash:  # an ambiguous flat name maps to nothing (reported as unmatched)
         del table[flat]
     return table
+
+
+def _mmdit_original_table(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, str]:
+    """kohya's SD3 names (the original ``joint_blocks_{i}_x_block_attn_qkv``, ...) -> module path; a fused qkv
+    maps to ``"qkv:" + "|".join(q, k, v paths)``, its up rows split three ways when the LoRA is applied. The two
+    adaLN layers stored with swapped halves (final layer, last context block) are left out."""
+    from fastdiff.io.sd3_checkpoint import _BLOCK, _CONTEXT_ADALN, _QKV, _TOP
+
+    table = {orig.replace(".", "_"): ours for orig, ours in _TOP.items() if ours in modules}
+    n_blocks = len(getattr(model, "transformer_blocks", ()))
+    for i in range(n_blocks):
+        for orig, ours in _BLOCK.items():
+            if ours in modules or f"transformer_blocks.{i}.{ours}" in modules:
+                if orig == _CONTEXT_ADALN and i == n_blocks - 1:
+                    continue
+                table[f"joint_blocks_{i}_{orig}".replace(".", "_")] = f"transformer_blocks.{i}.{ours}"
+        for orig, parts in _QKV.items():
+            paths = [f"transformer_blocks.{i}.{p}" for p in parts]
+            if all(p in modules for p in paths):
+                table[f"joint_blocks_{i}_{orig}".replace(".", "_")] = "qkv:" + "|".join(paths)
+    return {k: v for k, v in table.items() if v.startswith("qkv:") or v in modules}
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -258,6 +281,15 @@ def convert_lora_state_dict(sd: Mapping[str, torch.Tensor], components: Mapping[
         unmatched.append(key)
 
     pairs: list[LoraPair] = []
+    for (comp, module), s in list(found.items()):
+        if module.startswith("qkv:") and "down" in s and "up" in s:
+            # a LoRA on a fused (3D, D) qkv: one down, the up's rows [q; k; v] go to the three projections
+            parts = module[len("qkv:"):].split("|")
+            if s["up"].shape[0] % 3:
+                raise LoraError(f"fused qkv LoRA {s['key']}: up has {s['up'].shape[0]} rows, not a multiple of 3")
+            del found[(comp, module)]
+            for part, up in zip(parts, s["up"].chunk(3, dim=0)):
+                found[(comp, part)] = {**s, "up": up}
     for (comp, module), s in found.items():
         if comp.startswith("text_encoder") and comp in modules and module not in modules[comp]:
             # transformers >= 5 names CLIP's layers without the "text_model." level; files from either era load
