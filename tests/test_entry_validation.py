@@ -60,8 +60,9 @@ GOOD = {
     "sd1.txt2img": {"prompt": "a cat", "height": 32, "width": 32, "steps": 1},
     "sd1.img2img": {"prompt": "a cat", "image": IMG, "steps": 2},
     "sd1.inpaint": {"prompt": "a cat", "image": IMG, "mask": MASK, "steps": 1},
-    "sd3.txt2img": {"prompt_embeds": "EMB", "height": 32, "width": 32, "steps": 1},
-    "sd3.img2img": {"prompt_embeds": "EMB", "image": IMG, "steps": 2},
+    "sd3.txt2img": {"prompt_embeds": "EMB", "negative_prompt_embeds": "EMB", "height": 32, "width": 32, "steps": 1},
+    "sd3.img2img": {"prompt": None, "prompt_embeds": "EMB", "negative_prompt_embeds": "EMB", "image": IMG,
+                    "steps": 2},
     "pixel.sample": {"labels": [1, 2], "steps": 1},
 }
 BAD = [
@@ -131,10 +132,9 @@ def _call(entry, kwargs, sd1, sd3, pixel):
         return fastdiff.load_pipeline(**kwargs)
     family, method = entry.split(".")
     pipe = {"sd1": sd1, "sd3": sd3, "pixel": pixel}[family]
-    if kwargs.get("prompt_embeds") == "EMB":
-        kwargs["prompt_embeds"] = _embeds(pipe)
-    if family == "sd3" and "negative_prompt_embeds" in kwargs:
-        kwargs["guidance"] = 5.0
+    for key in ("prompt_embeds", "negative_prompt_embeds"):
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = _embeds(pipe)
     return getattr(pipe, method)(**kwargs)
 
 
