@@ -12,7 +12,7 @@ try:
     import diffusers.models.resnet as diffusers_resnet
 except ImportError:  # the reference implementations are test extras: fastdiff's own tests still run
     diffusers_resnet = None
-needs_reference = pytest.mark.skipif(diffusers_resnet is None, reason="needs diffusers (the reference implementation)")
+needs_reference = pytest.mark.skipif(diffusers_resnet is None, reason="needs diffusers (the reference)")
 
 OP = all_ops()["conv2d"]
 HAS_CPU = not OP.availability()["cpu"]  # the cpu backend can run here

@@ -25,7 +25,7 @@ try:
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 except ImportError:  # the reference implementations are test extras: fastdiff's own tests still run
     diffusers = convert_sd3_transformer_checkpoint_to_diffusers = None
-needs_reference = pytest.mark.skipif(diffusers is None, reason="needs diffusers (the reference implementation)")
+needs_reference = pytest.mark.skipif(diffusers is None, reason="needs diffusers (the reference)")
 
 _SMALL = dict(sample_size=32, in_channels=4, num_layers=3, num_attention_heads=2, joint_attention_dim=48,
               caption_projection_dim=128, pooled_projection_dim=40, pos_embed_max_size=24)

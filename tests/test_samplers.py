@@ -38,8 +38,9 @@ try:
     )
     from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as d_rescale
 except ImportError:  # the reference implementations are test extras: fastdiff's own tests still run
-    diffusers = DDIMScheduler = DDPMScheduler = DPMSolverMultistepScheduler = EulerAncestralDiscreteScheduler = EulerDiscreteScheduler = FlowMatchEulerDiscreteScheduler = d_rescale = None
-needs_reference = pytest.mark.skipif(diffusers is None, reason="needs diffusers (the reference implementation)")
+    diffusers = DDIMScheduler = DDPMScheduler = DPMSolverMultistepScheduler = d_rescale = None
+    EulerAncestralDiscreteScheduler = EulerDiscreteScheduler = FlowMatchEulerDiscreteScheduler = None
+needs_reference = pytest.mark.skipif(diffusers is None, reason="needs diffusers (the reference)")
 
 import fastdiff.samplers as S
 from fastdiff.samplers.sampling import _dpm_timesteps_sigmas, _euler_sigmas

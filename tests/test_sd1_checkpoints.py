@@ -25,7 +25,8 @@ try:
     import transformers
 except ImportError:  # the reference implementations are test extras: fastdiff's own tests still run
     diffusers = transformers = None
-needs_reference = pytest.mark.skipif(diffusers is None or transformers is None, reason="needs diffusers and transformers (the reference implementation)")
+needs_reference = pytest.mark.skipif(diffusers is None or transformers is None,
+                                     reason="needs diffusers and transformers (the reference implementation)")
 from safetensors.torch import load_file, save_file
 
 TINY = ck.SD1Configs(unet_sd.TINY, vae.TINY, clip_text.TINY)

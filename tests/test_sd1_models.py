@@ -17,7 +17,8 @@ try:
     import transformers
 except ImportError:  # the reference implementations are test extras: fastdiff's own tests still run
     diffusers = transformers = None
-needs_reference = pytest.mark.skipif(diffusers is None or transformers is None, reason="needs diffusers and transformers (the reference implementation)")
+needs_reference = pytest.mark.skipif(diffusers is None or transformers is None,
+                                     reason="needs diffusers and transformers (the reference implementation)")
 
 PROMPTS = [
     "a photo of a cat",

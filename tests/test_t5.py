@@ -26,7 +26,7 @@ try:
     import transformers
 except ImportError:  # the reference implementations are test extras: fastdiff's own tests still run
     transformers = None
-needs_reference = pytest.mark.skipif(transformers is None, reason="needs transformers (the reference implementation)")
+needs_reference = pytest.mark.skipif(transformers is None, reason="needs transformers (the reference)")
 
 PROMPTS = [
     "a photo of a cat",

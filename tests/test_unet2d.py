@@ -12,7 +12,7 @@ try:
     import diffusers
 except ImportError:  # the reference implementations are test extras: fastdiff's own tests still run
     diffusers = None
-needs_reference = pytest.mark.skipif(diffusers is None, reason="needs diffusers (the reference implementation)")
+needs_reference = pytest.mark.skipif(diffusers is None, reason="needs diffusers (the reference)")
 
 SMALL_UNCOND = dict(  # the CIFAR-10 layout (padding-0 downsampling, flip=False, shift 1), 1-head attention
     sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=2,

@@ -24,12 +24,12 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--prompt", default=None, help="text prompt (Stable Diffusion --model)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (Stable Diffusion)")
     p.add_argument("--height", type=multiple_of(8, 8), default=None, help="image height, a multiple of 8 (Stable "
-                   "Diffusion; default: the model's, SD1 512, SD3 1024)")
+                   "Diffusion; default: the model family's DEFAULTS)")
     p.add_argument("--width", type=multiple_of(8, 8), default=None, help="image width, a multiple of 8 (Stable "
-                   "Diffusion; default: the model's, SD1 512, SD3 1024)")
+                   "Diffusion; default: the model family's DEFAULTS)")
     p.add_argument("--init-image", default=None, type=existing_path("file"), help="img2img: the picture to start from (Stable Diffusion)")
     p.add_argument("--strength", type=float_in(0.0, 1.0), default=None, help="img2img: share of the schedule "
-                   "re-run, in [0, 1] (default: the model's, SD1 0.8, SD3 0.6)")
+                   "re-run, in [0, 1] (default: the model family's DEFAULTS)")
     p.add_argument("--mask", default=None, type=existing_path("file"), help="inpainting: white = repaint (with --init-image)")
     p.add_argument("--label", default=None, help="class name or index; default: a grid of every class")
     p.add_argument("--n", type=int_at_least(1), default=None, help="images per class in the grid (default 4), or images of "

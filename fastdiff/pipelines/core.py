@@ -57,7 +57,7 @@ class Defaults:
 class Job:
     """The checked arguments of one generation call (see :func:`make_job`)."""
 
-    what: str                           # the entry point, for messages: "txt2img", "img2img", "inpaint", ...
+    what: str                           # the entry point that made it: "txt2img", "img2img", "inpaint", ...
     steps: int
     sampler: str
     guidance: float | None              # None: no classifier-free guidance

@@ -98,8 +98,8 @@ def generate(prompt: str | None = None, *, model=None,
     Stable Diffusion (``model`` = a diffusers folder or an original single file): ``prompt`` gives text-to-image
     (``height`` x ``width``, ``n`` images per prompt, default 1, ``negative_prompt``); with ``init_image`` (a
     path or PIL image) img2img at ``strength``; with ``mask`` as well (white = repaint) inpainting (SD1).
-    What is not given comes from the family's defaults (``fastdiff.pipelines.sd1.DEFAULTS``: euler, 30 steps,
-    guidance 7.5, 512x512, strength 0.8; ``sd3.DEFAULTS``: flow_euler, 28 steps, 7.0, 1024x1024, 0.6).
+    What is not given comes from the family's defaults (``fastdiff.pipelines.sd1.DEFAULTS``, ``sd3.DEFAULTS``:
+    sampler, steps, guidance, size, strength).
     """
     _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, progress, negative_prompt, height,
                      width, init_image, strength, mask)
