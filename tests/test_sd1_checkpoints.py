@@ -143,7 +143,6 @@ def test_single_file_variants(ref_folder, tmp_path):
         load_sd1(tmp_path / "a.safetensors", configs=TINY, use_ema=True)
 
 
-@needs_reference
 def test_inpainting_recognised(tmp_path, randomize):
     cfgs = ck.SD1Configs(unet_sd.UNetSDConfig(**{**unet_sd.TINY.__dict__, "in_channels": 9}), vae.TINY, clip_text.TINY)
     pipe = StableDiffusion1(randomize(unet_sd.UNetSD(cfgs.unet), 4), randomize(vae.AutoencoderKL(vae.TINY), 5),
