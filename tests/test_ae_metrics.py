@@ -74,3 +74,46 @@ def test_reconstruction_fid_and_usage():
     assert set(m) == {"n", "psnr", "ssim", "rfid", "codes_used", "usage", "perplexity"}
     assert m["perplexity"] == pytest.approx(16.0)
     assert m["psnr"] == pytest.approx(float(np.mean(psnr(x, x * 0.9).numpy())))
+
+
+def test_cli_eval_autoencoder(tmp_path):
+    """``fastdiff eval --autoencoder`` on a tiny random VQ model: its JSON equals the metrics computed here."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastdiff.eval.data import fashion_mnist_dir
+
+    if not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not installed at {fashion_mnist_dir()} (apt-get install dataset-fashion-mnist)")
+    from fastdiff.eval.evaluate import RealReference
+    from fastdiff.eval.metrics import conditional_accuracy
+    from fastdiff.io.autoencoder_folder import load_autoencoder, save_autoencoder
+    from fastdiff.models.vq import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    cfg = VQConfig(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                   norm_num_groups=8, num_vq_embeddings=16, vq_embed_dim=4)
+    save_autoencoder(VQModel(cfg), tmp_path / "vq")
+    out = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--autoencoder", str(tmp_path / "vq"),
+                          "--per-class", "3", "--json", str(tmp_path / "r.json"), "--threads", "1"],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert "psnr" in out.stdout and rep["n"] == 30
+    ref = RealReference.build()
+    pick = torch.cat([(ref.test_labels == c).nonzero().flatten()[:3] for c in range(10)])
+    x, y = ref.test_images[pick], ref.test_labels[pick]
+    model = load_autoencoder(tmp_path / "vq")
+    with torch.no_grad():
+        o = model(x)
+    rec = o.sample.clamp(-1, 1)
+    assert rep["psnr"] == pytest.approx(float(psnr(x, rec).mean()), rel=1e-5)
+    assert rep["ssim"] == pytest.approx(float(ssim(x, rec).mean()), rel=1e-5, abs=1e-7)
+    assert rep["rfid"] == pytest.approx(reconstruction_fid(ref.classifier.features, x, rec), rel=1e-4)
+    assert rep["usage"] == codebook_usage(o.quant.indices, 16)["usage"]
+    assert rep["accuracy"] == pytest.approx(conditional_accuracy(ref.classifier, rec, y)[0])
+    bad = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--autoencoder", str(tmp_path)],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert bad.returncode == 2 and "no config.json" in bad.stderr
