@@ -153,6 +153,14 @@ def test_vqmodel_shapes_roundtrip_and_errors():
     torch.testing.assert_close(m.decode_indices(out.quant.indices), out.sample)
     # quantize=False decodes the vectors as given
     torch.testing.assert_close(m.decode(out.quant.z_q, quantize=False), out.sample)
+    # decode in training mode leaves the codebook alone; forward in training mode moves it (EMA)
+    m.train()
+    before = m.quantize.embedding.weight.clone()
+    m.decode(ze)
+    assert torch.equal(m.quantize.embedding.weight, before)
+    m(x)
+    assert not torch.equal(m.quantize.embedding.weight, before)
+    m.eval()
     with pytest.raises(ValueError, match="multiples of 2"):
         m.encode(torch.zeros(1, 3, 15, 16))
     with pytest.raises(ValueError, match="VQModel.decode expects"):
@@ -164,3 +172,56 @@ def test_vqmodel_shapes_roundtrip_and_errors():
     assert TINY.with_codebook("k512_d8").vq_embed_dim == 8
     assert set(PRESETS) >= {"tiny", "fashion_f4"}
 
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)  # the same initial codebook on every rank
+        ema_only = VectorQuantizer(16, 3, decay=0.8, restart_after=None).train()
+        torch.manual_seed(0)
+        restarts = VectorQuantizer(16, 3, decay=0.8, restart_after=2).train()
+        torch.manual_seed(1000 + rank)  # restart candidates differ per rank unless rank 0's are broadcast
+        for step in range(4):
+            z = _ddp_batch(step)[rank::world]  # this rank's shard of the global batch
+            ema_only(z)
+            restarts(z)
+        torch.save({"ema_only": ema_only.state_dict(), "restarts": restarts.state_dict()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(4, 3, 4, 4, generator=g) * 0.1
+
+
+def test_ema_and_restarts_under_ddp_match_one_process(tmp_path):
+    """Two gloo ranks with half the batch each end with one codebook: the single-process EMA of the whole
+    batch (counts and sums all-reduced), and with restarts the same codebook on both ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    torch.manual_seed(0)
+    single = VectorQuantizer(16, 3, decay=0.8, restart_after=None).train()
+    for step in range(4):
+        single(_ddp_batch(step))
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(r0["ema_only"][k], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r1["ema_only"][k], v, rtol=1e-5, atol=1e-6)
+    # restarts happened (the codebooks part from the EMA-only run), and both ranks re-seeded the same codes
+    assert not torch.equal(r0["restarts"]["embedding.weight"], r0["ema_only"]["embedding.weight"])
+    for k in r0["restarts"]:
+        assert torch.equal(r0["restarts"][k], r1["restarts"][k]), k

@@ -217,6 +217,16 @@ class VectorQuantizer(nn.Module):
         d = z.pow(2).sum(1, keepdim=True) - 2.0 * (z @ e.t()) + e.pow(2).sum(1)[None]
         return d.argmin(1)
 
+    def snap(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, h, w) -> (nearest codes (B, D, h, w) with straight-through gradients, indices (B, h, w)); no
+        losses, no statistics and no codebook update, in any mode (what decoding a latent needs)."""
+        if z.dim() != 4 or z.shape[1] != self.embed_dim:
+            raise ValueError(f"VectorQuantizer expects (B, {self.embed_dim}, h, w), got {tuple(z.shape)}")
+        b, _, h, w = z.shape
+        idx = self.nearest(z.detach().permute(0, 2, 3, 1).reshape(-1, self.embed_dim)).reshape(b, h, w)
+        z_q = self.lookup(idx).to(z.dtype)
+        return z + (z_q - z).detach(), idx
+
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, h, w) -> codebook vectors (B, D, h, w)."""
         return self.embedding.weight[indices].permute(0, 3, 1, 2).contiguous()
@@ -293,8 +303,9 @@ class VQModel(nn.Module):
     """Encoder -> quant_conv -> :class:`VectorQuantizer` -> post_quant_conv -> Decoder (diffusers' ``VQModel``).
 
     ``encode`` returns the continuous pre-quantisation latent (diffusers' ``encode(x).latents``); ``decode``
-    quantises it first unless ``quantize=False`` (diffusers' ``force_not_quantize``); ``forward`` does both and
-    also returns the quantiser's losses and statistics.
+    snaps it to the nearest codes first unless ``quantize=False`` (diffusers' ``force_not_quantize``);
+    ``forward`` does both and also returns the quantiser's losses and statistics. Only ``forward`` in training
+    mode updates the codebook (EMA and restarts).
     """
 
     def __init__(self, cfg: VQConfig = TINY):
@@ -334,7 +345,7 @@ class VQModel(nn.Module):
         if z.dim() != 4 or z.shape[1] != self.config.vq_embed_dim:
             raise ValueError(f"VQModel.decode expects (B, {self.config.vq_embed_dim}, h, w), got {tuple(z.shape)}")
         if quantize:
-            z = self.quantize(z).z_q
+            z = self.quantize.snap(z)[0]  # never updates the codebook: decoding is not a training step
         return self.decoder(self.post_quant_conv(z))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
