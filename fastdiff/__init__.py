@@ -1,5 +1,6 @@
 """fastdiff: diffusion models for one consumer GPU, with a first-class CPU path."""
 from fastdiff import _ext
+from fastdiff._argtypes import InvalidArgument
 from fastdiff.sketch import sketch  # edge maps (sketch-to-image conditioning); torch only
 
 __version__ = "0.1.0"
@@ -23,4 +24,4 @@ def load_pipeline(path=None, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "generate", "load_pipeline", "sketch"]
+__all__ = ["__version__", "generate", "load_pipeline", "sketch", "InvalidArgument"]
