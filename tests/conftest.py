@@ -38,8 +38,7 @@ from torch.utils._pytree import tree_map
 from fastdiff import settings
 from fastdiff.ops import registry, routing
 
-HAS_CUDA = torch.cuda.is_available()
-NO_CUDA = "no CUDA device"
+from devices import HAS_CUDA, NO_CUDA
 # Backends that run CUDA tensors; an op with none of them runs ``ref`` in its device cases.
 DEVICE_BACKENDS = ("cuda", "triton", "flash_attn")
 LOWP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
