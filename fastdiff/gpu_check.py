@@ -182,10 +182,10 @@ def run_tests(dry: bool, timeout_s: float) -> dict:
         return {"skipped": "no tests/ folder"}
     if dry:   # the code path only: one file's device cases (skipped on the CPU)
         args = [str(tests / "test_geglu.py"), "-k", "on_cuda"]
-    else:
-        args = [str(tests / f"test_{f}.py") for f in OP_TEST_FILES] + ["-k", "on_cuda"]
-        args = [*args[:-2], str(tests / "test_gpu_pipelines.py"), str(tests / "test_compile.py"), "-k",
-                "on_cuda or gpu or compile"]
+    else:  # the op tests' device cases, every GPU pipeline test, every compile test
+        files = [tests / f"test_{f}.py" for f in OP_TEST_FILES] + [tests / "test_gpu_pipelines.py",
+                                                                    tests / "test_compile.py"]
+        args = [str(f) for f in files] + ["-k", "on_cuda or test_gpu_pipelines or test_compile"]
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "-rfE",
@@ -586,6 +586,11 @@ def _table(result: dict) -> str:
     if "graph_s" in gl:
         lines.append(f"{gl['case']}: eager {gl['eager_s'] * 1e3:.1f} ms, CUDA graph {gl['graph_s'] * 1e3:.1f} ms, "
                      f"ratio {gl['ratio']:.2f}")
+    t = result.get("tests") or {}
+    if "passed" in t:
+        lines.append(f"tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
+        lines += [f"  FAILED {name}" for name in t["failures"][:40]]
+    lines += [f"ERROR {k}: {v}" for k, v in (result.get("errors") or {}).items()]
     return "\n".join(lines)
 
 
@@ -653,13 +658,24 @@ def _check(args, argv, dry, dev, sz, start, deadline) -> int:
     result["peaks"] = measure_peaks(dev, sz)
     left = deadline - time.perf_counter()
     result["ops"] = measure_ops(dev, sz, result["peaks"], time.perf_counter() + 0.3 * left)
-    result["graph_loop"] = measure_graph_loop(dev, sz)
+    result["errors"] = {}
+
+    def guarded(name, fn, empty):
+        # one failing measurement is a finding to record, not a reason to lose the others
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            result["errors"][name] = f"{type(e).__name__}: {e}"
+            _say(f"{name}: ERROR {type(e).__name__}: {e}")
+            return empty
+
+    result["graph_loop"] = guarded("graph_loop", lambda: measure_graph_loop(dev, sz), {})
     result["pipelines"] = []
     if args.no_pipelines:
         _say("pipelines: skipped (--no-pipelines)")
     else:
-        result["pipelines"] += measure_sd1(dev, sz, deadline, sz.pipeline_case_s)
-        result["pipelines"] += measure_sd3(dev, sz, deadline, sz.pipeline_case_s)
+        result["pipelines"] += guarded("sd1", lambda: measure_sd1(dev, sz, deadline, sz.pipeline_case_s), [])
+        result["pipelines"] += guarded("sd3", lambda: measure_sd3(dev, sz, deadline, sz.pipeline_case_s), [])
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu_{_slug(result['device']['name'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -667,7 +683,7 @@ def _check(args, argv, dry, dev, sz, start, deadline) -> int:
     print(_table(result))
     _say(f"wrote {out} ({result['seconds']:.0f} s)")
     tests = result["tests"]
-    return 1 if isinstance(tests, dict) and tests.get("failed") else 0
+    return 1 if tests.get("failed") or tests.get("error") or result["errors"] else 0
 
 
 if __name__ == "__main__":

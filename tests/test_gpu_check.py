@@ -28,7 +28,7 @@ def test_dry_run_measures_every_step_and_writes_the_json(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--no-tests", "--out", str(out)]) == 0
     assert torch.get_num_threads() == threads  # the dry run's single thread does not leak
     r = json.loads(out.read_text())
-    assert r["dry_run"] and r["device"]["type"] == "cpu"
+    assert r["dry_run"] and r["device"]["type"] == "cpu" and r["errors"] == {}
     assert r["peaks"]["copy_gbps"] > 0 and r["peaks"]["bf16_matmul_tflops"] > 0
     names = {row["op"].split(" ")[0] for row in r["ops"]}
     assert names == set(OPS), names
