@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 __all__ = ["OneLineParser", "InvalidArgument", "check_int", "check_number", "check_choice", "check_type",
-           "int_at_least", "float_in", "existing_path", "multiple_of", "output_file"]
+           "int_at_least", "float_in", "existing_path", "multiple_of", "output_file", "device_name"]
 
 
 class InvalidArgument(ValueError, TypeError):
@@ -154,3 +154,20 @@ def output_file(text: str) -> str:
     if not p.parent.exists():
         raise argparse.ArgumentTypeError(f"the folder {p.parent} does not exist")
     return text
+
+
+def device_name(text: str) -> str:
+    """argparse type of ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` naming a device this machine has."""
+    import torch
+
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return text
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA device and this machine has none (use cpu)")
+        n = torch.cuda.device_count()
+        if index and int(index) >= n:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has CUDA devices 0..{n - 1}")
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")

@@ -82,7 +82,7 @@ def test_bundled_model_samples_the_same_images_on_cuda():
     cpu = load_pixel_pipeline().sample(labels, **kw)
     gpu = load_pixel_pipeline(device=CUDA).sample(labels, **kw)
     assert gpu.shape == cpu.shape and gpu.device.type == "cpu"
-    # samples in [-1, 1]: 2/255 is one 8-bit level of the saved image
+    # samples in [0, 1]: 2/255 is two 8-bit levels of the saved image
     assert (gpu - cpu).abs().max().item() <= 2 / 255
 
 

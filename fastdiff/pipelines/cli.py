@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff._argtypes import existing_path, float_in, int_at_least, multiple_of, output_file
+from fastdiff._argtypes import device_name, existing_path, float_in, int_at_least, multiple_of, output_file
 
 __all__ = ["add_generate_parser"]
 
@@ -47,6 +47,7 @@ def add_generate_parser(sub) -> None:
                    "(x_t at a few t) next to --out")
     p.add_argument("--interpolate", action="store_true", help="also write a slerp between two noises next to "
                    "--out")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_generate)
@@ -71,7 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None or args.init_image is not None or args.mask is not None:
         return _run_prompt(args, out, t0)
     try:
-        pipe = load_pixel_pipeline(args.model)
+        pipe = load_pixel_pipeline(args.model, device=args.device)
         args.sampler = args.sampler or pipe.defaults.sampler
         steps = pipe.resolve_steps(args.sampler, args.steps)
         guidance = pipe.resolve_guidance("model" if args.guidance is None else args.guidance)
@@ -114,7 +115,7 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
         if args.model is None:
             raise ValueError("--prompt needs a Stable Diffusion checkpoint: --model PATH (a diffusers folder or an "
                              "original .safetensors / .ckpt file); the bundled model is class-conditional (--label)")
-        pipe = load_pipeline(args.model)
+        pipe = load_pipeline(args.model, device=args.device)
         sampler, steps, default_guidance = sd_defaults(pipe, args.sampler, args.steps)
         guidance = default_guidance if args.guidance is None else args.guidance
         ims = generate(args.prompt, model=pipe, n=args.n or 1, seed=args.seed, sampler=sampler,
