@@ -23,4 +23,12 @@ def load_pipeline(path=None, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "generate", "load_pipeline", "sketch"]
+def load_controlnet(path, **kwargs):
+    """An SD1 ControlNet from a diffusers folder or an original ``control_*`` single file; see
+    :func:`fastdiff.io.controlnet_checkpoint.load_controlnet`. Imported lazily."""
+    from fastdiff.io.controlnet_checkpoint import load_controlnet as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "generate", "load_controlnet", "load_pipeline", "sketch"]

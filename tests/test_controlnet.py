@@ -165,3 +165,157 @@ def test_bad_inputs():
         unet(x, t, ctx, mid_block_additional_residual=mid[:, 1:])
     with pytest.raises(ValueError, match="channel_order"):
         cn.ControlNetConfig(channel_order="rgba")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+import fastdiff  # noqa: E402
+from fastdiff.io import controlnet_checkpoint as cck  # noqa: E402
+from fastdiff.io.checkpoint import CheckpointError  # noqa: E402
+
+TINY_CN = cn.ControlNetConfig(unet=unet_sd.TINY, conditioning_embedding_out_channels=HINT)
+
+
+def _original_state_dict(ref) -> dict[str, torch.Tensor]:
+    """The original ``control_model.*`` layout of a diffusers ControlNet's weights (fastdiff's inverse map)."""
+    cfg = cn.ControlNetConfig.from_diffusers(dict(ref.config))
+    return {cck.CONTROL_PREFIX + cck.controlnet_key_to_original(k, cfg): v.contiguous()
+            for k, v in ref.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def ref_files(tmp_path_factory):
+    """(diffusers UNet, diffusers ControlNet, its save_pretrained folder, an original-layout .safetensors)."""
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("cn")
+    ref_unet, ref = _reference_pair(unet_sd.TINY, seed=5)
+    ref.save_pretrained(d / "folder", safe_serialization=True)
+    save_file(_original_state_dict(ref), str(d / "control_tiny.safetensors"))
+    return ref_unet, ref, d / "folder", d / "control_tiny.safetensors"
+
+
+def _check_loaded(net: cn.ControlNet, ref_unet, ref):
+    unet = unet_sd.UNetSD(unet_sd.TINY).eval()
+    unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    x, t, ctx, hint = _inputs(unet_sd.TINY, seed=7)
+    down, mid, rdown, rmid = _check_residuals(net, ref, x, t, ctx, hint, 0.9)
+    with torch.no_grad():
+        _assert_close(unet(x, t, ctx, down, mid),
+                      ref_unet(x, t, ctx, down_block_additional_residuals=rdown, mid_block_additional_residual=rmid).sample)
+
+
+def test_load_diffusers_folder(ref_files):
+    ref_unet, ref, folder, _ = ref_files
+    net = fastdiff.load_controlnet(folder)
+    assert net.config == TINY_CN and not net.training
+    _check_loaded(net, ref_unet, ref)
+    half = cck.load_controlnet(folder, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+
+
+def test_load_original_single_file(ref_files, tmp_path):
+    ref_unet, ref, _, single = ref_files
+    net = fastdiff.load_controlnet(single, config=TINY_CN)
+    _check_loaded(net, ref_unet, ref)
+    # the shapes alone give everything but the head count and norm groups (SD1's 8 and 32 by default)
+    got = cck.infer_controlnet_config({k[len(cck.CONTROL_PREFIX):]: v
+                                       for k, v in _original_state_dict(ref).items()})
+    assert got.unet == unet_sd.UNetSDConfig(**{**TINY_CN.unet.__dict__, "num_heads": 8, "norm_num_groups": 32})
+    assert got.conditioning_embedding_out_channels == HINT
+    # fastdiff writes the same file back; a .pth pickle of plain tensors and a file that bundles the SD1
+    # model (the first releases) load too
+    cck.save_controlnet_single_file(net, tmp_path / "again.safetensors")
+    from safetensors.torch import load_file
+    a, b = load_file(single), load_file(tmp_path / "again.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bundled = dict(a, **{"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3),
+                         "first_stage_model.decoder.conv_in.weight": torch.zeros(2), "betas": torch.zeros(1000)})
+    torch.save({"state_dict": bundled}, tmp_path / "control_sd15_tiny.pth")
+    _check_loaded(cck.load_controlnet(tmp_path / "control_sd15_tiny.pth", config=TINY_CN), ref_unet, ref)
+
+
+def test_original_names_match_diffusers_converter(ref_files):
+    """fastdiff's original names, fed to diffusers' converter of original ControlNet files, come back as the
+    same diffusers names and tensors: for the tiny model and for the full-size SD1.5 ControlNet (on meta)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    _, ref, _, _ = ref_files
+    ours = ref.state_dict()
+    back = sfu.convert_controlnet_checkpoint(_original_state_dict(ref), {"layers_per_block": 2})
+    assert back.keys() == ours.keys() and all(back[k] is ours[k] or torch.equal(back[k], ours[k]) for k in ours)
+    with torch.device("meta"):
+        full = cn.ControlNet(cn.SD15)
+    ours = full.state_dict()
+    orig = {cck.CONTROL_PREFIX + cck.controlnet_key_to_original(k, cn.SD15): v for k, v in ours.items()}
+    assert len([k for k in orig if ".zero_convs." in k]) == 2 * 12
+    assert {k for k in orig if "input_hint_block" in k and k.endswith("weight")} == {
+        f"control_model.input_hint_block.{i}.weight" for i in range(0, 16, 2)}
+    back = sfu.convert_controlnet_checkpoint(orig, {"layers_per_block": 2})
+    assert back.keys() == ours.keys() and all(back[k] is ours[k] for k in ours)
+    shapes = cck.infer_controlnet_config({k[len(cck.CONTROL_PREFIX):]: v for k, v in orig.items()})
+    assert shapes == cn.SD15
+
+
+def test_missing_and_unexpected_keys_named(ref_files, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, _, single = ref_files
+    sd = load_file(single)
+    gone = "control_model.zero_convs.3.0.weight"
+    bad = {k: v for k, v in sd.items() if k != gone}
+    bad["control_model.input_hint_block.16.weight"] = torch.zeros(3)
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        cck.load_controlnet(tmp_path / "bad.safetensors", config=TINY_CN)
+    msg = str(e.value)
+    assert "missing keys (1): controlnet_down_blocks.3.weight" in msg
+    assert "unexpected keys (1): control_model.input_hint_block.16.weight" in msg
+    wrong = dict(sd, **{"control_model.middle_block_out.0.bias": torch.zeros(5)})
+    save_file(wrong, tmp_path / "shape.safetensors")
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): controlnet_mid_block.bias"):
+        cck.load_controlnet(tmp_path / "shape.safetensors", config=TINY_CN)
+    save_file(dict(sd, stray=torch.zeros(1)), tmp_path / "stray.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected keys outside control_model.*: stray"):
+        cck.load_controlnet(tmp_path / "stray.safetensors", config=TINY_CN)
+
+
+def test_unet_files_are_not_controlnets(ref_files, tmp_path):
+    from safetensors.torch import save_file
+
+    from fastdiff.io import sd_checkpoint as ck
+
+    ref_unet, _, _, _ = ref_files
+    unet = unet_sd.UNetSD(unet_sd.TINY)
+    original = {ck.UNET_PREFIX + ck.unet_key_to_original(k, unet.config): v.contiguous()
+                for k, v in unet.state_dict().items()}
+    save_file(original, tmp_path / "unet_only.safetensors")
+    save_file({k[len(ck.UNET_PREFIX):]: v for k, v in original.items()}, tmp_path / "unet_bare.safetensors")
+    save_file({k: v.contiguous() for k, v in ref_unet.state_dict().items()}, tmp_path / "unet_diffusers.safetensors")
+    for name in ("unet_only", "unet_bare", "unet_diffusers"):
+        with pytest.raises(CheckpointError, match="not a ControlNet") as e:
+            cck.load_controlnet(tmp_path / f"{name}.safetensors")
+        assert "\n" not in str(e.value) and "UNet" in str(e.value)
+    ref_unet.save_pretrained(tmp_path / "unet_folder")
+    with pytest.raises(CheckpointError, match="unet_folder: a UNet2DConditionModel folder, not a ControlNet"):
+        cck.load_controlnet(tmp_path / "unet_folder")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        cck.load_controlnet(tmp_path / "nope.safetensors")
+
+
+class _Payload:
+    """A pickle that would run code when loaded unsafely (it would create a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"control_model.input_hint_block.0.weight": torch.zeros(1), "evil": _Payload(str(marker))},
+               tmp_path / "control_evil.pth")
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        cck.load_controlnet(tmp_path / "control_evil.pth")
+    assert not marker.exists()

@@ -44,6 +44,8 @@ class ControlNetConfig:
     global_pool_conditions: bool = False  # residuals averaged over space (the "shuffle" ControlNets)
 
     def __post_init__(self):
+        # the fields only a UNet's decoder reads take one value, so equal encoders give equal configs
+        object.__setattr__(self, "unet", replace(self.unet, out_channels=self.unet.in_channels, sample_size=64))
         object.__setattr__(self, "conditioning_embedding_out_channels",
                            tuple(int(c) for c in self.conditioning_embedding_out_channels))
         if not self.conditioning_embedding_out_channels:
@@ -154,7 +156,7 @@ class ControlNet(nn.Module):
         """A new ControlNet for ``unet``: its encoder weights copied (time embedding, conv_in, down and mid
         blocks), the hint encoder's convolutions at PyTorch's default initialisation, and the hint encoder's
         ``conv_out`` and every zero convolution at zero, so it starts as a no-op on the UNet's output."""
-        cfg = ControlNetConfig(unet=replace(unet.config, out_channels=unet.config.in_channels),
+        cfg = ControlNetConfig(unet=unet.config,
                                conditioning_channels=conditioning_channels,
                                conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels))
         net = cls(cfg).to(device=unet.conv_in.weight.device, dtype=unet.dtype)
