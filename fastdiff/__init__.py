@@ -1,6 +1,7 @@
 """fastdiff: diffusion models for one consumer GPU, with a first-class CPU path."""
 from fastdiff import _ext
 from fastdiff.sketch import sketch  # edge maps (sketch-to-image conditioning); torch only
+from fastdiff import control  # ControlNet control images: canny, scribble, segmentation colours; torch only
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,4 @@ def load_controlnet(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "generate", "load_controlnet", "load_pipeline", "sketch"]
+__all__ = ["__version__", "control", "generate", "load_controlnet", "load_pipeline", "sketch"]
