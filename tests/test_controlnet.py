@@ -28,7 +28,8 @@ def _randomize(model: torch.nn.Module, seed: int = 1234) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_norm = p.dim() == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g) if is_norm else 0.2 * torch.randn(p.shape, generator=g))
+            r = 0.2 * torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + r if is_norm else r)
     return model.eval()
 
 
@@ -97,8 +98,8 @@ def test_controlnet_and_unet_match_diffusers(cfg):
     x1, t1, ctx1, hint1 = _inputs(cfg, b=1, h=13, w=9, seed=3)
     d1, m1, rd1, rm1 = _check_residuals(ours, ref, x1, torch.tensor([321.5]), ctx1, hint1, 0.8)
     with torch.no_grad():
-        _assert_close(unet(x1, t1, ctx1, d1, m1),
-                      ref_unet(x1, t1, ctx1, down_block_additional_residuals=rd1, mid_block_additional_residual=rm1).sample)
+        want = ref_unet(x1, t1, ctx1, down_block_additional_residuals=rd1, mid_block_additional_residual=rm1).sample
+        _assert_close(unet(x1, t1, ctx1, d1, m1), want)
 
 
 def test_from_unet_copies_the_encoder_and_starts_at_zero():
@@ -119,6 +120,32 @@ def test_from_unet_copies_the_encoder_and_starts_at_zero():
         down, mid = ours(x, t, ctx, hint)
         assert all(float(d.abs().max()) == 0.0 for d in down) and float(mid.abs().max()) == 0.0
         assert torch.equal(unet(x, t, ctx, down, mid), unet(x, t, ctx))
+
+
+def test_gradients_match_diffusers():
+    """A ControlNet trains through fastdiff's fused ops: the gradients of a loss on the frozen UNet's output
+    with the residuals added equal diffusers' for every ControlNet parameter (zero convolutions included)."""
+    ref_unet, ref = _reference_pair(unet_sd.TINY, seed=11)
+    ours = cn.ControlNet(cn.ControlNetConfig.from_diffusers(dict(ref.config)))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    unet = unet_sd.UNetSD(unet_sd.TINY).eval().requires_grad_(False)
+    unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    ref_unet.requires_grad_(False)
+    ours.train()
+    ref.train()
+    x, t, ctx, hint = _inputs(unet_sd.TINY, h=8, w=8, seed=2)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    down, mid = ours(x, t, ctx, hint)
+    ((unet(x, t, ctx, down, mid) - target) ** 2).mean().backward()
+    rdown, rmid = ref(x, t, ctx, hint, return_dict=False)
+    out = ref_unet(x, t, ctx, down_block_additional_residuals=rdown, mid_block_additional_residual=rmid).sample
+    ((out - target) ** 2).mean().backward()
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        want = theirs[name].grad
+        scale = want.abs().max().item()  # some biases of the zero convolutions get gradients of only ~3e-4
+        assert p.grad is not None and scale > 0, name
+        assert (p.grad - want).abs().max().item() <= 2e-5 * scale, name
 
 
 def test_config_roundtrip_through_diffusers():
@@ -200,8 +227,8 @@ def _check_loaded(net: cn.ControlNet, ref_unet, ref):
     x, t, ctx, hint = _inputs(unet_sd.TINY, seed=7)
     down, mid, rdown, rmid = _check_residuals(net, ref, x, t, ctx, hint, 0.9)
     with torch.no_grad():
-        _assert_close(unet(x, t, ctx, down, mid),
-                      ref_unet(x, t, ctx, down_block_additional_residuals=rdown, mid_block_additional_residual=rmid).sample)
+        want = ref_unet(x, t, ctx, down_block_additional_residuals=rdown, mid_block_additional_residual=rmid).sample
+        _assert_close(unet(x, t, ctx, down, mid), want)
 
 
 def test_load_diffusers_folder(ref_files):
