@@ -281,6 +281,12 @@ def test_original_names_match_diffusers_converter(ref_files):
     assert back.keys() == ours.keys() and all(back[k] is ours[k] for k in ours)
     shapes = cck.infer_controlnet_config({k[len(cck.CONTROL_PREFIX):]: v for k, v in orig.items()})
     assert shapes == cn.SD15
+    # the full-size model has diffusers' SD1.5 ControlNet's tensors (361M parameters), and its config
+    with torch.device("meta"):
+        ref_full = diffusers.ControlNetModel(**{k: v for k, v in cn.SD15.to_diffusers().items() if k != "_class_name"})
+    assert {k: tuple(v.shape) for k, v in ref_full.state_dict().items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert cn.ControlNetConfig.from_diffusers(dict(ref_full.config)) == cn.SD15
+    assert 360e6 < sum(v.numel() for v in ours.values()) < 362e6
 
 
 def test_missing_and_unexpected_keys_named(ref_files, tmp_path):
@@ -346,3 +352,31 @@ def test_pickle_with_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refused to unpickle"):
         cck.load_controlnet(tmp_path / "control_evil.pth")
     assert not marker.exists()
+
+
+def test_several_controlnets_on_a_guided_batch_match_diffusers():
+    """``controlled_unet`` with two ControlNets equals diffusers' MultiControlNetModel + UNet, on a guided batch
+    [uncond; cond] whose halves share each control image (diffusers concatenates the image twice)."""
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    ref_unet, ref1 = _reference_pair(unet_sd.TINY, seed=20)
+    ref2 = _randomize(diffusers.ControlNetModel.from_unet(ref_unet, conditioning_embedding_out_channels=HINT), 30)
+    unet = unet_sd.UNetSD(unet_sd.TINY).eval()
+    unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    nets = []
+    for r in (ref1, ref2):
+        nets.append(cn.ControlNet(cn.ControlNetConfig.from_diffusers(dict(r.config))).eval())
+        nets[-1].load_state_dict(r.state_dict(), strict=True)
+    x, t, ctx, h1 = _inputs(unet_sd.TINY, b=2, seed=4)
+    h2 = torch.rand(h1.shape, generator=torch.Generator().manual_seed(5))
+    x2, ctx2, t2 = torch.cat([x, x.flip(0)]), torch.cat([ctx, ctx.flip(0)]), torch.tensor([700, 700, 700, 700])
+    with torch.no_grad():
+        got = cn.controlled_unet(unet, x2, t2, ctx2, [(nets[0], h1, 0.7), (nets[1], h2, 1.3)])
+        down, mid = MultiControlNetModel([ref1, ref2])(x2, t2, ctx2, [torch.cat([h1, h1]), torch.cat([h2, h2])],
+                                                       [0.7, 1.3], return_dict=False)
+        want = ref_unet(x2, t2, ctx2, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        _assert_close(got, want)
+        # a ControlNet at scale 0 (outside its control_start..control_end) is skipped: the plain UNet, bit for bit
+        assert torch.equal(cn.controlled_unet(unet, x, t, ctx, [(nets[0], h1, 0.0)]), unet(x, t, ctx))
+        with pytest.raises(ValueError, match="does not divide"):
+            cn.controlled_unet(unet, torch.cat([x, x[:1]]), 5, torch.cat([ctx, ctx[:1]]), [(nets[0], h1, 1.0)])

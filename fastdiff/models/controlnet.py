@@ -31,7 +31,8 @@ from fastdiff.models.unet_sd import SD15 as UNET_SD15
 from fastdiff.models.unet_sd import TINY as UNET_TINY
 from fastdiff.ops import Conv2d, timestep_embedding
 
-__all__ = ["ControlNetConfig", "ControlNet", "ControlNetConditioningEmbedding", "SD15", "TINY", "PRESETS"]
+__all__ = ["ControlNetConfig", "ControlNet", "ControlNetConditioningEmbedding", "controlled_unet", "SD15", "TINY",
+           "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -214,3 +215,29 @@ class ControlNet(nn.Module):
             down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
             mid = mid.mean(dim=(2, 3), keepdim=True)
         return down, mid
+
+
+def controlled_unet(unet: UNetSD, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                    controls) -> torch.Tensor:
+    """``unet``'s output with the residuals of every ``(controlnet, control_image, scale)`` in ``controls`` added.
+
+    Several ControlNets' residuals are summed (diffusers' ``MultiControlNetModel``); one with ``scale == 0`` is
+    not run at all (a denoiser outside ``[control_start, control_end]`` passes 0), and with none left this is the
+    plain UNet call. A control image's batch may be 1, the sample's, or divide it: it is tiled, so ``b`` images
+    serve a classifier-free-guided batch ``[uncond (b); cond (b)]``, each half seeing the same control.
+    """
+    b = sample.shape[0]
+    down = mid = None
+    for net, image, scale in controls:
+        if scale == 0:
+            continue
+        n = image.shape[0]
+        if n not in (1, b) and b % n:
+            raise ValueError(f"a control image batch of {n} does not divide the sample batch of {b}")
+        if n not in (1, b):
+            image = image.repeat(b // n, 1, 1, 1)
+        d, m = net(sample, timestep, encoder_hidden_states, image, conditioning_scale=scale)
+        down = d if down is None else [a + r for a, r in zip(down, d)]
+        mid = m if mid is None else mid + m
+    return unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid)
