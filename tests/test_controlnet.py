@@ -376,6 +376,11 @@ def test_several_controlnets_on_a_guided_batch_match_diffusers():
                                                        [0.7, 1.3], return_dict=False)
         want = ref_unet(x2, t2, ctx2, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         _assert_close(got, want)
+        ours_down, ours_mid = cn.controlnet_residuals(x2, t2, ctx2, [(nets[0], h1, 0.7), (nets[1], h2, 1.3)])
+        for a, b in zip(ours_down, down, strict=True):
+            _assert_close(a, b)
+        _assert_close(ours_mid, mid)
+        assert cn.controlnet_residuals(x2, t2, ctx2, [(nets[0], h1, 0)]) == (None, None)
         # a ControlNet at scale 0 (outside its control_start..control_end) is skipped: the plain UNet, bit for bit
         assert torch.equal(cn.controlled_unet(unet, x, t, ctx, [(nets[0], h1, 0.0)]), unet(x, t, ctx))
         with pytest.raises(ValueError, match="does not divide"):

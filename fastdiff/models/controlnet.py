@@ -31,8 +31,8 @@ from fastdiff.models.unet_sd import SD15 as UNET_SD15
 from fastdiff.models.unet_sd import TINY as UNET_TINY
 from fastdiff.ops import Conv2d, timestep_embedding
 
-__all__ = ["ControlNetConfig", "ControlNet", "ControlNetConditioningEmbedding", "controlled_unet", "SD15", "TINY",
-           "PRESETS"]
+__all__ = ["ControlNetConfig", "ControlNet", "ControlNetConditioningEmbedding", "controlled_unet",
+           "controlnet_residuals", "SD15", "TINY", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -217,14 +217,16 @@ class ControlNet(nn.Module):
         return down, mid
 
 
-def controlled_unet(unet: UNetSD, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                    controls) -> torch.Tensor:
-    """``unet``'s output with the residuals of every ``(controlnet, control_image, scale)`` in ``controls`` added.
+def controlnet_residuals(sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, controls
+                         ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """The summed ``(down_residuals, mid_residual)`` of every ``(controlnet, control_image, scale)`` in
+    ``controls``, or ``(None, None)`` when none runs: the arguments of :class:`UNetSD`'s residual inputs.
 
     Several ControlNets' residuals are summed (diffusers' ``MultiControlNetModel``); one with ``scale == 0`` is
-    not run at all (a denoiser outside ``[control_start, control_end]`` passes 0), and with none left this is the
-    plain UNet call. A control image's batch may be 1, the sample's, or divide it: it is tiled, so ``b`` images
-    serve a classifier-free-guided batch ``[uncond (b); cond (b)]``, each half seeing the same control.
+    not run at all (a denoiser outside ``[control_start, control_end]`` passes 0). A control image's batch may
+    be 1, the sample's, or divide it: it is tiled, so ``b`` images serve a classifier-free-guided batch
+    ``[uncond (b); cond (b)]``, each half seeing the same control. ``sample`` is the 4-channel latent also for
+    an inpainting UNet (whose extra mask channels the ControlNet does not read).
     """
     b = sample.shape[0]
     down = mid = None
@@ -239,5 +241,13 @@ def controlled_unet(unet: UNetSD, sample: torch.Tensor, timestep, encoder_hidden
         d, m = net(sample, timestep, encoder_hidden_states, image, conditioning_scale=scale)
         down = d if down is None else [a + r for a, r in zip(down, d)]
         mid = m if mid is None else mid + m
+    return down, mid
+
+
+def controlled_unet(unet: UNetSD, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                    controls) -> torch.Tensor:
+    """``unet``'s output with the residuals of ``controls`` added (:func:`controlnet_residuals`); with every
+    scale 0 (or no controls) this is the plain UNet call."""
+    down, mid = controlnet_residuals(sample, timestep, encoder_hidden_states, controls)
     return unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid)
