@@ -1,5 +1,6 @@
 """fastdiff: diffusion models for one consumer GPU, with a first-class CPU path."""
 from fastdiff import _ext
+from fastdiff._argtypes import InvalidArgument
 from fastdiff.sketch import sketch  # edge maps (sketch-to-image conditioning); torch only
 from fastdiff import control  # ControlNet control images: canny, scribble, segmentation colours; torch only
 
@@ -32,4 +33,4 @@ def load_controlnet(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "control", "generate", "load_controlnet", "load_pipeline", "sketch"]
+__all__ = ["__version__", "control", "generate", "load_controlnet", "load_pipeline", "sketch", "InvalidArgument"]

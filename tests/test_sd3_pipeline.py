@@ -326,7 +326,7 @@ def test_embeddings_instead_of_prompts_and_freed_encoders(sd3_folder):
         pipe.encode_prompt("a cat")
     with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
         pipe.txt2img("a cat", prompt_embeds=emb, **kw)
-    with pytest.raises(ValueError, match="prompt_embeds must be"):
+    with pytest.raises(ValueError, match="prompt_embeds: must be"):
         pipe.txt2img(prompt_embeds=emb[0], **kw)
 
 
