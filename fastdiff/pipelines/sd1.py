@@ -13,6 +13,7 @@ import os
 import torch
 
 from fastdiff._argtypes import InvalidArgument
+from fastdiff.adapters.lora import LoraMixin
 from fastdiff.io import sd_checkpoint as ckpt
 from fastdiff.models.clip_text import CLIPTextModel
 from fastdiff.models.clip_tokenizer import CLIPTokenizer
@@ -28,7 +29,7 @@ __all__ = ["StableDiffusion1", "load_sd1", "DEFAULTS"]
 DEFAULTS = Defaults(sampler="euler", steps=30, guidance=7.5, height=512, width=512, strength=0.8)
 
 
-class StableDiffusion1(LatentPipeline):
+class StableDiffusion1(LoraMixin, LatentPipeline):
     """Holds ``.unet``, ``.vae``, ``.text_encoder``, ``.tokenizer`` (fastdiff modules) and the scheduler settings."""
 
     defaults = DEFAULTS

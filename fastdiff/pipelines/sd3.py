@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff._argtypes import InvalidArgument, check_int, check_number
+from fastdiff.adapters.lora import LoraMixin
 from fastdiff.io import sd3_load
 from fastdiff.io.sd3_load import SD3_SCHEDULER_CONFIG
 from fastdiff.pipelines.core import Defaults, LatentPipeline, make_job, prompt_list, run, warn_truncated
@@ -44,7 +45,7 @@ _CLIP_TOKENS = 77
 DEFAULTS = Defaults(sampler="flow_euler", steps=28, guidance=7.0, height=1024, width=1024, strength=0.6)
 
 
-class StableDiffusion3(LatentPipeline):
+class StableDiffusion3(LoraMixin, LatentPipeline):
     """Holds ``.transformer`` (MMDiT), ``.vae``, ``.text_encoder`` (CLIP-L), ``.text_encoder_2`` (CLIP-G),
     ``.text_encoder_3`` (T5-XXL or None), their tokenizers, and the scheduler settings."""
 

@@ -1,0 +1,300 @@
+"""LoRA on fastdiff models: a low-rank side path beside each Linear / Conv2d, several LoRAs at once, scales that
+change without a reload, fuse / unfuse with the base weights restored bit-exactly.
+
+Unfused, a LoRA'd layer computes (``s`` = the user's scale times alpha / r)::
+
+    side = residual                                   # the caller's fused residual, if any
+    for each LoRA:  side = up(down(x) * s) + side     # the add is the up-projection's fused residual post-op
+    y = act?(base(x) + side)                          # ... and the base layer's, so no extra pass over y
+
+through fastdiff's public :func:`~fastdiff.ops.linear` / :func:`~fastdiff.ops.conv2d` (a conv LoRA's ``down``
+has the base kernel, stride and padding, ``up`` is 1x1). Nothing copies a weight per step: the cost is two
+rank-r matmuls per layer. The scale is a 0-d buffer filled in place, so :meth:`LoraSet.set_scale` takes effect
+on the next call (no reload, no recompile under ``torch.compile``).
+
+Fused, ``W <- W + sum(s * up @ down)`` is computed in fp32 and rounded once; the base tensor is kept aside and
+put back by :meth:`LoraSet.unfuse` (bit-exact: nothing is subtracted). A LoRA'd layer keeps its class
+(a subclass of it), its parameter names and its ``state_dict``; the LoRA tensors are non-persistent buffers, so
+``.to(device / dtype)`` moves them with the model.
+
+Pipelines get it through :class:`LoraMixin` (``pipe.load_lora(path, scale, name)``, ``set_lora_scale``,
+``fuse_lora``, ``unfuse_lora``, ``unload_lora``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from fastdiff.adapters.lora_keys import LoraError, LoraPair, convert_lora_state_dict
+from fastdiff.io.checkpoint import read_state_dict
+from fastdiff.ops import Conv2d, Linear, conv2d, linear
+
+__all__ = ["LoraError", "LoraLinear", "LoraConv2d", "LoraSet", "LoraMixin", "read_lora_file"]
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors header metadata) of a LoRA file; pickles only through ``weights_only=True``."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    meta: dict[str, str] = {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception:  # not a safetensors file: a torch pickle has no header metadata
+        meta = {}
+    return sd, meta
+
+
+class _Handle:
+    """One loaded LoRA: its name, the user's scale and whether it is fused; shared by all its layers."""
+
+    def __init__(self, name: str, scale: float):
+        self.name = name
+        self.scale = float(scale)
+        self.fused = False
+        self.adapters: list[_Adapter] = []
+
+
+class _Adapter(nn.Module):
+    """One LoRA's pair on one layer: non-persistent buffers ``down``, ``up`` and the effective 0-d ``scale``."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha_scale: float, handle: _Handle):
+        super().__init__()
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
+        self.register_buffer("scale", torch.tensor(alpha_scale * handle.scale, dtype=torch.float32), persistent=False)
+        self.alpha_scale = float(alpha_scale)
+        self.__dict__["handle"] = handle  # a plain attribute, not a submodule
+
+    def refresh_scale(self) -> None:
+        with torch.no_grad():
+            self.scale.fill_(self.alpha_scale * self.handle.scale)
+
+    def delta(self, shape) -> torch.Tensor:
+        """``s * up @ down`` in fp32, shaped like the layer's weight."""
+        d = self.up.flatten(1).float() @ self.down.flatten(1).float()
+        return (d * (self.alpha_scale * self.handle.scale)).reshape(shape)
+
+
+class _LoraLayer:
+    """What LoRA'd Linear and Conv2d share: the adapter dict, fusing and restoring."""
+
+    lora_adapters: nn.ModuleDict
+
+    def _active(self):
+        return [a for a in self.lora_adapters.values() if not a.handle.fused]
+
+    def _refresh_weight(self) -> None:
+        """Weight = the kept base + every fused LoRA's delta (or the base itself when none is fused)."""
+        fused = [a for a in self.lora_adapters.values() if a.handle.fused]
+        base = self.__dict__.get("_lora_base_weight")
+        if not fused:
+            if base is not None:
+                self.weight.data = base
+                del self.__dict__["_lora_base_weight"]
+        else:
+            if base is None:
+                base = self.__dict__["_lora_base_weight"] = self.weight.data
+            w = base.float()
+            for a in fused:
+                w = w + a.delta(base.shape).to(w.device)
+            self.weight.data = w.to(base.dtype)
+        self.__dict__.pop("_fd_pack", None)  # the pre-packed weight belongs to the old tensor
+
+
+class LoraLinear(Linear, _LoraLayer):
+    """A fastdiff :class:`~fastdiff.ops.Linear` with LoRA side paths (same parameters and state_dict)."""
+
+    def forward(self, input: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None):
+        side = residual
+        for a in self._active():
+            h = linear(input, a.down) * a.scale.to(input.dtype)
+            side = linear(h, a.up, residual=side)
+        return super().forward(input, activation=activation, residual=side)
+
+
+class LoraConv2d(Conv2d, _LoraLayer):
+    """A fastdiff :class:`~fastdiff.ops.Conv2d` with LoRA side paths (LoCon; same parameters and state_dict)."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, silu: bool = False):
+        side = residual
+        for a in self._active():
+            h = conv2d(input, a.down, None, self.stride, self.padding, self.dilation) * a.scale.to(input.dtype)
+            side = conv2d(h, a.up, residual=side)
+        return super().forward(input, residual=side, silu=silu)
+
+
+_LORA_CLASS = {Linear: LoraLinear, Conv2d: LoraConv2d}
+_BASE_CLASS = {v: k for k, v in _LORA_CLASS.items()}
+
+
+def _attach(module: nn.Module, pair: LoraPair, handle: _Handle) -> _Adapter:
+    if type(module) in _LORA_CLASS:
+        module.__class__ = _LORA_CLASS[type(module)]
+        module.lora_adapters = nn.ModuleDict()
+    elif type(module) not in _BASE_CLASS:
+        raise LoraError(f"{pair.component}.{pair.module} is a {type(module).__name__}; LoRA applies to fastdiff "
+                        "Linear and Conv2d layers")
+    w = module.weight
+    a = _Adapter(pair.down.to(w.device, w.dtype), pair.up.to(w.device, w.dtype), pair.scale, handle)
+    module.lora_adapters[handle.name] = a
+    return a
+
+
+def _detach(module: nn.Module, name: str) -> None:
+    del module.lora_adapters[name]
+    module._refresh_weight()
+    if not len(module.lora_adapters):
+        del module.lora_adapters
+        module.__class__ = _BASE_CLASS[type(module)]
+
+
+class LoraSet:
+    """The LoRAs loaded into a set of components (``{"unet": unet, "text_encoder": te}``), by name."""
+
+    def __init__(self, components: Mapping[str, nn.Module], arch: str = "sd1"):
+        self.components = {k: v for k, v in components.items() if v is not None}
+        self.arch = arch
+        self.loras: dict[str, _Handle] = {}
+        self._modules_of: dict[str, list[nn.Module]] = {}
+
+    # -------------------------------------------------------------------------------------------- loading
+    def load(self, path_or_state_dict, scale: float = 1.0, name: str | None = None,
+             metadata: Mapping | None = None) -> str:
+        """Load a LoRA (a file path or a state dict) beside the model's layers; returns its name."""
+        if isinstance(path_or_state_dict, Mapping):
+            sd, meta = dict(path_or_state_dict), dict(metadata or {})
+            stem = "lora"
+        else:
+            sd, meta = read_lora_file(path_or_state_dict)
+            stem = Path(path_or_state_dict).stem
+        scale = _check_scale(scale)
+        if name is None:
+            name, i = stem, 2
+            while name in self.loras:
+                name, i = f"{stem}_{i}", i + 1
+        elif not isinstance(name, str) or not name:
+            raise ValueError(f"load_lora: name must be a non-empty string, got {name!r}")
+        elif name in self.loras:
+            raise ValueError(f"load_lora: a LoRA named {name!r} is loaded already (loaded: {sorted(self.loras)}); "
+                             "unload it first or pass another name")
+        if "." in name:
+            raise ValueError(f"load_lora: name {name!r} may not contain '.'")
+        pairs = convert_lora_state_dict(sd, self.components, arch=self.arch, metadata=meta)
+        handle = _Handle(name, scale)
+        done: list[nn.Module] = []
+        try:
+            for p in pairs:
+                module = self.components[p.component].get_submodule(p.module)
+                handle.adapters.append(_attach(module, p, handle))
+                done.append(module)
+        except Exception:
+            for m in done:
+                _detach(m, name)
+            raise
+        self.loras[name] = handle
+        self._modules_of[name] = done
+        return name
+
+    def _get(self, name: str) -> _Handle:
+        if name not in self.loras:
+            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self.loras) or 'none'})")
+        return self.loras[name]
+
+    def set_scale(self, name: str, scale: float) -> None:
+        """Set a LoRA's strength; takes effect on the next call. A fused LoRA is re-fused at the new scale."""
+        h = self._get(name)
+        h.scale = _check_scale(scale)
+        for a in h.adapters:
+            a.refresh_scale()
+        if h.fused:
+            for m in self._modules_of[name]:
+                m._refresh_weight()
+
+    def scales(self) -> dict[str, float]:
+        return {n: h.scale for n, h in self.loras.items()}
+
+    def fuse(self, names: Iterable[str] | None = None) -> None:
+        """Fold the LoRAs (all, or ``names``) into the weights: ``W + s * up @ down`` in fp32, rounded once."""
+        for n in (list(self.loras) if names is None else _names(names)):
+            h = self._get(n)
+            if not h.fused:
+                h.fused = True
+                for m in self._modules_of[n]:
+                    m._refresh_weight()
+
+    def unfuse(self) -> None:
+        """Put every layer's kept base weight back (bit-exact) and run the LoRAs as side paths again."""
+        for n, h in self.loras.items():
+            if h.fused:
+                h.fused = False
+                for m in self._modules_of[n]:
+                    m._refresh_weight()
+
+    def unload(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all): its layers return to their base weights and class."""
+        for n in (list(self.loras) if name is None else [self._get(name).name]):
+            for m in self._modules_of.pop(n):
+                _detach(m, n)
+            del self.loras[n]
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
+        raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _names(names) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+class LoraMixin:
+    """LoRA methods for a pipeline holding ``unet`` + ``text_encoder`` (SD1) or ``transformer`` + text encoders
+    (SD3). The LoRA state lives in ``self._lora_set`` (created on first use)."""
+
+    def _loras(self) -> LoraSet:
+        s = self.__dict__.get("_lora_set")
+        if s is None:
+            if getattr(self, "unet", None) is not None:
+                comps, arch = {"unet": self.unet, "text_encoder": getattr(self, "text_encoder", None)}, "sd1"
+            elif getattr(self, "transformer", None) is not None:
+                comps = {c: getattr(self, c, None) for c in
+                         ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")}
+                arch = "sd3"
+            else:
+                raise TypeError(f"{type(self).__name__} has no unet or transformer to load a LoRA into")
+            s = self.__dict__["_lora_set"] = LoraSet(comps, arch)
+        return s
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Load a LoRA file (``.safetensors``; ``.pt``/``.ckpt`` tensors only) at ``scale``; returns its name
+        (default: the file's stem). Several LoRAs can be loaded at once; each adds its own side path."""
+        return self._loras().load(path, scale=scale, name=name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's strength; the next call uses it (no reload)."""
+        self._loras().set_scale(name, scale)
+
+    @property
+    def lora_scales(self) -> dict[str, float]:
+        """The loaded LoRAs and their scales."""
+        return self._loras().scales() if self.__dict__.get("_lora_set") is not None else {}
+
+    def fuse_lora(self, names: Iterable[str] | str | None = None) -> None:
+        """Fold the LoRAs into the weights (faster steps; ``unfuse_lora`` restores the base bit-exactly)."""
+        self._loras().fuse(names)
+
+    def unfuse_lora(self) -> None:
+        self._loras().unfuse()
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA by name, or all of them."""
+        if self.__dict__.get("_lora_set") is not None:
+            self._loras().unload(name)
