@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 __all__ = ["OneLineParser", "InvalidArgument", "check_int", "check_number", "check_choice", "check_type",
-           "int_at_least", "float_in", "existing_path", "multiple_of", "output_file", "device_name"]
+           "int_at_least", "float_in", "existing_path", "multiple_of", "output_file", "device_name", "lora_spec"]
 
 
 class InvalidArgument(ValueError, TypeError):
@@ -171,3 +171,19 @@ def device_name(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has CUDA devices 0..{n - 1}")
         return text
     raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """argparse type of ``--lora FILE[:SCALE]``: an existing LoRA file and its scale (default 1.0)."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or not path:
+        path, scale = text, "1.0"
+    try:
+        s = float(scale)
+    except ValueError:
+        path, s = text, 1.0  # a ':' inside the path, no scale
+    if not math.isfinite(s):
+        raise argparse.ArgumentTypeError(f"the scale must be a finite number, got {scale!r}")
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"file does not exist: {path}")
+    return path, s

@@ -343,3 +343,13 @@ def sd15_json():
     import copy
 
     return copy.deepcopy(SD15_JSON)
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory):
+    """A tiny random StableDiffusion3Pipeline saved by diffusers (tests/sd3_builders.py), with T5 and without."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from sd3_builders import build_sd3_folder
+
+    return build_sd3_folder(tmp_path_factory.mktemp("sd3_diffusers"))

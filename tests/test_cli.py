@@ -37,6 +37,8 @@ BAD = [
     ("generate", "--out", "{tmp}", "must be a file path"),
     ("generate", "--threads", "0", "integer >= 1"),
     ("generate", "--device", "tpu", "cpu, cuda or cuda:N"),
+    ("generate", "--lora", "{tmp}/nope.safetensors:0.8", "file does not exist"),
+    ("generate", "--lora", "{tmp}/nope.safetensors", "file does not exist"),
     ("generate", "--device", "cuda:x", "cpu, cuda or cuda:N"),
     ("train", "--model", "unet9000", "choose from 'fashion32', 'cifar10_ddpm', 'tiny'"),
     ("train", "--model-overrides", "[1, 2]", "JSON object"),

@@ -123,15 +123,6 @@ def test_sd1_txt2img_matches_diffusers_on_cuda(ref_folder):
     assert err <= 1 / 255, f"max per-pixel difference {err * 255:.3f}/255"
 
 
-@pytest.fixture(scope="module")
-def sd3_folder(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    pytest.importorskip("transformers")
-    from sd3_builders import build_sd3_folder
-
-    return build_sd3_folder(tmp_path_factory.mktemp("sd3_diffusers"))
-
-
 def test_sd3_transformer_and_img2img_match_diffusers_on_cuda(sd3_folder):
     diffusers = pytest.importorskip("diffusers")
     from fastdiff.pipelines.sd3 import load_sd3

@@ -16,7 +16,6 @@ import torch
 from fastdiff.adapters import LoraError
 from fastdiff.io.checkpoint import CheckpointError
 from fastdiff.pipelines.sd1 import load_sd1
-from test_sd3_pipeline import sd3_folder  # noqa: F401  (the tiny random SD3 pipeline fixture)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -402,3 +401,26 @@ def test_sd3_lora_matches_diffusers(sd3_folder, tmp_path, fmt):
     with pytest.raises(LoraError, match="made for SD1/SD2"):
         ours.load_lora(_save(tmp_path, "sd1", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight":
                                                 torch.zeros(4, 32)}))
+
+
+def test_cli_lora_gives_the_python_image(ref_folder, tmp_path):
+    """``fastdiff generate --lora FILE:SCALE`` writes the image ``load_lora`` + ``generate`` give in Python."""
+    import numpy as np
+    from PIL import Image
+
+    import fastdiff
+    from fastdiff.cli import main
+
+    d, _ = ref_folder
+    ours = load_sd1(d / "sd")
+    f = _save(tmp_path, "style", _kohya(ours, seed=21, std=0.25))
+    out = tmp_path / "cli.png"
+    args = ["generate", "--model", str(d / "sd"), "--prompt", "a cat", "--steps", "2", "--height", "32",
+            "--width", "32", "--seed", "5", "--quiet", "--out", str(out)]
+    assert main(args + ["--lora", f"{f}:0.6"]) == 0
+    ours.load_lora(f, scale=0.6)
+    want = fastdiff.generate("a cat", model=ours, steps=2, height=32, width=32, seed=5, progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want.convert("RGB")))
+    ours.set_lora_scale("style", 0.0)
+    base = fastdiff.generate("a cat", model=ours, steps=2, height=32, width=32, seed=5, progress=False)[0]
+    assert not np.array_equal(np.asarray(base), np.asarray(want)), "the LoRA did not change the image"

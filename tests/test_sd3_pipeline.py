@@ -22,15 +22,7 @@ from fastdiff.pipelines.sd3 import StableDiffusion3, load_sd3
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from sd3_builders import build_sd3_folder  # noqa: E402
-
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, 8k, (masterpiece:1.2)!!"]
-
-
-@pytest.fixture(scope="module")
-def sd3_folder(tmp_path_factory):
-    """A tiny random StableDiffusion3Pipeline saved by diffusers, with T5 and without."""
-    return build_sd3_folder(tmp_path_factory.mktemp("sd3_diffusers"))
 
 
 def _close(a, b, rel=2e-5):

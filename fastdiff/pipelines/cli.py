@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fastdiff._argtypes import device_name, existing_path, float_in, int_at_least, multiple_of, output_file
+from fastdiff._argtypes import (device_name, existing_path, float_in, int_at_least, lora_spec, multiple_of,
+                                output_file)
 
 __all__ = ["add_generate_parser"]
 
@@ -47,6 +48,8 @@ def add_generate_parser(sub) -> None:
                    "(x_t at a few t) next to --out")
     p.add_argument("--interpolate", action="store_true", help="also write a slerp between two noises next to "
                    "--out")
+    p.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
+                   help="apply a LoRA file at SCALE (default 1.0) to a Stable Diffusion --model; repeatable")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,6 +68,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.lora and args.prompt is None:
+        print("fastdiff generate: error: argument --lora: needs a Stable Diffusion --model and --prompt", file=sys.stderr)
+        return 2
     if args.mask is not None and args.init_image is None:
         print("fastdiff generate: error: argument --mask: needs --init-image (the picture to repaint)", file=sys.stderr)
         return 2
@@ -116,6 +122,8 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
             raise ValueError("--prompt needs a Stable Diffusion checkpoint: --model PATH (a diffusers folder or an "
                              "original .safetensors / .ckpt file); the bundled model is class-conditional (--label)")
         pipe = load_pipeline(args.model, device=args.device)
+        for path, scale in args.lora:
+            pipe.load_lora(path, scale=scale)
         sampler, steps, default_guidance = sd_defaults(pipe, args.sampler, args.steps)
         guidance = default_guidance if args.guidance is None else args.guidance
         ims = generate(args.prompt, model=pipe, n=args.n or 1, seed=args.seed, sampler=sampler,
@@ -127,6 +135,8 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
         return 2
     info = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
             "sampler": sampler, "steps": steps, "guidance": guidance, "seed": args.seed}
+    if args.lora:
+        info["lora"] = ", ".join(f"{p}:{s:g}" for p, s in args.lora)
     if args.init_image is not None:
         info.update(init_image=args.init_image,
                     strength=pipe.defaults.strength if args.strength is None else args.strength)
