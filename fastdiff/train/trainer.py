@@ -151,8 +151,8 @@ class TrainConfig:
         one_of("kind", KINDS)
         one_of("conditioning", CONDITIONINGS)
         if self.model not in self.presets:
-            what = "autoencoder" if self.kind == "autoencoder" else f"{self.conditioning}-conditioned UNet"
-            raise ValueError(f"model must be a {what} preset, one of {', '.join(self.presets)}; got {self.model!r}")
+            what = "an autoencoder" if self.kind == "autoencoder" else f"a {self.conditioning}-conditioned UNet"
+            raise ValueError(f"model must be {what} preset, one of {', '.join(self.presets)}; got {self.model!r}")
         one_of("text_encoder", tuple(clip_text.PRESETS))
         one_of("precision", ("bf16", "fp32", "fp16"))
         one_of("optimizer", ("adamw", "adamw8bit"))
