@@ -89,7 +89,7 @@ _TYPES = {
     "image_size": int_at_least(8), "num_train_timesteps": int_at_least(1), "batch_size": int_at_least(1),
     "grad_accum": int_at_least(1), "lr": float_in(0.0, low_open=True), "warmup_steps": int_at_least(0),
     "weight_decay": float_in(0.0), "betas": float_in(0.0, 1.0, high_open=True), "grad_clip": float_in(0.0),
-    "ema_decay": float_in(0.0, 1.0, high_open=True), "class_dropout": float_in(0.0, 1.0, high_open=True),
+    "ema_decay": float_in(0.0, 1.0, high_open=True), "class_dropout": float_in(0.0, 1.0),
     "kl_weight": float_in(0.0),
     "threads": int_at_least(1), "seed": int_at_least(0), "max_steps": int_at_least(1),
     "log_every": int_at_least(1), "sample_every": int_at_least(0), "sample_steps": int_at_least(1),
@@ -111,8 +111,11 @@ def _json_object(text: str) -> dict:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``train`` sub-command on an ``argparse`` subparsers object."""
-    from fastdiff.train.trainer import TrainConfig
+    from fastdiff.train.trainer import TrainConfig, model_presets
 
+    # every preset name of every kind; whether it fits --kind / --conditioning is checked with the configuration
+    presets = tuple(dict.fromkeys([*model_presets("diffusion", "class"), *model_presets("diffusion", "text"),
+                                   *model_presets("autoencoder")]))
     p = subparsers.add_parser("train", help="train a diffusion model or an autoencoder (or --resume a run)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
@@ -131,6 +134,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
             p.add_argument(flag, type=_TYPES["betas"], nargs=2, **kw)
         elif f.name == "model_overrides":
             p.add_argument(flag, type=_json_object, **kw)
+        elif f.name == "model":
+            p.add_argument(flag, choices=presets, **kw)
         elif f.name in _CHOICES:
             p.add_argument(flag, choices=_CHOICES[f.name], **kw)
         else:
