@@ -1,5 +1,8 @@
 """fastdiff: diffusion models for one consumer GPU, with a first-class CPU path."""
 from fastdiff import _ext
+from fastdiff._argtypes import InvalidArgument
+from fastdiff.sketch import sketch  # edge maps (sketch-to-image conditioning); torch only
+from fastdiff import control  # ControlNet control images: canny, scribble, segmentation colours; torch only
 
 __version__ = "0.1.0"
 
@@ -22,4 +25,12 @@ def load_pipeline(path=None, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "generate", "load_pipeline"]
+def load_controlnet(path, **kwargs):
+    """An SD1 ControlNet from a diffusers folder or an original ``control_*`` single file; see
+    :func:`fastdiff.io.controlnet_checkpoint.load_controlnet`. Imported lazily."""
+    from fastdiff.io.controlnet_checkpoint import load_controlnet as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "control", "generate", "load_controlnet", "load_pipeline", "sketch", "InvalidArgument"]

@@ -1,13 +1,91 @@
-"""Argument types for the ``fastdiff`` sub-commands: each checks its value when the command line is parsed, so
-bad input stops before any model loads or file is written, with one line naming the option and what it allows."""
+"""Argument checks shared by the ``fastdiff`` sub-commands and the Python entry points (``fastdiff.generate``,
+``load_pipeline``, ``txt2img`` / ``img2img`` / ``inpaint``): each rule lives once. On the command line the
+argparse types below check a value when the command line is parsed; in Python the ``check_*`` functions raise
+:class:`InvalidArgument`. Either way bad input stops before any model loads or file is written, with one line
+naming the argument and what it allows."""
 from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
-__all__ = ["OneLineParser", "int_at_least", "float_in", "existing_path", "multiple_of", "output_file"]
+__all__ = ["OneLineParser", "InvalidArgument", "check_int", "check_number", "check_choice", "check_type",
+           "int_at_least", "float_in", "existing_path", "multiple_of", "output_file", "device_name"]
+
+
+class InvalidArgument(ValueError, TypeError):
+    """A bad argument of a Python entry point: a wrong value or a wrong type (catch either ValueError or
+    TypeError). ``argument`` is its name; the message is one line, ``"<argument>: <what is allowed>"``."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        self.argument = argument
+        super().__init__(f"{argument}: {message}")
+
+
+# The rules: each returns None when ``v`` is allowed, else what is allowed and what came ("must be ..., got ...").
+
+def _int_rule(v, low: int) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        return f"must be an integer >= {low}, got {v!r}"
+    return None
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    return ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open or high == math.inf else "]")
+
+
+def _number_rule(v, low: float, high: float, low_open: bool, high_open: bool) -> str | None:
+    ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+          and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+    return None if ok else f"must be a number in {_interval(low, high, low_open, high_open)}, got {v!r}"
+
+
+def _multiple_rule(v, step: int, low: int) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low or v % step:
+        return f"must be a multiple of {step} >= {low}, got {v!r}"
+    return None
+
+
+def check_int(name: str, v, low: int) -> int:
+    """``v`` if it is an integer >= ``low``, else :class:`InvalidArgument` naming ``name``."""
+    problem = _int_rule(v, low)
+    if problem:
+        raise InvalidArgument(name, problem)
+    return int(v)
+
+
+def check_number(name: str, v, low: float, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``float(v)`` if it is a finite number in the interval, else :class:`InvalidArgument` naming ``name``."""
+    problem = _number_rule(v, low, high, low_open, high_open)
+    if problem:
+        raise InvalidArgument(name, problem)
+    return float(v)
+
+
+def check_multiple(name: str, v, step: int, low: int) -> int:
+    problem = _multiple_rule(v, step, low)
+    if problem:
+        raise InvalidArgument(name, problem)
+    return int(v)
+
+
+def check_choice(name: str, v, choices: Iterable[str], where: str = "") -> str:
+    """``v`` if it is one of ``choices``; the error lists them (``where`` says whose choices they are)."""
+    choices = list(choices)
+    if not isinstance(v, str) or v not in choices:
+        raise InvalidArgument(name, f"unknown {name} {v!r}{' ' + where if where else ''}; choose one of "
+                                    f"{', '.join(choices)}")
+    return v
+
+
+def check_type(name: str, v, cls: type | tuple, what: str):
+    """``v`` if it is None or an instance of ``cls`` (``what`` names it in the error)."""
+    if v is not None and not isinstance(v, cls):
+        raise InvalidArgument(name, f"must be {what} or None, got {type(v).__name__}")
+    return v
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,44 +100,36 @@ def _named(fn: Callable, name: str) -> Callable:
     return fn
 
 
+def _parsed(text: str, convert: Callable, rule: Callable):
+    """``convert(text)`` checked by ``rule``; text that does not convert is reported as the rule reports a
+    value of the wrong type."""
+    try:
+        v = convert(text)
+    except ValueError:
+        v = text
+    problem = rule(v)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return v
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {v}")
-        return v
+        return _parsed(text, int, lambda v: _int_rule(v, low))
 
     return _named(parse, f"int >= {low}")
 
 
 def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
-    lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open or high == math.inf else "]")
-
     def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number in {lo}, {hi}, got {text!r}") from None
-        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be a number in {lo}, {hi}, got {text}")
-        return v
+        return _parsed(text, float, lambda v: _number_rule(v, low, high, low_open, high_open))
 
     return _named(parse, "number")
 
 
 def multiple_of(step: int, low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < low or v % step:
-            raise argparse.ArgumentTypeError(f"must be a multiple of {step} >= {low}, got {text!r}")
-        return v
+        return _parsed(text, int, lambda v: _multiple_rule(v, step, low))
 
     return _named(parse, f"multiple of {step}")
 
@@ -84,3 +154,20 @@ def output_file(text: str) -> str:
     if not p.parent.exists():
         raise argparse.ArgumentTypeError(f"the folder {p.parent} does not exist")
     return text
+
+
+def device_name(text: str) -> str:
+    """argparse type of ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` naming a device this machine has."""
+    import torch
+
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return text
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA device and this machine has none (use cpu)")
+        n = torch.cuda.device_count()
+        if index and int(index) >= n:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has CUDA devices 0..{n - 1}")
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")

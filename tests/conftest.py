@@ -14,14 +14,34 @@ and, for the cpu backend,
 
 The ``cpu_isa`` and ``cpu_route`` fixtures give the same levels and rows to tests that want them directly.
 The low-precision tolerance rule is one function, :func:`lowp.assert_close_lowp`, in ``tests/lowp.py``.
+
+Device cases (ids ``on_cuda-<backend>``). The same tests also run each GPU backend the op has (``cuda``,
+``triton``, ``flash_attn``; an op with none, such as conv2d and linear, runs ``ref`` on the GPU: what runs
+there) on CUDA tensors. The test body is unchanged: while such a case runs, every fastdiff op call copies its
+CPU tensor arguments to the GPU keeping their strides (channels_last, non-contiguous views), runs the forced
+backend there and copies the result back keeping its strides; both copies are differentiable, so the test's
+forward and backward checks compare the GPU kernel with the test's own oracle on the same input values. A
+test that takes ``lowp_dtype`` (the low-precision dtype it checks, bf16 on the CPU) runs each device case in
+bf16 and in fp16. On a machine without CUDA the device cases are skipped with the reason "no CUDA device"
+(one skipped case per test and backend; the rest of its grid is deselected); on a GPU, an input a backend declares it does not run (flash-attn with a mask, fp32) is skipped with that
+backend's reasons.
 """
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
+
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from fastdiff import settings
-from fastdiff.ops import routing
+from fastdiff.ops import registry, routing
+
+from devices import HAS_CUDA, NO_CUDA
+# Backends that run CUDA tensors; an op with none of them runs ``ref`` in its device cases.
+DEVICE_BACKENDS = ("cuda", "triton", "flash_attn")
+LOWP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Ops whose cpu path follows the routing table, and the columns of the table each one reads.
 ROUTED_OPS = {"linear": ("bf16_math", "linear_activation"), "conv2d": ("bf16_math",), "attention": ("bf16_math",)}
@@ -83,10 +103,111 @@ def _explicitly_parametrized(metafunc, name: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class DeviceCase:
+    """A backend run on CUDA tensors (see the module doc)."""
+
+    name: str
+    device: str = "cuda"
+
+
+def device_params(op, lowp: bool = False) -> list:
+    """pytest params for the device cases of ``op``: each GPU backend it has (else ``ref``) on CUDA tensors, and
+    with ``lowp`` each of them in bf16 and fp16, as ``(case, dtype)`` pairs. Skipped without a CUDA device; on
+    one, a backend that cannot run at all here (flash-attn not installed) is skipped with its reasons."""
+    names = [b for b in DEVICE_BACKENDS if b in op.impls] or ["ref"]
+    whole = op.availability()
+    out = []
+    for name in names:
+        why = NO_CUDA if not HAS_CUDA else "; ".join(whole[name])
+        marks = [pytest.mark.skip(reason=why)] if why else []
+        if lowp:
+            out += [pytest.param(DeviceCase(name), dt, id=f"on_cuda-{name}-{k}", marks=marks)
+                    for k, dt in LOWP_DTYPES.items()]
+        else:
+            out.append(pytest.param(DeviceCase(name), id=f"on_cuda-{name}", marks=marks))
+    return out
+
+
 def pytest_generate_tests(metafunc):
     op = getattr(metafunc.module, "OP", None)
-    if op is not None and "backend" in metafunc.fixturenames and not _explicitly_parametrized(metafunc, "backend"):
-        metafunc.parametrize("backend", backend_params(op), indirect=True)
+    if op is None or "backend" not in metafunc.fixturenames or _explicitly_parametrized(metafunc, "backend"):
+        return
+    if "lowp_dtype" in metafunc.fixturenames:
+        # (backend, low-precision dtype) together: the CPU cases keep their ids and check bf16
+        cpu = [pytest.param(p.values[0], torch.bfloat16, id=p.id, marks=p.marks) for p in backend_params(op)]
+        metafunc.parametrize("backend,lowp_dtype", cpu + device_params(op, lowp=True), indirect=["backend"])
+    else:
+        metafunc.parametrize("backend", backend_params(op) + device_params(op), indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without CUDA, one skipped case stands for each test's device cases of one backend (the grids of shapes,
+    layouts and dtypes are skipped for the same reason); the others are deselected, so the skip count says how
+    many tests would run on a GPU without repeating each grid. With CUDA every case runs."""
+    if HAS_CUDA:
+        return
+    seen, keep, dropped = set(), [], []
+    for item in items:
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        if isinstance(case, DeviceCase):
+            key = (item.module.__name__ if item.module else "", item.originalname, case.name)
+            if key in seen:
+                dropped.append(item)
+                continue
+            seen.add(key)
+        keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+# ----------------------------------------------------------------------------------- running a case on a device
+
+def _copy_keeping_strides(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` with the same sizes and strides (an expanded view, stride 0, becomes dense)."""
+    if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+        return t.to(device)
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+    out.copy_(t)
+    return out
+
+
+class _ToDevice(torch.autograd.Function):
+    """Differentiable strided copy between devices: the gradient goes back to the source device."""
+
+    @staticmethod
+    def forward(ctx, t, device):
+        ctx.source = t.device
+        return _copy_keeping_strides(t, device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _copy_keeping_strides(grad, ctx.source), None
+
+
+_on_device = threading.local()
+
+
+def _call_on_device(case: DeviceCase, original):
+    """An ``Op.__call__`` that runs the op on ``case.device`` and gives the result back on the CPU."""
+
+    def call(op, *args, **kwargs):
+        if getattr(_on_device, "active", False) or registry.current_backend() != case.name:
+            return original(op, *args, **kwargs)  # an op called by another op, or outside the forced block
+        move = lambda t, dev: _ToDevice.apply(t, dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        args, kwargs = tree_map(lambda t: move(t, case.device), (args, kwargs))
+        why = op.reasons(case.name, *args, **kwargs)
+        if why:
+            pytest.skip(f"{case.name} does not run this input on {case.device}: " + "; ".join(why))
+        _on_device.active = True
+        try:
+            out = original(op, *args, **kwargs)
+        finally:
+            _on_device.active = False
+        return tree_map(lambda t: move(t, "cpu"), out)
+
+    return call
 
 
 def _settings_for(spec: str) -> tuple[str, dict]:
@@ -101,8 +222,13 @@ def _settings_for(spec: str) -> tuple[str, dict]:
 
 
 @pytest.fixture
-def backend(request):
-    """The backend name to force (``with use_backend(backend):``), with its ISA level / routing row in force."""
+def backend(request, monkeypatch):
+    """The backend name to force (``with use_backend(backend):``), with its ISA level / routing row in force;
+    for a device case, with every op call running on the device (see the module doc)."""
+    if isinstance(request.param, DeviceCase):
+        monkeypatch.setattr(registry.Op, "__call__", _call_on_device(request.param, registry.Op.__call__))
+        yield request.param.name
+        return
     name, changes = _settings_for(request.param)
     with settings.override(**changes):
         yield name

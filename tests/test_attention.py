@@ -56,22 +56,22 @@ def test_fp32_forward_and_grads(backend, shape):
 
 @pytest.mark.parametrize("shape", [(2, 2, 64, 64, 40), (1, 2, 96, 77, 80), (1, 1, 40, 40, 160),
                                    (1, 2, 1200, 1100, 64)], ids=lambda s: "x".join(map(str, s)))
-def test_bf16_within_2x_torch(backend, shape):
+def test_bf16_within_2x_torch(backend, lowp_dtype, shape):
     # The last shape crosses the cpu backend's fp32-upcast threshold (Lq * Lk >= 1.2e6).
-    q, k, v = _qkv(*shape, torch.bfloat16)
+    q, k, v = _qkv(*shape, lowp_dtype)
     ref = attention_ref(q.float(), k.float(), v.float())
     with ops.use_backend(backend):
         out = attention(q, k, v)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == lowp_dtype
     eager_bf16 = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * shape[-1] ** -0.5, -1), v)
-    assert_close_lowp(out, ref, eager_bf16, f"attention {backend} bf16 {shape}")
+    assert_close_lowp(out, ref, eager_bf16, f"attention {backend} {lowp_dtype} {shape}")
 
 
-def test_bf16_grads_within_2x_torch(backend):
-    q, k, v = _qkv(1, 2, 64, 77, 40, torch.bfloat16)
+def test_bf16_grads_within_2x_torch(backend, lowp_dtype):
+    q, k, v = _qkv(1, 2, 64, 77, 40, lowp_dtype)
     leaves32 = [t.float().requires_grad_(True) for t in (q, k, v)]
     ref = attention_ref(*leaves32)
-    do = torch.randn(ref.shape).bfloat16()
+    do = torch.randn(ref.shape).to(lowp_dtype)
     gref = torch.autograd.grad(ref, leaves32, do.float())
     lt = [t.clone().requires_grad_(True) for t in (q, k, v)]
     tg = torch.autograd.grad(F.scaled_dot_product_attention(*lt), lt, do)

@@ -36,6 +36,8 @@ BAD = [
     ("generate", "--out", "{tmp}/missing/x.png", "does not exist"),
     ("generate", "--out", "{tmp}", "must be a file path"),
     ("generate", "--threads", "0", "integer >= 1"),
+    ("generate", "--device", "tpu", "cpu, cuda or cuda:N"),
+    ("generate", "--device", "cuda:x", "cpu, cuda or cuda:N"),
     ("train", "--model", "unet9000", "choose from 'fashion32', 'cifar10_ddpm', 'tiny'"),
     ("train", "--model-overrides", "[1, 2]", "JSON object"),
     ("train", "--model-overrides", "{bad", "JSON object"),
@@ -67,6 +69,7 @@ BAD = [
     ("train", "--gpu-memory", "0", "(0, inf)"),
     ("eval", "--images", "{tmp}/nope.npz", "path does not exist"),
     ("eval", "--checkpoint", "{tmp}/nope", "path does not exist"),
+    ("eval", "--autoencoder", "{tmp}/nope", "folder does not exist"),
     ("eval", "--sampler", "foo", "NAME one of ddpm, ddim, euler, euler_a, dpmpp_2m"),
     ("eval", "--sampler", "ddim:0", "steps must be >= 1"),
     ("eval", "--sampler", "ddim:x", "bad step count"),
@@ -98,7 +101,8 @@ def _run(argv, capsys):
 @pytest.mark.parametrize("command,option,value,allowed", BAD, ids=[f"{c}{o}={v}" for c, o, v, _ in BAD])
 def test_bad_option_value_is_one_line_and_exit_2(tmp_path, capsys, command, option, value, allowed):
     value = value.replace("{tmp}", str(tmp_path))
-    base = {"eval": ["--checkpoint", str(tmp_path)] if option not in ("--images", "--checkpoint") else [],
+    base = {"eval": ["--checkpoint", str(tmp_path)] if option not in ("--images", "--checkpoint", "--autoencoder")
+                 else [],
             "generate": ["--out", str(tmp_path / "out.png")] if option != "--out" else [],
             "train": ["--run-dir", str(tmp_path / "run")]}[command]
     before = set(tmp_path.rglob("*"))

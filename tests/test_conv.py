@@ -94,11 +94,11 @@ def test_layouts(backend, layout, residual):
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=["sd1-320", "shortcut1x1", "tiny"])
 @pytest.mark.parametrize("residual,silu", [(None, True), ("full", False), ("nc11", True)])
 @pytest.mark.parametrize("math", ["auto", "native", "fp32"])
-def test_bf16_forward(backend, case, residual, silu, math, use_settings):
+def test_bf16_forward(backend, lowp_dtype, case, residual, silu, math, use_settings):
     """bf16 error vs the fp32 result is at most 2x the error of torch's own bf16 sequence (every math mode)."""
     use_settings(cpu_bf16_math=math)
     x, w, b, r, conf = _make(case, torch.float32, residual=residual)
-    lp = lambda t: None if t is None else t.bfloat16()  # noqa: E731
+    lp = lambda t: None if t is None else t.to(lowp_dtype)  # noqa: E731
     # The inputs are rounded to bf16 first: both sides see exactly the same bf16 operands.
     xb, wb, bb, rb = lp(x), lp(w), lp(b), lp(r)
     ref32 = conv2d_ref(xb.float(), wb.float(), bb.float(), residual=None if rb is None else rb.float(),
@@ -106,7 +106,7 @@ def test_bf16_forward(backend, case, residual, silu, math, use_settings):
     torch_bf16 = conv2d_ref(xb, wb, bb, residual=rb, silu=silu, **conf)
     with ops.use_backend(backend):
         got = conv2d(xb, wb, bb, residual=rb, silu=silu, **conf)
-    assert_close_lowp(got, ref32, torch_bf16, f"conv2d bf16 {backend} {math}")
+    assert_close_lowp(got, ref32, torch_bf16, f"conv2d {lowp_dtype} {backend} {math}")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[7]], ids=["sd1-320", "down-s2", "dil2-groups4"])
@@ -128,11 +128,11 @@ def test_fp32_gradients(backend, case, residual, silu, layout):
 
 
 @pytest.mark.parametrize("residual,silu", [(None, True), ("full", False), ("nc11", False)])
-def test_bf16_gradients(backend, residual, silu):
+def test_bf16_gradients(backend, lowp_dtype, residual, silu):
     """bf16 gradients: at most 2x the error of torch's own bf16 autograd, both vs the fp32 gradients."""
-    x, w, b, r, conf = _make(CASES[0], torch.bfloat16, residual=residual)
+    x, w, b, r, conf = _make(CASES[0], lowp_dtype, residual=residual)
     g = torch.randn(F.conv2d(x.float(), w.float(), None, **conf).shape,
-                    generator=torch.Generator().manual_seed(1)).bfloat16()
+                    generator=torch.Generator().manual_seed(1)).to(lowp_dtype)
 
     def grads(dtype, fn):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b) + ((r,) if r is not None else ())]
@@ -140,9 +140,9 @@ def test_bf16_gradients(backend, residual, silu):
         return [t.grad for t in leaves]
 
     g32 = grads(torch.float32, conv2d_ref)
-    g_torch = grads(torch.bfloat16, conv2d_ref)
+    g_torch = grads(lowp_dtype, conv2d_ref)
     with ops.use_backend(backend):
-        g_got = grads(torch.bfloat16, conv2d)
+        g_got = grads(lowp_dtype, conv2d)
     for got, ref32, tbf, name in zip(g_got, g32, g_torch, ["x", "weight", "bias", "residual"]):
         assert_close_lowp(got, ref32, tbf, f"grad {name}")
 

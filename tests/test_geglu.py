@@ -42,9 +42,9 @@ def test_fp32_forward_and_backward(backend, shape):
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 2560), (1, 4, 10240), (3, 5, 14)])
-def test_bf16_within_twice_torch(backend, shape):
-    x = _x(shape, torch.bfloat16).requires_grad_()
-    g = _x(shape[:-1] + (shape[-1] // 2,), torch.bfloat16, seed=1)
+def test_bf16_within_twice_torch(backend, lowp_dtype, shape):
+    x = _x(shape, lowp_dtype).requires_grad_()
+    g = _x(shape[:-1] + (shape[-1] // 2,), lowp_dtype, seed=1)
     with ops.use_backend(backend):
         y = geglu(x)
         (dx,) = torch.autograd.grad(y, x, g)
@@ -52,7 +52,7 @@ def test_bf16_within_twice_torch(backend, shape):
     y32 = geglu_ref(x32)
     (dx32,) = torch.autograd.grad(y32, x32, g.float())
     xt = x.detach().clone().requires_grad_()
-    yt = geglu_ref(xt)  # torch's own bf16 ops
+    yt = geglu_ref(xt)  # torch's own ops in that dtype
     (dxt,) = torch.autograd.grad(yt, xt, g)
     assert_close_lowp(y, y32, yt.detach(), f"{backend} forward")
     assert_close_lowp(dx, dx32, dxt, f"{backend} backward")

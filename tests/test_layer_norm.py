@@ -52,13 +52,13 @@ def test_fp32_forward_and_backward(backend, shape, affine):
 
 @pytest.mark.parametrize("shape", [(2, 16, 320), (2, 4, 1280), (1, 6, 1536), (3, 5, 7)])
 @pytest.mark.parametrize("affine", ["wb", "none"])
-def test_bf16_within_twice_torch(backend, shape, affine):
-    x, w, b, dy = _inputs(shape, torch.bfloat16, affine, seed=2)
+def test_bf16_within_twice_torch(backend, lowp_dtype, shape, affine):
+    x, w, b, dy = _inputs(shape, lowp_dtype, affine, seed=2)
     with ops.use_backend(backend):
         y, grads = _run(layer_norm, x, w, b, dy, 1e-5)
     f32 = [None if t is None else t.float() for t in (x, w, b, dy)]
     y32, g32 = _run(F.layer_norm, *f32, 1e-5)
-    yt, gt = _run(F.layer_norm, x, w, b, dy, 1e-5)  # torch's own bf16 layer norm
+    yt, gt = _run(F.layer_norm, x, w, b, dy, 1e-5)  # torch's own layer norm in that dtype
     assert_close_lowp(y, y32, yt, f"{backend} forward", floor=1e-6)
     for name, got, ref, tor in zip(("dx", "dw", "db"), grads, g32, gt):
         assert_close_lowp(got, ref, tor, f"{backend} {name}", floor=1e-6)

@@ -83,15 +83,15 @@ def test_no_bias_noncontiguous_and_1d(backend):
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[7]], ids=["sd1-320", "ctx-768", "odd"])
 @pytest.mark.parametrize("act,residual", [(None, False), ("gelu", False), ("silu", True)])
 @pytest.mark.parametrize("math_mode", ["auto", "native", "fp32"])
-def test_bf16_forward(backend, case, act, residual, math_mode, use_settings):
+def test_bf16_forward(backend, lowp_dtype, case, act, residual, math_mode, use_settings):
     use_settings(cpu_bf16_math=math_mode)
-    x, w, b, r = _make(case, torch.bfloat16, residual)
+    x, w, b, r = _make(case, lowp_dtype, residual)
     up = lambda t: None if t is None else t.float()  # noqa: E731
     ref32 = linear_ref(up(x), up(w), up(b), activation=act, residual=up(r))
     torch_bf16 = linear_ref(x, w, b, activation=act, residual=r)
     with ops.use_backend(backend):
         got = linear(x, w, b, activation=act, residual=r)
-    assert_close_lowp(got, ref32, torch_bf16, f"linear bf16 {backend} {math_mode}")
+    assert_close_lowp(got, ref32, torch_bf16, f"linear {lowp_dtype} {backend} {math_mode}")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[7]], ids=["sd1-320", "temb", "odd"])
@@ -120,18 +120,18 @@ def test_fp32_gradients(backend, case, act, residual, bias):
 
 
 @pytest.mark.parametrize("act,residual", [(None, True), ("gelu", False)])
-def test_bf16_gradients(backend, act, residual):
-    x, w, b, r = _make(CASES[0], torch.bfloat16, residual)
-    g = torch.randn(x.shape[:-1] + (w.shape[0],), generator=torch.Generator().manual_seed(1)).bfloat16()
+def test_bf16_gradients(backend, lowp_dtype, act, residual):
+    x, w, b, r = _make(CASES[0], lowp_dtype, residual)
+    g = torch.randn(x.shape[:-1] + (w.shape[0],), generator=torch.Generator().manual_seed(1)).to(lowp_dtype)
 
     def grads(dtype, fn):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b) + ((r,) if r is not None else ())]
         fn(*leaves[:3], activation=act, residual=leaves[3] if r is not None else None).backward(g.to(dtype))
         return [t.grad for t in leaves]
 
-    g32, g_torch = grads(torch.float32, linear_ref), grads(torch.bfloat16, linear_ref)
+    g32, g_torch = grads(torch.float32, linear_ref), grads(lowp_dtype, linear_ref)
     with ops.use_backend(backend):
-        g_got = grads(torch.bfloat16, linear)
+        g_got = grads(lowp_dtype, linear)
     for got, ref32, tbf, name in zip(g_got, g32, g_torch, ["x", "weight", "bias", "residual"]):
         assert_close_lowp(got, ref32, tbf, f"grad {name}")
 

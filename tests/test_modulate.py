@@ -54,13 +54,13 @@ def test_fp32_forward_and_backward(backend, name, shape):
 
 @pytest.mark.parametrize("name", list(OPS))
 @pytest.mark.parametrize("shape", [(2, 16, 1536), (3, 5, 7)])
-def test_bf16_within_twice_torch(backend, name, shape):
+def test_bf16_within_twice_torch(backend, lowp_dtype, name, shape):
     fn, ref, _ = OPS[name]
-    args, dy = _inputs(name, shape, torch.bfloat16, seed=4)
+    args, dy = _inputs(name, shape, lowp_dtype, seed=4)
     with ops.use_backend(backend):
         y, grads = _run(fn, args, dy)
     y32, g32 = _run(ref, [a.float() for a in args], dy.float())
-    yt, gt = _run(ref, args, dy)  # the eager sequence in bf16
+    yt, gt = _run(ref, args, dy)  # the eager sequence in that dtype
     assert_close_lowp(y, y32, yt, f"{backend} {name} forward", floor=1e-6)
     for i, (got, r, t) in enumerate(zip(grads, g32, gt)):
         assert_close_lowp(got, r, t, f"{backend} {name} grad {i}", floor=1e-6)

@@ -48,12 +48,12 @@ def test_fp32_forward_and_backward(backend, shape, affine):
 
 @pytest.mark.parametrize("shape", [(2, 3, 16, 64), (2, 8, 1536), (3, 5, 7)])
 @pytest.mark.parametrize("affine", ["w", "none"])
-def test_bf16_within_twice_torch(backend, shape, affine):
-    x, w, b, dy = _inputs(shape, torch.bfloat16, affine, seed=3)
+def test_bf16_within_twice_torch(backend, lowp_dtype, shape, affine):
+    x, w, b, dy = _inputs(shape, lowp_dtype, affine, seed=3)
     with ops.use_backend(backend):
         y, grads = _run(rms_norm, x, w, b, dy, 1e-6)
     y32, g32 = _run(rms_norm_ref, *(None if t is None else t.float() for t in (x, w, b, dy)), 1e-6)
-    yt, gt = _run(rms_norm_ref, x, w, b, dy, 1e-6)  # diffusers' sequence in bf16 (torch's own bf16 ops)
+    yt, gt = _run(rms_norm_ref, x, w, b, dy, 1e-6)  # diffusers' sequence in that dtype (torch's own ops)
     assert_close_lowp(y, y32, yt, f"{backend} forward", floor=1e-6)
     for name, got, ref, tor in zip(("dx", "dw"), grads, g32, gt):
         assert_close_lowp(got, ref, tor, f"{backend} {name}", floor=1e-6)

@@ -59,18 +59,18 @@ def test_fp32_matches_reference(backend, shape, guided, noisy, clip):
 @pytest.mark.parametrize("shape", [(2, 4, 64, 64), (1, 16, 32, 32), (1, 3, 5, 7)])
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_bf16_error_within_twice_torch(backend, shape, guided, clip):
-    x, mo, z = _inputs(shape, guided, True, torch.bfloat16, seed=1)
+def test_bf16_error_within_twice_torch(backend, lowp_dtype, shape, guided, clip):
+    x, mo, z = _inputs(shape, guided, True, lowp_dtype, seed=1)
     g = 5.0 if guided else None
     with ops.use_backend(backend):
         got = sampler_step(x, mo, 0.8, 0.3, 0.1, z, pred=(0.5, 1.0), clip=clip, guidance_scale=g)
     ref32 = _eager(x.float(), mo.float(), 0.8, 0.3, 0.1, z.float(), 0.5, 1.0, clip, g, torch.float32)
-    torch_bf16 = _eager(x, mo, 0.8, 0.3, 0.1, z, 0.5, 1.0, clip, g, torch.bfloat16)
+    torch_bf16 = _eager(x, mo, 0.8, 0.3, 0.1, z, 0.5, 1.0, clip, g, lowp_dtype)
     assert_close_lowp(got, ref32, torch_bf16, f"{backend} {shape}")
-    # And against the reference in bf16 (math in fp32, one rounding): at most one bf16 ulp apart, up to fp32
-    # rounding (fused multiply-adds) where the terms cancel to ~0.
+    # And against the reference in that dtype (math in fp32, one rounding): at most one ulp apart (bf16: 2^-7
+    # relative), up to fp32 rounding (fused multiply-adds) where the terms cancel to ~0.
     ref = sampler_step_ref(x, mo, 0.8, 0.3, 0.1, z, pred=(0.5, 1.0), clip=clip, guidance_scale=g)
-    ulp = ref.float().abs() * 2.0 ** -7 + 1e-6
+    ulp = ref.float().abs() * torch.finfo(lowp_dtype).eps + 1e-6
     assert ((got.float() - ref.float()).abs() <= ulp).all()
 
 

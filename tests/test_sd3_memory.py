@@ -21,12 +21,18 @@ import torch
 from fastdiff.models import clip_text, mmdit, t5, vae
 from fastdiff.pipelines.memory import peak_activation_bytes, sd3_memory_table, weight_bytes
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+try:
+    import diffusers
+    import transformers
+except ImportError:  # the reference implementations are test extras: fastdiff's own tests still run
+    diffusers = transformers = None
+needs_reference = pytest.mark.skipif(diffusers is None or transformers is None,
+                                     reason="needs diffusers and transformers (the reference implementation)")
 
 MiB = 1024 ** 2
 
 
+@needs_reference
 def test_parameter_counts_equal_the_public_models():
     rows = {r.name: r for r in sd3_memory_table(512, 512)}
     cfgs = {"MMDiT": mmdit.SD3_MEDIUM.to_diffusers(), "VAE": vae.SD3.to_diffusers()}

@@ -3,6 +3,7 @@
     fastdiff eval --images samples.npz                         # an .npz (images, labels) or a class folder
     fastdiff eval --checkpoint runs/fashion --sampler ddim:50 --sampler dpmpp_2m:20 --per-class 100
     fastdiff eval --images samples.npz --inception pt_inception-2015-12-05-6726825d.pth
+    fastdiff eval --autoencoder runs/vq/model --per-class 100    # a diffusers VQModel / AutoencoderKL folder
 
 Each evaluated set is one row of the printed table; ``--json`` writes the same numbers.
 """
@@ -61,6 +62,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=lambda t: Path(existing_path()(t)), help=".npz (images, optional labels) or folder (class subfolders) to evaluate")
     src.add_argument("--checkpoint", type=lambda t: Path(existing_path()(t)), help="a fastdiff training run / checkpoint to sample from")
+    src.add_argument("--autoencoder", type=lambda t: Path(existing_path("folder")(t)),
+                     help="a VQModel / AutoencoderKL folder: reconstruct --per-class test images of each class and "
+                          "report PSNR, SSIM, reconstruction FID, class accuracy of the reconstructions, codebook usage")
     p.add_argument("--sampler", action="append", metavar="NAME[:STEPS]", type=_sampler_spec,
                    help="sampler to evaluate (repeatable): ddpm, ddim, euler, euler_a, dpmpp_2m; default ddim:50")
     p.add_argument("--steps", type=int_at_least(1), default=50, help="steps for a --sampler given without :STEPS")
@@ -125,6 +129,42 @@ def _checkpoint_errors() -> tuple[type[BaseException], ...]:
     return (CheckpointError,)
 
 
+def _autoencoder_eval(args) -> dict:
+    """Reconstructions of the first ``--per-class`` test images of each class, measured against the originals."""
+    import torch
+
+    from fastdiff.eval.evaluate import RealReference
+    from fastdiff.eval.metrics import conditional_accuracy, reconstruction_metrics
+    from fastdiff.io.autoencoder_folder import load_autoencoder
+    from fastdiff.models.vq import VQModel
+
+    model = load_autoencoder(args.autoencoder)
+    if model.config.in_channels != 1:
+        raise ValueError(f"--autoencoder: the model takes {model.config.in_channels} channels; the Fashion-MNIST "
+                         "evaluation needs a 1-channel autoencoder")
+    reference = RealReference.build(args.classifier, args.data)
+    labels = reference.test_labels
+    pick = torch.cat([(labels == c).nonzero().flatten()[:args.per_class] for c in range(int(labels.max()) + 1)])
+    x, y = reference.test_images[pick], labels[pick]
+    recs, codes = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), args.batch):
+            if isinstance(model, VQModel):
+                out = model(x[i:i + args.batch])
+                recs.append(out.sample)
+                codes.append(out.quant.indices)
+            else:
+                recs.append(model.decode(model.encode(x[i:i + args.batch]).mode()))
+    rec = torch.cat(recs).float().clamp(-1.0, 1.0)
+    vq = isinstance(model, VQModel)
+    result = {"name": args.autoencoder.name, **reconstruction_metrics(
+        x, rec, feature_fn=reference.classifier.features, indices=torch.cat(codes) if vq else None,
+        num_codes=model.config.num_vq_embeddings if vq else None)}
+    result["accuracy"] = conditional_accuracy(reference.classifier, rec, y)[0]
+    result["accuracy_real"] = conditional_accuracy(reference.classifier, x, y)[0]
+    return result
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -134,6 +174,14 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if getattr(args, "autoencoder", None) is not None:
+            if args.sampler or args.inception:
+                raise ValueError("--sampler and --inception apply to --checkpoint / --images, not to --autoencoder")
+            r = _autoencoder_eval(args)
+            print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+            if args.json is not None:
+                args.json.write_text(json.dumps(r, indent=2))
+            return 0
         inception = None
         if args.inception is not None:
             from fastdiff.eval.inception import load_fid_inception

@@ -1,4 +1,5 @@
-"""Sample-quality metrics: Fréchet distance of feature Gaussians (FID) and conditional accuracy.
+"""Sample-quality metrics: Fréchet distance of feature Gaussians (FID) and conditional accuracy; for
+autoencoders PSNR, SSIM, reconstruction FID and codebook usage (:func:`reconstruction_metrics`).
 
 Fréchet distance between N(mu1, S1) and N(mu2, S2) (Dowson & Landau 1982; FID: Heusel et al. 2017, eq. 6):
 
@@ -31,6 +32,11 @@ __all__ = [
     "fid_from_features",
     "extract_features",
     "conditional_accuracy",
+    "psnr",
+    "ssim",
+    "reconstruction_fid",
+    "codebook_usage",
+    "reconstruction_metrics",
 ]
 
 
@@ -140,3 +146,93 @@ def conditional_accuracy(classifier: torch.nn.Module, images: torch.Tensor, labe
         if m.any():
             per_class[c] = hit[m].mean()
     return float(hit.mean()), per_class
+
+
+# ------------------------------------------------------------------------------------- autoencoder metrics
+def _pair(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"{what} needs two (N, C, H, W) batches of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return x.detach().double().cpu(), y.detach().double().cpu()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image, ``10 log10(data_range^2 / MSE)`` in dB (float64, (N,)); ``inf``
+    for identical images. ``data_range`` is max - min of the pixel scale: 2 for [-1, 1], 1 for [0, 1]."""
+    x, y = _pair(x, y, "psnr")
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(data_range ** 2 / mse)
+
+
+def _gaussian_window(sigma: float, truncate: float = 3.5) -> torch.Tensor:
+    # scipy.ndimage.gaussian_filter's kernel: radius int(truncate * sigma + 0.5), weights exp(-x^2 / 2 sigma^2)
+    r = int(truncate * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    return w / w.sum()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, sigma: float = 1.5, k1: float = 0.01,
+         k2: float = 0.03) -> torch.Tensor:
+    """Mean structural similarity per image (Wang et al. 2004, eq. 13), float64 (N,).
+
+    Local statistics under an 11x11 Gaussian window (sigma 1.5, normalised; population, not sample,
+    (co)variances), ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2`` with L = ``data_range``:
+
+        SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))
+
+    averaged over the positions where the window fits inside the image and over channels: scikit-image's
+    ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``.
+    """
+    x, y = _pair(x, y, "ssim")
+    w1 = _gaussian_window(sigma)
+    n, c, h, w = x.shape
+    if min(h, w) < len(w1):
+        raise ValueError(f"ssim needs images of at least {len(w1)}x{len(w1)} pixels (the window), got {h}x{w}")
+
+    def blur(t):  # separable Gaussian, 'valid' positions only, each channel on its own
+        t = t.reshape(n * c, 1, h, w)
+        t = torch.nn.functional.conv2d(t, w1.view(1, 1, -1, 1))
+        return torch.nn.functional.conv2d(t, w1.view(1, 1, 1, -1))
+
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.reshape(n, -1).mean(1)
+
+
+def reconstruction_fid(feature_fn: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                       reconstructed: torch.Tensor, batch: int = 500) -> float:
+    """FID between the features of images and of their reconstructions (rFID), e.g. with the Fashion-MNIST
+    classifier's ``features``."""
+    return fid_from_features(extract_features(feature_fn, real, batch), extract_features(feature_fn, reconstructed, batch))
+
+
+def codebook_usage(indices: torch.Tensor, num_codes: int) -> dict[str, float]:
+    """Of a VQ model's code indices (any shape): the share of the ``num_codes`` codes used, how many, and the
+    perplexity ``exp(H)`` of the code histogram (``num_codes`` for a uniform use)."""
+    from fastdiff.models.vq import codebook_perplexity
+
+    idx = torch.as_tensor(indices).flatten().long().cpu()
+    if idx.numel() and (idx.min() < 0 or idx.max() >= num_codes):
+        raise ValueError(f"indices must be in [0, {num_codes}), got range [{int(idx.min())}, {int(idx.max())}]")
+    counts = torch.bincount(idx, minlength=num_codes)
+    used = int((counts > 0).sum())
+    return {"codes_used": used, "usage": used / num_codes, "perplexity": float(codebook_perplexity(counts))}
+
+
+@torch.no_grad()
+def reconstruction_metrics(images: torch.Tensor, reconstructed: torch.Tensor, *, data_range: float = 2.0,
+                           feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           indices: torch.Tensor | None = None, num_codes: int | None = None) -> dict[str, float]:
+    """Mean PSNR and SSIM of reconstructions; rFID with ``feature_fn``; codebook usage with ``indices``."""
+    out = {"n": len(images),
+           "psnr": float(psnr(images, reconstructed, data_range).mean()),
+           "ssim": float(ssim(images, reconstructed, data_range).mean())}
+    if feature_fn is not None:
+        out["rfid"] = reconstruction_fid(feature_fn, images, reconstructed)
+    if indices is not None:
+        if num_codes is None:
+            raise ValueError("num_codes is needed with indices")
+        out.update(codebook_usage(indices, num_codes))
+    return out

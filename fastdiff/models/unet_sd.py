@@ -299,6 +299,14 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x, temb), context), temb)
 
 
+def _broadcasts_to(r: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``x + r`` has ``x``'s shape (a residual may be spatially pooled: (B, C, 1, 1))."""
+    try:
+        return torch.broadcast_shapes(r.shape, x.shape) == x.shape
+    except RuntimeError:
+        return False
+
+
 class UNetSD(nn.Module):
     """``unet(latents (B,C,h,w), timesteps (B,) or scalar, context (B,T,cross_attention_dim))`` -> model output."""
 
@@ -323,7 +331,12 @@ class UNetSD(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The model output. ``down_block_additional_residuals`` (one per skip connection: conv_in's output, every
+        down layer and downsampler, in that order) and ``mid_block_additional_residual`` are added to the skips
+        and to the mid block's output, as a ControlNet's outputs are (:mod:`fastdiff.models.controlnet`)."""
         cfg = self.config
         if sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet expects latents (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}")
@@ -347,7 +360,18 @@ class UNetSD(nn.Module):
         skips = [x]
         for blk in self.down_blocks:
             x = blk(x, temb, context, skips)
+        if down_block_additional_residuals is not None:
+            res = list(down_block_additional_residuals)
+            if len(res) != len(skips) or any(not _broadcasts_to(r, s) for r, s in zip(res, skips)):
+                raise ValueError(f"down_block_additional_residuals must be {len(skips)} tensors broadcasting to "
+                                 f"{[tuple(s.shape) for s in skips]}, got {[tuple(r.shape) for r in res]}")
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, res)]
         x = self.mid_block(x, temb, context)
+        if mid_block_additional_residual is not None:
+            if not _broadcasts_to(mid_block_additional_residual, x):
+                raise ValueError(f"mid_block_additional_residual must broadcast to {tuple(x.shape)}, "
+                                 f"got {tuple(mid_block_additional_residual.shape)}")
+            x = x + mid_block_additional_residual.to(x.dtype)
         for blk in self.up_blocks:
             x = blk(x, temb, context, skips)
         return self.conv_out(apply_group_norm(x, self.conv_norm_out, silu=True))

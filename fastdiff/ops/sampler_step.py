@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff import _ext
 from fastdiff.ops._checks import device_dtype_reasons, grad_reasons
 from fastdiff.ops.registry import Op
 
@@ -74,6 +75,12 @@ def _compiled(x, model_out, a, b, s=0.0, noise=None, *, pred=(0.0, 1.0), clip=No
 _op.register("ref")(sampler_step_ref)
 _op.register("cpu", _compiled_reasons("cpu", (torch.float32, torch.bfloat16)))(_compiled)
 _op.register("cuda", _compiled_reasons("cuda", (torch.float32, torch.bfloat16, torch.float16)))(_compiled)
+
+if _ext.has_cpu_kernels():
+    # Shape function for torch.compile: the update has x's shape and dtype (the op gets x contiguous).
+    @torch.library.register_fake("fastdiff::sampler_step")
+    def _sampler_step_fake(x, model_out, noise, guidance, px, pm, clip, a, b, s):
+        return torch.empty_like(x)
 
 
 def sampler_step(x, model_out, a, b, s=0.0, noise=None, *, pred=(0.0, 1.0), clip=None, guidance_scale=None):

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from fastdiff import _ext
 from fastdiff.ops._checks import device_dtype_reasons, grad_reasons
 from fastdiff.ops.registry import Op
 
@@ -74,6 +75,12 @@ def _compiled(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_sh
 _op.register("ref")(timestep_embedding_ref)
 _op.register("cpu", _reasons("cpu"))(_compiled)
 _op.register("cuda", _reasons("cuda"))(_compiled)
+
+if _ext.has_cpu_kernels():
+    # Shape function for torch.compile: (N, dim) fp32, like the kernels' output.
+    @torch.library.register_fake("fastdiff::timestep_embedding")
+    def _timestep_embedding_fake(timesteps, freq, dim, flip_sin_to_cos, scale):
+        return timesteps.new_empty((timesteps.shape[0], dim), dtype=torch.float32)
 
 
 def timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff._argtypes import existing_path, float_in, int_at_least, multiple_of, output_file
+from fastdiff._argtypes import device_name, existing_path, float_in, int_at_least, multiple_of, output_file
 
 __all__ = ["add_generate_parser"]
 
@@ -23,10 +23,13 @@ def add_generate_parser(sub) -> None:
                    "Fashion-MNIST model)")
     p.add_argument("--prompt", default=None, help="text prompt (Stable Diffusion --model)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (Stable Diffusion)")
-    p.add_argument("--height", type=multiple_of(8, 8), default=512, help="image height, a multiple of 8 (Stable Diffusion)")
-    p.add_argument("--width", type=multiple_of(8, 8), default=512, help="image width, a multiple of 8 (Stable Diffusion)")
+    p.add_argument("--height", type=multiple_of(8, 8), default=None, help="image height, a multiple of 8 (Stable "
+                   "Diffusion; default: the model family's DEFAULTS)")
+    p.add_argument("--width", type=multiple_of(8, 8), default=None, help="image width, a multiple of 8 (Stable "
+                   "Diffusion; default: the model family's DEFAULTS)")
     p.add_argument("--init-image", default=None, type=existing_path("file"), help="img2img: the picture to start from (Stable Diffusion)")
-    p.add_argument("--strength", type=float_in(0.0, 1.0), default=0.8, help="img2img: share of the schedule re-run, in [0, 1]")
+    p.add_argument("--strength", type=float_in(0.0, 1.0), default=None, help="img2img: share of the schedule "
+                   "re-run, in [0, 1] (default: the model family's DEFAULTS)")
     p.add_argument("--mask", default=None, type=existing_path("file"), help="inpainting: white = repaint (with --init-image)")
     p.add_argument("--label", default=None, help="class name or index; default: a grid of every class")
     p.add_argument("--n", type=int_at_least(1), default=None, help="images per class in the grid (default 4), or images of "
@@ -44,6 +47,7 @@ def add_generate_parser(sub) -> None:
                    "(x_t at a few t) next to --out")
     p.add_argument("--interpolate", action="store_true", help="also write a slerp between two noises next to "
                    "--out")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_generate)
@@ -55,7 +59,7 @@ def _suffixed(out: Path, suffix: str) -> Path:
 
 def run_generate(args: argparse.Namespace) -> int:
     from fastdiff.pipelines.generate import class_grid, generate, save_png
-    from fastdiff.pipelines.pixel import DEFAULT_STEPS, load_pixel_pipeline
+    from fastdiff.pipelines.pixel import load_pixel_pipeline
     from fastdiff.io.images import image_grid
 
     if args.threads:
@@ -67,10 +71,10 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.prompt is not None or args.init_image is not None or args.mask is not None:
         return _run_prompt(args, out, t0)
-    args.sampler = args.sampler or "ddim"
     try:
-        pipe = load_pixel_pipeline(args.model)
-        steps = args.steps or DEFAULT_STEPS.get(args.sampler, 50)
+        pipe = load_pixel_pipeline(args.model, device=args.device)
+        args.sampler = args.sampler or pipe.defaults.sampler
+        steps = pipe.resolve_steps(args.sampler, args.steps)
         guidance = pipe.resolve_guidance("model" if args.guidance is None else args.guidance)
         guidance = None if guidance == 1.0 else guidance
         info = {"model": pipe.source, "sampler": args.sampler, "steps": steps, "guidance": guidance or 1.0,
@@ -111,7 +115,7 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
         if args.model is None:
             raise ValueError("--prompt needs a Stable Diffusion checkpoint: --model PATH (a diffusers folder or an "
                              "original .safetensors / .ckpt file); the bundled model is class-conditional (--label)")
-        pipe = load_pipeline(args.model)
+        pipe = load_pipeline(args.model, device=args.device)
         sampler, steps, default_guidance = sd_defaults(pipe, args.sampler, args.steps)
         guidance = default_guidance if args.guidance is None else args.guidance
         ims = generate(args.prompt, model=pipe, n=args.n or 1, seed=args.seed, sampler=sampler,
@@ -124,7 +128,8 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
     info = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
             "sampler": sampler, "steps": steps, "guidance": guidance, "seed": args.seed}
     if args.init_image is not None:
-        info.update(init_image=args.init_image, strength=args.strength)
+        info.update(init_image=args.init_image,
+                    strength=pipe.defaults.strength if args.strength is None else args.strength)
     if args.mask is not None:
         info["mask"] = args.mask
     img = ims[0] if len(ims) == 1 else image_grid(ims, min(len(ims), 4), row_labels=None)
@@ -150,7 +155,7 @@ def _process_strip(pipe, args, steps, guidance, columns: int = 8):
     x_T = torch.randn((1, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                        pipe.unet.config.sample_size), generator=g)
     x0 = pipe.sample(label, n=1, seed=args.seed, sampler=args.sampler, steps=steps, guidance=guidance,
-                     noise=x_T, callback=cb)
+                     noise=x_T, callback=cb) * 2 - 1  # [0, 1] -> the model's [-1, 1]
     denoise = [x_T] + frames[: columns - 1]
     T = pipe.schedule.num_train_timesteps
     ts = [round(i * (T - 1) / (columns - 1)) for i in range(columns)]
@@ -175,4 +180,4 @@ def _interpolation(pipe, args, steps, guidance, columns: int = 9):
         labels = [pipe.label_index(args.label) if args.label is not None else 0] * columns
     x = pipe.sample(labels, n=columns, seed=args.seed, sampler=args.sampler, steps=steps, guidance=guidance,
                     noise=noise)
-    return image_grid(to_pil(x), columns, scale=3)
+    return image_grid(to_pil(x * 2 - 1), columns, scale=3)

@@ -7,22 +7,38 @@ from typing import Sequence
 import torch
 from PIL import Image, PngImagePlugin
 
-from fastdiff.pipelines.pixel import DEFAULT_STEPS, PixelPipeline, load_pixel_pipeline
+from fastdiff._argtypes import InvalidArgument, check_choice, check_int, check_multiple, check_number, check_type
 from fastdiff.io.images import image_grid, to_pil
+from fastdiff.pipelines.core import LatentPipeline
+from fastdiff.pipelines.pixel import PixelPipeline, load_pixel_pipeline
 
-__all__ = ["generate", "class_grid", "save_png", "progress_callback"]
+__all__ = ["generate", "class_grid", "save_png", "progress_callback", "InvalidArgument"]
+
+
+class _Progress:
+    """A sampler callback driving a tqdm bar over the steps. The bar opens at the first step, so an argument
+    error raised before sampling starts shows no bar."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.total, self.desc, self.enabled, self.bar = total, desc, enabled, None
+
+    def __call__(self, i: int, t: float, x: torch.Tensor) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="step", disable=not self.enabled, leave=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def progress_callback(total: int, desc: str = "sampling", enabled: bool = True):
-    """A sampler callback driving a tqdm bar over the steps, and the bar (close it when done)."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
-
-    def cb(i: int, t: float, x: torch.Tensor) -> None:
-        bar.update(1)
-
-    return cb, bar
+    """A sampler callback driving a tqdm bar over the steps (opened at the first step), and the bar (close it
+    when done)."""
+    p = _Progress(total, desc, enabled)
+    return p, p
 
 
 def _pipeline(model) -> PixelPipeline:
@@ -31,12 +47,48 @@ def _pipeline(model) -> PixelPipeline:
     return load_pixel_pipeline(model)
 
 
+def _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, progress, negative_prompt, height,
+                     width, init_image, strength, mask) -> None:
+    """The checks of :func:`generate` that need no model: one line naming the argument, before anything loads."""
+    from fastdiff.samplers import SAMPLERS
+
+    check_type("prompt", prompt, str, "a string")
+    if negative_prompt is not None and not isinstance(negative_prompt, (str, list, tuple)):
+        raise InvalidArgument("negative_prompt", f"must be a string, a list of strings or None, got "
+                                                 f"{type(negative_prompt).__name__}")
+    if model is not None and not isinstance(model, (str, os.PathLike)) and not hasattr(model, "decode_latents"):
+        raise InvalidArgument("model", f"must be a path, a loaded pipeline or None, got {type(model).__name__}")
+    if isinstance(label, bool) or (label is not None and not isinstance(label, (int, str, list, tuple))):
+        raise InvalidArgument("label", f"must be a class name or index, a list of them, or None, got {label!r}")
+    for name, v, low in (("n", n, 1), ("seed", seed, 0), ("steps", steps, 1)):
+        if v is not None:
+            check_int(name, v, low)
+    if sampler is not None:
+        check_choice("sampler", sampler, SAMPLERS)
+    if guidance is not None and guidance != "model":
+        check_number("guidance", guidance, 0.0)
+    check_type("progress", progress, bool, "True or False")
+    for name, v in (("height", height), ("width", width)):
+        if v is not None:
+            check_multiple(name, v, 8, 8)
+    if strength is not None:
+        check_number("strength", strength, 0.0, 1.0)
+    for name, v in (("init_image", init_image), ("mask", mask)):
+        if v is not None and not isinstance(v, (str, os.PathLike, Image.Image, torch.Tensor)):
+            raise InvalidArgument(name, f"must be a path, a PIL image or a tensor, got {type(v).__name__}")
+    if mask is not None and init_image is None:
+        raise InvalidArgument("mask", "needs init_image, the picture to repaint")
+
+
 def generate(prompt: str | None = None, *, model=None,
              label: int | str | Sequence[int | str] | None = None, n: int | None = None, seed: int = 0,
              sampler: str | None = None, steps: int | None = None, guidance: float | str | None = "model",
-             progress: bool = True, negative_prompt: str | None = None, height: int = 512, width: int = 512,
-             init_image=None, strength: float = 0.8, mask=None) -> list[Image.Image]:
-    """``n`` images as PIL images. The same arguments and seed give the same images.
+             progress: bool = True, negative_prompt: str | None = None, height: int | None = None,
+             width: int | None = None, init_image=None, strength: float | None = None,
+             mask=None) -> list[Image.Image]:
+    """``n`` images as PIL images. The same arguments and seed give the same images. Every argument is checked
+    before a model loads or a step runs; an error is one line naming the argument (:class:`InvalidArgument`,
+    a ValueError and TypeError).
 
     Pixel models (the bundled Fashion-MNIST model by default): ``label`` is a class name (``"sneaker"``) or
     index (``n`` images of it), or a list of them (one image each); ``None`` cycles through every class.
@@ -46,17 +98,18 @@ def generate(prompt: str | None = None, *, model=None,
     Stable Diffusion (``model`` = a diffusers folder or an original single file): ``prompt`` gives text-to-image
     (``height`` x ``width``, ``n`` images per prompt, default 1, ``negative_prompt``); with ``init_image`` (a
     path or PIL image) img2img at ``strength``; with ``mask`` as well (white = repaint) inpainting (SD1).
-    Defaults per family: SD1 euler, 30 steps, guidance 7.5; SD3 flow_euler, 28 steps, guidance 7.0.
+    What is not given comes from the family's defaults (``fastdiff.pipelines.sd1.DEFAULTS``, ``sd3.DEFAULTS``:
+    sampler, steps, guidance, size, strength).
     """
+    _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, progress, negative_prompt, height,
+                     width, init_image, strength, mask)
     if prompt is not None or init_image is not None or mask is not None:
         return _generate_sd(prompt, model=model, n=n or 1, seed=seed, sampler=sampler, steps=steps,
                             guidance=guidance, progress=progress, negative_prompt=negative_prompt, height=height,
                             width=width, init_image=init_image, strength=strength, mask=mask)
     n = 16 if n is None else n
-    sampler = sampler or "ddim"
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
     pipe = _pipeline(model)
+    sampler = sampler or pipe.defaults.sampler
     names = pipe.class_names
     if not names:
         labels = None
@@ -66,13 +119,18 @@ def generate(prompt: str | None = None, *, model=None,
         labels = [pipe.label_index(lab) for lab in label]  # one image per listed label; n is not used
     else:
         labels = [pipe.label_index(label)] * n
-    steps = steps or DEFAULT_STEPS.get(sampler, 50)
+    return to_pil(_sample(pipe, labels, progress, n=n, seed=seed, sampler=sampler, steps=steps,
+                          guidance=guidance) * 2 - 1)
+
+
+def _sample(pipe: PixelPipeline, labels, progress: bool, *, sampler: str, steps: int | None, **kw) -> torch.Tensor:
+    """``pipe.sample`` with a progress bar over its steps."""
+    steps = pipe.resolve_steps(sampler, steps)
     cb, bar = progress_callback(steps, enabled=progress)
     try:
-        x = pipe.sample(labels, n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance, callback=cb)
+        return pipe.sample(labels, sampler=sampler, steps=steps, callback=cb, **kw)
     finally:
         bar.close()
-    return to_pil(x)
 
 
 def _open_image(img, what: str, mode: str):
@@ -83,60 +141,52 @@ def _open_image(img, what: str, mode: str):
         with Image.open(img) as im:
             return im.convert(mode)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {img}: cannot be read as an image ({e})") from None
+        raise InvalidArgument(what, f"{img}: cannot be read as an image ({e})") from None
 
 
 def _generate_sd(prompt, *, model, n, seed, sampler, steps, guidance, progress, negative_prompt, height, width,
                  init_image, strength, mask) -> list[Image.Image]:
     """Text-to-image / img2img / inpainting with a Stable Diffusion checkpoint (see :func:`generate`)."""
     from fastdiff.pipelines.load import load_pipeline
-    from fastdiff.pipelines.sd1 import StableDiffusion1
     from fastdiff.pipelines.sd3 import StableDiffusion3
 
     if prompt is None:
-        raise ValueError("init_image / mask need a text prompt (prompt=...)")
+        raise InvalidArgument("prompt", "init_image / mask need a text prompt (prompt=...)")
     if model is None:
-        raise ValueError("a text prompt needs a Stable Diffusion checkpoint: model=PATH (a diffusers folder or an "
-                         "original .safetensors / .ckpt file); the bundled model is class-conditional (label=...)")
-    pipe = model if isinstance(model, (StableDiffusion1, StableDiffusion3, PixelPipeline)) else load_pipeline(model)
-    if not isinstance(pipe, (StableDiffusion1, StableDiffusion3)):
-        raise ValueError(f"{getattr(pipe, 'source', model)} is a class-conditional pixel model and takes no text "
-                         "prompt; use label=...")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    sd3 = isinstance(pipe, StableDiffusion3)
+        raise InvalidArgument("model", "a text prompt needs a Stable Diffusion checkpoint: model=PATH (a diffusers "
+                                       "folder or an original .safetensors / .ckpt file); the bundled model is "
+                                       "class-conditional (label=...)")
+    pipe = model if hasattr(model, "decode_latents") else load_pipeline(model)
+    if not isinstance(pipe, LatentPipeline):
+        raise InvalidArgument("model", f"{getattr(pipe, 'source', model)} is a class-conditional pixel model and "
+                                       "takes no text prompt; use label=...")
+    if isinstance(pipe, StableDiffusion3) and mask is not None:
+        raise InvalidArgument("mask", "inpainting (mask=...) is implemented for Stable Diffusion 1.x checkpoints; "
+                                      "this is an SD3 model: use init_image + strength (img2img) or txt2img")
     sampler, steps, default_guidance = sd_defaults(pipe, sampler, steps)
     guidance = default_guidance if guidance == "model" else (1.0 if guidance is None else guidance)
+    d = pipe.defaults
     image = _open_image(init_image, "init_image", "RGB")
     m = _open_image(mask, "mask", "L")
-    if sd3 and m is not None:
-        raise ValueError("inpainting (mask=...) is implemented for Stable Diffusion 1.x checkpoints; this is an SD3 "
-                         "model: use init_image + strength (img2img) or txt2img")
     cb, bar = progress_callback(steps, enabled=progress)
     kw = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
               num_images_per_prompt=n, callback=cb)
     try:
         if m is not None:
-            if image is None:
-                raise ValueError("mask needs init_image, the picture to repaint")
             x = pipe.inpaint(prompt, image, m, **kw)
         elif image is not None:
-            x = pipe.img2img(prompt, image, strength=strength, **kw)
+            x = pipe.img2img(prompt, image, strength=d.strength if strength is None else strength, **kw)
         else:
-            x = pipe.txt2img(prompt, height=height, width=width, **kw)
+            x = pipe.txt2img(prompt, height=height or d.height, width=width or d.width, **kw)
     finally:
         bar.close()
     return to_pil(x * 2 - 1)
 
 
 def sd_defaults(pipe, sampler: str | None, steps: int | None) -> tuple[str, int, float]:
-    """(sampler, steps, guidance) a Stable Diffusion pipeline uses when not told: SD1 euler / 30 / 7.5,
-    SD3 flow_euler / 28 / 7.0 (the settings of diffusers' pipelines and the model cards)."""
-    from fastdiff.pipelines.sd3 import StableDiffusion3
-
-    if isinstance(pipe, StableDiffusion3):
-        return sampler or "flow_euler", steps or 28, 7.0
-    return sampler or "euler", steps or 30, 7.5
+    """(sampler, steps, guidance) a Stable Diffusion pipeline uses when not told: its family's ``defaults``."""
+    d = pipe.defaults
+    return sampler or d.sampler, steps or d.steps, d.guidance
 
 
 def class_grid(pipe: PixelPipeline, *, per_class: int = 4, seed: int = 0, sampler: str = "ddim",
@@ -146,13 +196,8 @@ def class_grid(pipe: PixelPipeline, *, per_class: int = 4, seed: int = 0, sample
     if not names:
         raise ValueError("class_grid needs a class-conditional model")
     labels = [c for c in range(len(names)) for _ in range(per_class)]
-    steps = steps or DEFAULT_STEPS.get(sampler, 50)
-    cb, bar = progress_callback(steps, enabled=progress)
-    try:
-        x = pipe.sample(labels, seed=seed, sampler=sampler, steps=steps, guidance=guidance, callback=cb)
-    finally:
-        bar.close()
-    return image_grid(to_pil(x), per_class, row_labels=names)
+    x = _sample(pipe, labels, progress, seed=seed, sampler=sampler, steps=steps, guidance=guidance)
+    return image_grid(to_pil(x * 2 - 1), per_class, row_labels=names)
 
 
 def save_png(img: Image.Image, path: str | os.PathLike, info: dict) -> None:

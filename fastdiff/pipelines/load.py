@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fastdiff._argtypes import InvalidArgument, check_type
 from fastdiff.io.checkpoint import safetensors_keys
 from fastdiff.io.sd_checkpoint import detect_family
 from fastdiff.pipelines.pixel import load_pixel_pipeline
@@ -26,6 +27,7 @@ __all__ = ["load_pipeline", "pipeline_kind"]
 
 _SD1 = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
 _PIXEL = {"DDPMPipeline", "DDIMPipeline"}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SD3 = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
 
 
@@ -64,7 +66,16 @@ def load_pipeline(path: str | os.PathLike | None = None, *, dtype: torch.dtype |
     :class:`~fastdiff.pipelines.sd1.StableDiffusion1` whose ``.unet``, ``.vae``, ``.text_encoder`` and
     ``.tokenizer`` are fastdiff modules; an SD3 one a :class:`~fastdiff.pipelines.sd3.StableDiffusion3`
     (``.transformer``, ``.vae``, ``.encode_prompt``); a pixel model a
-    :class:`~fastdiff.pipelines.pixel.PixelPipeline`."""
+    :class:`~fastdiff.pipelines.pixel.PixelPipeline`. Bad arguments raise
+    :class:`~fastdiff._argtypes.InvalidArgument` naming them, before anything is read."""
+    check_type("path", path, (str, os.PathLike), "a path (str or os.PathLike)")
+    if dtype is not None and dtype not in _DTYPES:
+        raise InvalidArgument("dtype", f"must be one of {', '.join(map(str, _DTYPES))} or None, got {dtype!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgument("device", f"must be a torch device or its name ('cpu', 'cuda', 'cuda:1'), got "
+                                        f"{device!r}") from None
     kind = pipeline_kind(path)
     if kind == "sd1":
         return load_sd1(path, dtype=dtype, device=device)

@@ -13,16 +13,20 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastdiff._argtypes import InvalidArgument, check_choice, check_int, check_number
 from fastdiff.io.pixel_folder import (DEFAULT_GUIDANCE, PixelComponents, bundled_model_dir, load_pixel_components,
                                       pixel_schedule, save_pixel_folder)
 from fastdiff.models.unet2d import UNet2D
-from fastdiff.samplers import Denoiser, get_sampler
+from fastdiff.pipelines.core import Defaults, Job, run, to_unit_range
+from fastdiff.samplers import SAMPLERS
 from fastdiff.samplers.schedules import NoiseSchedule
 
-__all__ = ["PixelPipeline", "load_pixel_pipeline", "bundled_model_dir", "slerp", "DEFAULT_STEPS"]
+__all__ = ["PixelPipeline", "load_pixel_pipeline", "bundled_model_dir", "slerp", "DEFAULT_STEPS", "DEFAULTS"]
 
-# Defaults sized for the 20-second labelled grid of the bundled model on a 2-core CPU.
+# Defaults sized for the 20-second labelled grid of the bundled model on a 2-core CPU: steps per sampler, and
+# what `fastdiff generate` / fastdiff.generate use when not told (guidance: the model's own, see PixelPipeline).
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 20, "euler": 30, "euler_a": 30, "dpmpp_2m": 15}
+DEFAULTS = Defaults(sampler="ddim", steps=DEFAULT_STEPS["ddim"], guidance=DEFAULT_GUIDANCE, height=32, width=32)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
@@ -52,6 +56,9 @@ class PixelPipeline:
     clip: float | None = 1.0
     source: str = ""
     default_guidance: float | None = DEFAULT_GUIDANCE
+
+    defaults = DEFAULTS
+    samplers = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
 
     def __post_init__(self) -> None:
         self.schedule = pixel_schedule(self.schedule, self.clip)
@@ -85,11 +92,12 @@ class PixelPipeline:
 
     @torch.no_grad()
     def sample(self, labels: Sequence[int] | torch.Tensor | None, *, n: int | None = None, seed: int = 0,
-               sampler: str = "ddim", steps: int | None = None, guidance: float | str | None = "model",
+               sampler: str = DEFAULTS.sampler, steps: int | None = None, guidance: float | str | None = "model",
                noise: torch.Tensor | None = None, precision: str = "fp32",
                callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Samples in [-1, 1], shape (N, C, H, W). ``labels``: one class index per sample (None for an
-        unconditional model, then ``n`` samples). The same seed gives the same images.
+        """Images in [0, 1], shape (N, C, H, W). ``labels``: one class index per sample (None for an
+        unconditional model, then ``n`` samples). The same seed gives the same images. ``steps``: default
+        :data:`DEFAULT_STEPS` of the sampler.
 
         ``precision="fp32"`` by default: at the bundled model's width (32-128 channels) bf16 autocast ran ~25%
         slower than fp32 on the CPU (the casts cost more than the narrower convolutions save).
@@ -98,55 +106,75 @@ class PixelPipeline:
         :attr:`default_guidance`; None or 1 turn guidance off."""
         cfg = self.unet.config
         guidance = self.resolve_guidance(guidance)
-        fn = get_sampler(sampler)
-        if sampler == "flow_euler":
-            raise ValueError("flow_euler samples rectified-flow models; this is a DDPM (VP) model")
-        steps = steps or DEFAULT_STEPS[sampler]
-        if steps < 1 or steps > self.schedule.num_train_timesteps:
-            raise ValueError(f"steps must be in 1..{self.schedule.num_train_timesteps}, got {steps}")
-        gen = torch.Generator().manual_seed(int(seed))
+        check_choice("sampler", sampler, SAMPLERS)
+        check_choice("sampler", sampler, self.samplers, "for this DDPM (VP) model")
+        steps = self.resolve_steps(sampler, steps)
+        gen = torch.Generator().manual_seed(check_int("seed", seed, 0))
+        check_choice("precision", precision, ("fp32", "bf16"))
         if cfg.num_classes:
             if labels is None:
-                raise ValueError(f"this model is class-conditional: give labels ({', '.join(self.class_names)})")
+                raise InvalidArgument("labels", f"this model is class-conditional: give labels "
+                                                f"({', '.join(self.class_names)})")
             y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            count = len(y)
         else:
             if labels is not None:
-                raise ValueError("this model is unconditional: labels must be None")
-            if not n:
-                raise ValueError("give n, the number of samples")
-            y = None
-        count = len(y) if y is not None else int(n)
-        shape = (count, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        if noise is None:
-            x = torch.randn(shape, generator=gen)
-        else:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-            x = noise.float().clone()
+                raise InvalidArgument("labels", "this model is unconditional: labels must be None")
+            y, count = None, check_int("n", n, 1)
+        shape = self.latent_shape(count, None, None)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise InvalidArgument("noise", f"must have shape {shape}, got {tuple(noise.shape)}")
         use_cfg = y is not None and guidance is not None and guidance != 1.0
         if use_cfg and not cfg.null_class:
-            raise ValueError("classifier-free guidance needs a model trained with a null class; use guidance=None")
+            raise InvalidArgument("guidance", "classifier-free guidance needs a model trained with a null class; "
+                                              "use guidance=None")
         uncond = torch.full_like(y, cfg.null_label) if use_cfg else None
+        return run(self, Job("sample", steps, sampler, float(guidance) if use_cfg else None, gen, count, cond=y,
+                             uncond=uncond, latents=noise, callback=callback, options={"precision": precision}))
+
+    def resolve_steps(self, sampler: str, steps: int | None) -> int:
+        """``steps`` checked against the schedule, or the sampler's default (:data:`DEFAULT_STEPS`)."""
+        if steps is None:
+            return DEFAULT_STEPS[sampler]
+        T = self.schedule.num_train_timesteps
+        if check_int("steps", steps, 1) > T:
+            raise InvalidArgument("steps", f"must be an integer in 1..{T}, got {steps}")
+        return steps
+
+    # the model family, as the generation driver (fastdiff.pipelines.core) asks for it: pixels, no autoencoder
+    vae = None
+    is_inpainting = False
+    latent_dtype = torch.float32
+    network_dtype = None                 # the network call below handles its own precision
+    sample_device = torch.device("cpu")  # the sampler state stays on the CPU; the network call moves it
+
+    def latent_shape(self, batch: int, height, width) -> tuple[int, int, int, int]:
+        cfg = self.unet.config
+        return (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def make_schedule(self, job) -> NoiseSchedule:
+        return self.schedule
+
+    def network(self, job):
         unet = self.unet
         dev = next(unet.parameters()).device
-        autocast = precision == "bf16" and next(unet.parameters()).dtype == torch.float32
+        autocast = job.options["precision"] == "bf16" and next(unet.parameters()).dtype == torch.float32
 
         def net(xx, tt, yy):
             # Only the network runs in bf16; the sampler's state and schedule arithmetic stay fp32/fp64.
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
                 return unet(xx.to(dev), tt.to(dev), None if yy is None else yy.to(dev)).float().cpu()
 
-        out = fn(Denoiser(net, self.prediction), x, self.schedule, steps=steps, cond=y, uncond=uncond,
-                 guidance=guidance if use_cfg else None, generator=gen, callback=callback)
-        return out.clamp(-1, 1)
+        return net
+
+    def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        return to_unit_range(x, "sample in float32 (precision='fp32') or with less guidance")
 
     def resolve_guidance(self, guidance: float | str | None) -> float | None:
         """``"model"`` -> this model's default guidance; numbers and None pass through (checked)."""
         if guidance == "model":
             return self.default_guidance
-        if guidance is not None and (not isinstance(guidance, (int, float)) or guidance < 0):
-            raise ValueError(f"guidance must be a number >= 0, None or 'model', got {guidance!r}")
-        return guidance
+        return None if guidance is None else check_number("guidance", guidance, 0.0)
 
     def add_noise(self, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
         """``x0`` noised to training timestep ``t``: the schedule's q(x_t | x_0)."""

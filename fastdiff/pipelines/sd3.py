@@ -26,21 +26,30 @@ Fitting 16 GB (SD3-medium + T5-XXL in fp16 is ~15.5 GB of weights; README has th
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from fastdiff._argtypes import InvalidArgument, check_int, check_number
 from fastdiff.io import sd3_load
 from fastdiff.io.sd3_load import SD3_SCHEDULER_CONFIG
+from fastdiff.pipelines.core import Defaults, LatentPipeline, make_job, prompt_list, run, warn_truncated
+from fastdiff.samplers import FlowSchedule
 
-__all__ = ["StableDiffusion3", "SD3_SCHEDULER_CONFIG", "load_sd3"]
+__all__ = ["StableDiffusion3", "SD3_SCHEDULER_CONFIG", "load_sd3", "DEFAULTS"]
 _CLIP_TOKENS = 77
 
+# What txt2img / img2img, fastdiff.generate and `fastdiff generate` use when not told: the settings of diffusers'
+# StableDiffusion3Pipeline / StableDiffusion3Img2ImgPipeline and the SD3 model card.
+DEFAULTS = Defaults(sampler="flow_euler", steps=28, guidance=7.0, height=1024, width=1024, strength=0.6)
 
-class StableDiffusion3:
+
+class StableDiffusion3(LatentPipeline):
     """Holds ``.transformer`` (MMDiT), ``.vae``, ``.text_encoder`` (CLIP-L), ``.text_encoder_2`` (CLIP-G),
     ``.text_encoder_3`` (T5-XXL or None), their tokenizers, and the scheduler settings."""
+
+    defaults = DEFAULTS
+    samplers = ("flow_euler",)
 
     def __init__(self, transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2,
                  tokenizer_3, scheduler_config: dict | None = None):
@@ -102,14 +111,6 @@ class StableDiffusion3:
         return self
 
     # ---------------------------------------------------------------------------------------------- prompts
-    def _warn_truncated(self, tokenizer, prompts, n: int, name: str) -> None:
-        for p in prompts:
-            ids = tokenizer.encode(p)
-            if len(ids) > n:
-                dropped = tokenizer.decode(ids[n - 1:-1])
-                warnings.warn(f"prompt longer than {n - 1 if name == 'T5' else n - 2} {name} tokens: this part is "
-                              f"dropped for {name}: {dropped!r}", stacklevel=4)
-
     def _encode_with(self, encoder, fn):
         """Run ``fn(encoder, device)`` with the encoder on the compute device (moved there and back when
         offloading) and return its outputs on the transformer's device."""
@@ -131,15 +132,12 @@ class StableDiffusion3:
 
         Prompts are cut to 77 CLIP tokens and ``max_sequence_length`` T5 tokens (diffusers' defaults); the
         dropped words are named in a warning."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("encode_prompt: expected a prompt string or a non-empty list of strings")
+        prompts = prompt_list(prompts, "prompts")
         if self.text_encoder is None or self.text_encoder_2 is None:
             raise ValueError("the text encoders were freed (free_text_encoders): pass prompt_embeds= made earlier "
                              "with encode_prompt, or reload the pipeline")
-        if not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
-        self._warn_truncated(self.tokenizer, prompts, _CLIP_TOKENS, "CLIP")
+        _check_max_sequence_length(max_sequence_length)
+        warn_truncated(self.tokenizer, prompts, _CLIP_TOKENS, "CLIP", specials=2)
         hidden, pooled = [], []
         for enc, tok in ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)):
             h, p = self._encode_with(enc, lambda e, d, tok=tok: e.encode_sd3(tok(prompts).to(d), clip_skip=clip_skip))
@@ -152,7 +150,7 @@ class StableDiffusion3:
         if self.text_encoder_3 is None:
             t5 = torch.zeros(b, max_sequence_length, joint, dtype=clip.dtype, device=self.device)
         else:
-            self._warn_truncated(self.tokenizer_3, prompts, max_sequence_length, "T5")
+            warn_truncated(self.tokenizer_3, prompts, max_sequence_length, "T5", specials=1)
             t5 = self._encode_with(self.text_encoder_3, lambda e, d: e(
                 self.tokenizer_3(prompts, max_length=max_sequence_length).to(d))).to(self.device)
         dt = self.dtype
@@ -161,11 +159,11 @@ class StableDiffusion3:
     # ------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def txt2img(self, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] | None = None,
-                height: int = 1024, width: int = 1024, steps: int = 28, guidance: float = 7.0,
-                seed: int | None = None, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
-                shift: float | None = None, clip_skip: int = 0, max_sequence_length: int = 256,
-                latents: torch.Tensor | None = None, callback=None, sampler: str = "flow_euler",
-                prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                height: int = DEFAULTS.height, width: int = DEFAULTS.width, steps: int = DEFAULTS.steps,
+                guidance: float = DEFAULTS.guidance, seed: int | None = None, generator: torch.Generator | None = None,
+                num_images_per_prompt: int = 1, shift: float | None = None, clip_skip: int = 0,
+                max_sequence_length: int = 256, latents: torch.Tensor | None = None, callback=None,
+                sampler: str = DEFAULTS.sampler, prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
                 negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Images (B, 3, height, width) in [0, 1], fp32, B = len(prompts) * num_images_per_prompt.
 
@@ -175,16 +173,18 @@ class StableDiffusion3:
         ``prompt_embeds`` / ``negative_prompt_embeds``: ``(context, pooled)`` from :meth:`encode_prompt`, instead
         of the prompts (the text encoders are then not needed).
         """
-        return self._generate("txt2img", prompt, negative_prompt, height, width, steps, guidance, seed, generator,
-                              num_images_per_prompt, shift, clip_skip, max_sequence_length, latents, callback,
-                              sampler, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        return run(self, self._job("txt2img", prompt, prompt_embeds, negative_prompt_embeds, shift, dict(
+            negative_prompt=negative_prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+            generator=generator, num_images_per_prompt=num_images_per_prompt, latents=latents, callback=callback,
+            sampler=sampler, encode={"clip_skip": clip_skip, "max_sequence_length": max_sequence_length})))
 
     @torch.no_grad()
-    def img2img(self, prompt: str | list[str] | None, image, *, strength: float = 0.6,
-                negative_prompt: str | list[str] | None = None, steps: int = 28, guidance: float = 7.0,
-                seed: int | None = None, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
-                shift: float | None = None, clip_skip: int = 0, max_sequence_length: int = 256, callback=None,
-                sampler: str = "flow_euler", prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def img2img(self, prompt: str | list[str] | None, image, *, strength: float = DEFAULTS.strength,
+                negative_prompt: str | list[str] | None = None, steps: int = DEFAULTS.steps,
+                guidance: float = DEFAULTS.guidance, seed: int | None = None, generator: torch.Generator | None = None,
+                num_images_per_prompt: int = 1, shift: float | None = None, clip_skip: int = 0,
+                max_sequence_length: int = 256, callback=None, sampler: str = DEFAULTS.sampler,
+                prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
                 negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Re-draw ``image`` ((B|1, 3, H, W) tensor in [0, 1] or a PIL image) towards the prompt.
 
@@ -192,106 +192,50 @@ class StableDiffusion3:
         ``int(steps - steps * strength)`` and the image's latents are noised to that step's sigma (random draws
         in diffusers' order: the VAE's latent sample, then the noise).
         """
-        from fastdiff.pipelines.sd1 import _image_tensor
+        return run(self, self._job("img2img", prompt, prompt_embeds, negative_prompt_embeds, shift, dict(
+            negative_prompt=negative_prompt, image=image, strength=strength, steps=steps, guidance=guidance,
+            seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt, callback=callback,
+            sampler=sampler, encode={"clip_skip": clip_skip, "max_sequence_length": max_sequence_length})))
 
-        if not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
-            raise ValueError(f"img2img: strength must be a number in [0, 1], got {strength!r}")
-        img = _image_tensor(image, "image")
-        start = int(max(steps - steps * float(strength), 0))
-        if start >= steps:
-            raise ValueError(f"img2img: strength {strength} x {steps} steps leaves no step to run; raise the "
-                             "strength or the steps (at least one step must run)")
-        height, width = int(img.shape[-2]), int(img.shape[-1])
-        return self._generate("img2img", prompt, negative_prompt, height, width, steps, guidance, seed, generator,
-                              num_images_per_prompt, shift, clip_skip, max_sequence_length, None, callback,
-                              sampler, image=img, start=start, prompt_embeds=prompt_embeds,
-                              negative_prompt_embeds=negative_prompt_embeds)
+    def _job(self, what, prompt, prompt_embeds, negative_prompt_embeds, shift, kw):
+        _check_max_sequence_length(kw["encode"]["max_sequence_length"])
+        if shift is not None:
+            shift = check_number("shift", shift, 0.0, low_open=True)
+        cond = None if prompt_embeds is None else self._embeds(prompt_embeds, "prompt_embeds")
+        uncond = None if negative_prompt_embeds is None else self._embeds(negative_prompt_embeds,
+                                                                           "negative_prompt_embeds")
+        return make_job(self, what, prompt=prompt, cond=cond, uncond=uncond, options={"shift": shift}, **kw)
 
-    def _generate(self, what, prompt, negative_prompt, height, width, steps, guidance, seed, generator,
-                  num_images_per_prompt, shift, clip_skip, max_sequence_length, latents, callback, sampler,
-                  image=None, start=None, prompt_embeds=None, negative_prompt_embeds=None) -> torch.Tensor:
-        from fastdiff.samplers import Denoiser, FlowSchedule, sample_flow_euler
+    def _embeds(self, e, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if (not isinstance(e, (tuple, list)) or len(e) != 2 or not all(isinstance(t, torch.Tensor) for t in e)
+                or e[0].dim() != 3 or e[1].dim() != 2 or e[0].shape[0] != e[1].shape[0]):
+            raise InvalidArgument(name, "must be (context (B, tokens, width), pooled (B, width)) as encode_prompt "
+                                        "returns")
+        return tuple(t.to(self.device, self.dtype) for t in e)
 
-        if sampler != "flow_euler":
-            raise ValueError(f"{what}: SD3 is a rectified-flow model; its sampler is 'flow_euler', got {sampler!r}")
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError(f"{what}: give either prompt or prompt_embeds (from encode_prompt), not both or neither")
-        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
-        if prompts is not None and not prompts:
-            raise ValueError(f"{what}: no prompt given")
-        f = self.vae.downscale
-        p = self.transformer.config.patch_size
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % (f * p):
-                raise ValueError(f"{what}: {name} must be a positive multiple of {f * p} (VAE downscale {f} x "
-                                 f"patch size {p}), got {v!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"{what}: steps must be a positive integer, got {steps!r}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"{what}: num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(int(seed))
+    # the model family, as the generation driver (fastdiff.pipelines.core) asks for it
+    prediction = "flow"
 
-        guided = guidance is not None and guidance > 1.0
-        enc = dict(clip_skip=clip_skip, max_sequence_length=max_sequence_length)
-        cond = _checked_embeds(prompt_embeds, "prompt_embeds") if prompts is None else self.encode_prompt(prompts, **enc)
-        n = cond[0].shape[0]
-        cond = tuple(c.to(self.device, self.dtype).repeat_interleave(num_images_per_prompt, dim=0) for c in cond)
-        uncond = None
-        if guided:
-            if negative_prompt_embeds is not None:
-                uncond = _checked_embeds(negative_prompt_embeds, "negative_prompt_embeds")
-                if uncond[0].shape[0] not in (1, n) or uncond[0].shape[1:] != cond[0].shape[1:]:
-                    raise ValueError(f"{what}: negative_prompt_embeds {tuple(uncond[0].shape)} do not match "
-                                     f"prompt_embeds {tuple(cond[0].shape)}")
-                uncond = tuple(u.expand(n, *u.shape[1:]) for u in uncond)
-            else:
-                neg = [""] * n if negative_prompt is None else (
-                    [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt))
-                if len(neg) != n:
-                    raise ValueError(f"{what}: {len(neg)} negative prompts for {n} prompts")
-                uncond = self.encode_prompt(neg, **enc)
-            uncond = tuple(c.to(self.device, self.dtype).repeat_interleave(num_images_per_prompt, dim=0)
-                           for c in uncond)
+    def size_multiple(self) -> tuple[int, str]:
+        f, p = self.vae.downscale, self.transformer.config.patch_size
+        return f * p, f"(VAE downscale {f} x patch size {p})"
 
-        b = cond[0].shape[0]
-        shape = (b, self.transformer.config.in_channels, height // f, width // f)
-        gen_device = generator.device if generator is not None else "cpu"
-        init = None
-        if start is not None:  # img2img: the image's latents (one VAE sample per given image), then the noise
-            if image.shape[0] not in (1, b) and b % image.shape[0]:
-                raise ValueError(f"{what}: {image.shape[0]} images do not divide the batch of {b}")
-            z = self.vae.encode((image * 2 - 1).to(self.device, self.vae.dtype)).sample(generator)
-            init = self.vae.to_latents(z).to(self.dtype)
-            init = init.repeat(b // init.shape[0], 1, 1, 1).to(self.device, torch.float32)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, dtype=self.dtype, device=gen_device)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"{what}: latents must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(self.device, torch.float32)
+    @staticmethod
+    def img2img_start(steps: int, strength: float) -> int:
+        return int(max(steps - steps * strength, 0))  # diffusers' SD3 img2img enters the schedule here
 
+    def make_schedule(self, job) -> FlowSchedule:
         sched = self.scheduler_config
         if sched.get("use_dynamic_shifting"):
             raise ValueError("this scheduler config asks for dynamic shifting (resolution-dependent mu), which "
                              "fastdiff's SD3 pipeline does not implement; pass shift= instead")
-        schedule = FlowSchedule(num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
-                                shift=float(shift if shift is not None else sched.get("shift", 3.0)))
-        net = self.transformer
-        model = Denoiser(lambda xx, t, c: net(xx, t, c[0], c[1]), "flow", dtype=self.dtype)
-        opts = {} if start is None else {"init": init, "start": start}
-        x = sample_flow_euler(model, x, schedule, steps=steps, cond=cond, uncond=uncond,
-                              guidance=guidance if guided else None, generator=generator, callback=callback, **opts)
-        return self.decode_latents(x)
+        shift = job.options.get("shift")
+        return FlowSchedule(num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
+                            shift=float(shift if shift is not None else sched.get("shift", 3.0)))
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Transformer latents -> images in [0, 1] (fp32): VAE decode of ``latents / scaling + shift``."""
-        z = self.vae.from_latents(latents).to(self.vae.dtype)
-        img = self.vae.decode(z).float()
-        if not torch.isfinite(img).all():
-            raise FloatingPointError(f"the VAE decode produced NaN/inf in {self.vae.dtype}: decode in float32 or "
-                                     "bfloat16 (pipe.vae.to(dtype=torch.float32))")
-        return (img / 2 + 0.5).clamp(0, 1)
+    def network(self, job):
+        net = self.transformer
+        return lambda x, t, c: net(x, t, c[0], c[1])  # c = (context, pooled)
 
     # ----------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
@@ -309,11 +253,9 @@ class StableDiffusion3:
                 f"t5={'yes' if self.text_encoder_3 is not None else 'no'}, dtype={self.dtype}, device={self.device})")
 
 
-def _checked_embeds(e, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if (not isinstance(e, (tuple, list)) or len(e) != 2 or not all(isinstance(t, torch.Tensor) for t in e)
-            or e[0].dim() != 3 or e[1].dim() != 2 or e[0].shape[0] != e[1].shape[0]):
-        raise ValueError(f"{name} must be (context (B, tokens, width), pooled (B, width)) as encode_prompt returns")
-    return e[0], e[1]
+def _check_max_sequence_length(n) -> None:
+    if check_int("max_sequence_length", n, 1) > 512:
+        raise InvalidArgument("max_sequence_length", f"must be an integer in [1, 512] (T5's positions), got {n}")
 
 
 def load_sd3(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
