@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff._argtypes import OneLineParser, float_in, int_at_least
+from fastdiff._argtypes import OneLineParser, existing_path, float_in, int_at_least
 
 __all__ = ["add_train_parser", "run_train", "main"]
 
@@ -136,6 +136,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
             p.add_argument(flag, type=_json_object, **kw)
         elif f.name == "model":
             p.add_argument(flag, choices=presets, **kw)
+        elif f.name == "text_encoder":
+            from fastdiff.models.clip_text import PRESETS as TEXT_PRESETS
+
+            p.add_argument(flag, choices=tuple(TEXT_PRESETS), **kw)
+        elif f.name == "autoencoder":
+            p.add_argument(flag, type=existing_path(), **kw)
         elif f.name in _CHOICES:
             p.add_argument(flag, choices=_CHOICES[f.name], **kw)
         else:
