@@ -40,6 +40,22 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, digits):
     assert other != full[:3]
 
 
+def test_autoencoder_resume_reproduces_uninterrupted_losses(tmp_path, digits):
+    ae = dict(kind="autoencoder", model="tiny", model_overrides={"in_channels": 1, "out_channels": 1}, lr=1e-3,
+              max_steps=6)
+    full = _trainer(tmp_path, digits, "a", **ae).run()
+    first = _trainer(tmp_path, digits, "b", **ae).run(max_steps=3)
+    rest = _trainer(tmp_path, digits, "b", resume=True, **ae).run()
+    assert len(full) == 6 and first + rest == full
+    a, ea, _, sa = load_checkpoint(tmp_path / "a")
+    b, eb, _, sb = load_checkpoint(tmp_path / "b")
+    assert sa["step"] == sb["step"] == 6 and sa["arch"]["kind"] == "autoencoder"
+    assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert any(k.startswith("encoder.down_blocks.") for k in a)  # the SD VAE's own modules
+    other = _trainer(tmp_path, digits, "c", seed=1, **{**ae, "max_steps": 3}).run()
+    assert other != full[:3]
+
+
 def test_bf16_autocast_is_entered_and_fp32_is_not(tmp_path, digits):
     seen = {}
     for prec in ("bf16", "fp32"):

@@ -24,7 +24,7 @@ from torch import nn
 from fastdiff.ops import LayerNorm, Linear, attention
 
 __all__ = ["CLIPTextConfig", "CLIPTextTransformer", "CLIPTextModel", "CLIP_L14", "CLIP_L14_PROJ", "CLIP_BIGG14", "SD15",
-           "TINY", "PRESETS"]
+           "TINY", "SMALL", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,10 @@ TINY = CLIPTextConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_si
 CLIP_L14_PROJ = CLIPTextConfig(projection_dim=768)
 CLIP_BIGG14 = CLIPTextConfig(hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, hidden_act="gelu",
                              projection_dim=1280)
+# A small tower to train from scratch with a small SD-layout UNet (fastdiff.train, conditioning="text").
+SMALL = CLIPTextConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512)
 PRESETS = {"sd15": SD15, "clip_l14": CLIP_L14, "clip_l14_proj": CLIP_L14_PROJ, "clip_bigg14": CLIP_BIGG14,
-           "tiny": TINY}
+           "tiny": TINY, "small": SMALL}
 
 
 class CLIPTextEmbeddings(nn.Module):

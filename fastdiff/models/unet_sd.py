@@ -30,7 +30,7 @@ from torch import nn
 from fastdiff.models.blocks import ResBlock, TimestepEmbedding, apply_group_norm
 from fastdiff.ops import Conv2d, LayerNorm, Linear, attention, geglu, timestep_embedding
 
-__all__ = ["UNetSDConfig", "UNetSD", "SD15", "SD15_INPAINT", "TINY", "PRESETS"]
+__all__ = ["UNetSDConfig", "UNetSD", "SD15", "SD15_INPAINT", "TINY", "FASHION_TINY_SD", "PRESETS"]
 
 _DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
@@ -124,7 +124,12 @@ SD15 = UNetSDConfig()
 SD15_INPAINT = UNetSDConfig(in_channels=9)  # latents + mask + masked-image latents
 TINY = UNetSDConfig(block_out_channels=(32, 64), cross_attention=(True, False), layers_per_block=2, num_heads=2,
                     cross_attention_dim=32, norm_num_groups=8, sample_size=16)
-PRESETS = {"sd15": SD15, "sd15_inpaint": SD15_INPAINT, "tiny": TINY}
+# SD1 layout at small size for 8x8x4 latents (a 32x32 image through an f4 autoencoder) and a 128-wide text
+# encoder (fastdiff.models.clip_text.SMALL): levels 8x8 and 4x4 with cross-attention, 2x2 without, as SD1's last.
+FASHION_TINY_SD = UNetSDConfig(block_out_channels=(64, 128, 128), cross_attention=(True, True, False),
+                               layers_per_block=2, num_heads=4, cross_attention_dim=128, norm_num_groups=32,
+                               sample_size=8)
+PRESETS = {"sd15": SD15, "sd15_inpaint": SD15_INPAINT, "tiny": TINY, "fashion_tiny_sd": FASHION_TINY_SD}
 
 
 def ResnetBlock2D(cin: int, cout: int, temb: int, groups: int, eps: float) -> ResBlock:

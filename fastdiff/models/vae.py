@@ -28,7 +28,8 @@ from torch import nn
 from fastdiff.models.blocks import ResBlock, Upsample2D, apply_group_norm
 from fastdiff.ops import Conv2d, Linear, attention
 
-__all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "SD15", "SD3", "TINY", "TINY_SD3", "PRESETS"]
+__all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "SD15", "SD3", "TINY", "TINY_SD3", "SMALL_F4", "FASHION_F4",
+           "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,16 @@ TINY = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_group
 TINY_SD3 = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32,
                      latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                      use_post_quant_conv=False)
-PRESETS = {"sd15": SD15, "sd3": SD3, "tiny": TINY, "tiny_sd3": TINY_SD3}
+# Small autoencoders to train from scratch (fastdiff.train, kind="autoencoder"): f4 (two stride-2 levels), 4 latent
+# channels. ``scaling_factor`` is a placeholder here: latent diffusion measures it from the data (1 / std of the
+# latents, as LDM does) and stores it with the latent run.
+SMALL_F4 = VAEConfig(block_out_channels=(64, 128, 128), layers_per_block=1, norm_num_groups=32, scaling_factor=1.0,
+                     sample_size=32)
+# Grey 32x32 (Fashion-MNIST padded to 32): 32x32x1 -> 8x8x4 latents.
+FASHION_F4 = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
+                       norm_num_groups=16, scaling_factor=1.0, sample_size=32)
+PRESETS = {"sd15": SD15, "sd3": SD3, "tiny": TINY, "tiny_sd3": TINY_SD3, "small_f4": SMALL_F4,
+           "fashion_f4": FASHION_F4}
 
 _EPS = 1e-6  # every VAE norm uses eps 1e-6 (the UNet uses 1e-5)
 

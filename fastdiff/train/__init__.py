@@ -1,4 +1,5 @@
-"""Training of pixel-space diffusion models: :class:`TrainConfig`, :class:`Trainer`, :func:`train`, and
+"""One trainer for diffusion models (pixel or latent, class labels or captions) and KL autoencoders:
+:class:`TrainConfig`, :class:`Trainer`, :func:`train`, and
 :func:`load_run_model` / :func:`sample_grid` to use a run's checkpoint, :func:`plan` for the GPU memory a
 configuration needs."""
 from fastdiff.io.checkpoint import CheckpointError

@@ -1,6 +1,9 @@
-"""``fastdiff train``: train a pixel-space diffusion model, or resume a run folder.
+"""``fastdiff train``: train a diffusion model (pixel or latent, labels or captions) or a KL autoencoder, or
+resume a run folder.
 
     fastdiff train --run-dir runs/fashion32 --dataset fashion-mnist --max-steps 20000
+    fastdiff train --kind autoencoder --model fashion_f4 --run-dir runs/ae --lr 1e-3
+    fastdiff train --autoencoder runs/ae --conditioning text --model fashion_tiny_sd --run-dir runs/tiny-sd
     fastdiff train --run-dir runs/fashion32 --resume [--max-steps 30000]
     fastdiff train --plan --model cifar10_ddpm --precision bf16 [--gpu-memory 16] [--optimizer adamw8bit]
 
@@ -21,19 +24,28 @@ from pathlib import Path
 
 import torch
 
-from fastdiff._argtypes import OneLineParser, float_in, int_at_least
+from fastdiff._argtypes import OneLineParser, existing_path, float_in, int_at_least
 
 __all__ = ["add_train_parser", "run_train", "main"]
 
 _HELP = {
     "run_dir": "run folder (checkpoints, sample grids, loss curve, train.log)",
-    "model": "UNet preset (fashion32, cifar10_ddpm, tiny)",
-    "model_overrides": "JSON object of UNet2DConfig fields overriding the preset, e.g. "
+    "kind": "diffusion | autoencoder (a KL autoencoder for latent diffusion)",
+    "model": "preset of the kind: UNet2D (class conditioning: fashion32, cifar10_ddpm, tiny), SD-layout UNet "
+             "(text conditioning: fashion_tiny_sd, tiny, sd15), autoencoder (fashion_f4, small_f4, tiny, sd15)",
+    "model_overrides": "JSON object of the model config's fields overriding the preset, e.g. "
                        "'{\"block_out_channels\": [32, 64, 128]}'",
+    "conditioning": "class (labels, UNet2D) | text (captions made from the labels; SD-layout UNet + CLIP text "
+                    "encoder trained with it)",
+    "text_encoder": "CLIP text encoder preset for --conditioning text (small, tiny, sd15)",
+    "autoencoder": "latent diffusion: an autoencoder run folder (or an AutoencoderKL folder); the dataset is "
+                   "encoded once and cached in the run folder",
+    "recon_loss": "autoencoder reconstruction loss: l1 | l2",
+    "kl_weight": "autoencoder KL weight (LDM's scale: 1e-6)",
     "dataset": "fashion-mnist | fashion-mnist:DIR | mnist:DIR | mnist5k | digits | folder:DIR | npz:FILE",
     "image_size": "model resolution (28x28 sources are padded to 32)",
-    "schedule": "beta schedule: linear | scaled_linear | cosine",
-    "prediction": "network target: eps | v | x0",
+    "schedule": "noise schedule: linear | scaled_linear | cosine | flow (rectified flow)",
+    "prediction": "network target: eps | v | x0 | flow (with --schedule flow)",
     "num_train_timesteps": "T",
     "batch_size": "images per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
@@ -44,7 +56,7 @@ _HELP = {
     "optimizer": "adamw | adamw8bit (bitsandbytes)",
     "grad_clip": "max gradient norm (0: off)",
     "ema_decay": "EMA decay of the weights used for sampling",
-    "class_dropout": "probability of replacing the label by the null class (for guidance)",
+    "class_dropout": "probability of replacing the label by the null class / the caption by \"\" (for guidance)",
     "hflip": "random horizontal flips",
     "grad_checkpointing": "recompute ResBlocks and attention in the backward pass (less memory, ~1 more forward)",
     "precision": "bf16 (autocast) | fp32 | fp16 (CUDA, GradScaler)",
@@ -64,8 +76,11 @@ _HELP = {
 
 # What each option accepts, checked when the command line is parsed (before anything is loaded or written).
 _CHOICES = {
-    "schedule": ("linear", "scaled_linear", "cosine"),
-    "prediction": ("eps", "v", "x0"),
+    "kind": ("diffusion", "autoencoder"),
+    "conditioning": ("class", "text"),
+    "recon_loss": ("l1", "l2"),
+    "schedule": ("linear", "scaled_linear", "cosine", "flow"),
+    "prediction": ("eps", "v", "x0", "flow"),
     "optimizer": ("adamw", "adamw8bit"),
     "precision": ("bf16", "fp32", "fp16"),
     "device": ("cpu", "cuda"),
@@ -75,6 +90,7 @@ _TYPES = {
     "grad_accum": int_at_least(1), "lr": float_in(0.0, low_open=True), "warmup_steps": int_at_least(0),
     "weight_decay": float_in(0.0), "betas": float_in(0.0, 1.0, high_open=True), "grad_clip": float_in(0.0),
     "ema_decay": float_in(0.0, 1.0, high_open=True), "class_dropout": float_in(0.0, 1.0),
+    "kl_weight": float_in(0.0),
     "threads": int_at_least(1), "seed": int_at_least(0), "max_steps": int_at_least(1),
     "log_every": int_at_least(1), "sample_every": int_at_least(0), "sample_steps": int_at_least(1),
     "sample_guidance": float_in(0.0), "samples_per_class": int_at_least(1),
@@ -95,10 +111,12 @@ def _json_object(text: str) -> dict:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``train`` sub-command on an ``argparse`` subparsers object."""
-    from fastdiff.models.unet2d import PRESETS
-    from fastdiff.train.trainer import TrainConfig
+    from fastdiff.train.trainer import TrainConfig, model_presets
 
-    p = subparsers.add_parser("train", help="train a pixel-space diffusion model (or --resume a run)",
+    # every preset name of every kind; whether it fits --kind / --conditioning is checked with the configuration
+    presets = tuple(dict.fromkeys([*model_presets("diffusion", "class"), *model_presets("diffusion", "text"),
+                                   *model_presets("autoencoder")]))
+    p = subparsers.add_parser("train", help="train a diffusion model or an autoencoder (or --resume a run)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -117,7 +135,13 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         elif f.name == "model_overrides":
             p.add_argument(flag, type=_json_object, **kw)
         elif f.name == "model":
-            p.add_argument(flag, choices=tuple(PRESETS), **kw)
+            p.add_argument(flag, choices=presets, **kw)
+        elif f.name == "text_encoder":
+            from fastdiff.models.clip_text import PRESETS as TEXT_PRESETS
+
+            p.add_argument(flag, choices=tuple(TEXT_PRESETS), **kw)
+        elif f.name == "autoencoder":
+            p.add_argument(flag, type=existing_path(), **kw)
         elif f.name in _CHOICES:
             p.add_argument(flag, choices=_CHOICES[f.name], **kw)
         else:
@@ -161,13 +185,21 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.plan:
         from fastdiff.train.plan import plan
 
+        if cfg.kind != "diffusion" or cfg.conditioning != "class" or cfg.autoencoder:
+            print("fastdiff train: error: --plan measures pixel-space class-conditioned UNet2D runs only "
+                  f"(kind diffusion, conditioning class, no autoencoder); got kind {cfg.kind!r}, conditioning "
+                  f"{cfg.conditioning!r}{', autoencoder ' + repr(cfg.autoencoder) if cfg.autoencoder else ''}",
+                  file=sys.stderr)
+            return 2
+
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         print(plan(cfg, gpu_memory_gb=args.gpu_memory).format())
         return 0
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"fastdiff train: {Path(cfg.run_dir).resolve()}  step {trainer.step} -> {cfg.max_steps}  "
-          f"model {cfg.model} ({trainer.model.num_parameters() / 1e6:.2f}M params)  data {cfg.dataset} "
+          f"{cfg.kind} {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M params)  "
+          f"data {cfg.dataset} "
           f"({len(trainer.data)} images)  precision {cfg.precision}", flush=True)
     trainer.run()
     return 0

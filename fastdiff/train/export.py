@@ -20,7 +20,7 @@ from fastdiff.io.pixel_folder import DEFAULT_GUIDANCE, PixelComponents, load_pix
 from fastdiff.io.run_checkpoint import RunModel, load_run_model
 from fastdiff.samplers import make_schedule
 
-__all__ = ["export_run", "load_exported", "scheduler_config"]
+__all__ = ["export_run", "export_sd1", "load_exported", "scheduler_config"]
 
 
 def scheduler_config(train: dict) -> dict:
@@ -66,3 +66,33 @@ def load_exported(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float
     read by :func:`fastdiff.io.pixel_folder.load_pixel_components` (the one reader of pipeline folders)."""
     pipe = load_pixel_components(folder, dtype=dtype)
     return RunModel(pipe.unet.requires_grad_(False), pipe.schedule, pipe.prediction, -1, {})
+
+
+def export_sd1(run_dir: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool = True,
+               dtype: torch.dtype | None = None) -> Path:
+    """A latent, text-conditioned run (``conditioning="text"`` with an autoencoder) as an SD1 diffusers folder:
+    ``unet/`` (UNet2DConditionModel), ``text_encoder/`` (CLIPTextModel), ``vae/`` (the run's autoencoder, its
+    measured ``scaling_factor`` in the config), ``tokenizer/`` (the bundled CLIP tokenizer), ``scheduler/`` (a
+    DDPMScheduler config of the run's schedule and prediction) and ``model_index.json``, which
+    ``diffusers.StableDiffusionPipeline.from_pretrained`` and :func:`fastdiff.io.sd_checkpoint.load_sd1_diffusers`
+    both open."""
+    from fastdiff.io.sd_checkpoint import SD1Components, save_sd1_diffusers
+    from fastdiff.models.clip_tokenizer import CLIPTokenizer
+    from fastdiff.io.run_checkpoint import load_checkpoint
+    from fastdiff.train.latents import SNAPSHOT_DIR, load_autoencoder
+    from fastdiff.train.trainer import build_model
+
+    model_sd, ema_sd, _, state = load_checkpoint(run_dir)
+    arch, train = state.get("arch") or {}, state["train"]
+    if "unet_sd" not in arch or "vae" not in arch:
+        raise ValueError(f"{run_dir}: export_sd1 needs a latent text-conditioned run (conditioning text with an "
+                         "autoencoder)")
+    if train["schedule"] == "flow":
+        raise ValueError(f"{run_dir}: a rectified-flow run has no SD1 (DDPM) scheduler; export_sd1 writes SD1 folders")
+    net = build_model(arch)
+    net.load_state_dict(ema_sd if use_ema else model_sd, strict=True)
+    sched = pixel_schedule(make_schedule(train["schedule"], train["num_train_timesteps"]), None)
+    c = SD1Components(net.unet.eval(), load_autoencoder(Path(run_dir) / SNAPSHOT_DIR), net.text_encoder.eval(),
+                      CLIPTokenizer.from_bundled(), sched.to_diffusers_config(train["prediction"]))
+    save_sd1_diffusers(c, out, dtype=dtype)
+    return Path(out)

@@ -1,10 +1,29 @@
-"""Training a pixel-space diffusion UNet (DDPM objective) on a small image dataset.
+"""One trainer for diffusion models (pixel or latent; class labels or captions) and KL autoencoders.
 
-One step (Ho et al. 2020, Algorithm 1, with the target chosen by ``prediction``):
+Model kinds (``TrainConfig.kind``) share every part of a run but the loss of a micro-batch:
 
-    x0, y ~ data;  t ~ U{0..T-1};  eps ~ N(0, I);  x_t = alpha_t x0 + sigma_t eps
-    y <- null label with probability ``class_dropout``       (classifier-free guidance, Ho & Salimans 2022)
-    loss = || net(x_t, t, y) - target ||^2,   target = eps | v = alpha_t eps - sigma_t x0 | x0
+- ``diffusion`` (Ho et al. 2020, Algorithm 1, with the target chosen by ``prediction``)::
+
+      x0, y ~ data;  t ~ U{0..T-1};  eps ~ N(0, I);  x_t = alpha_t x0 + sigma_t eps
+      y <- null label / empty caption with probability ``class_dropout``   (classifier-free guidance)
+      loss = || net(x_t, t, y) - target ||^2,   target = eps | v = alpha_t eps - sigma_t x0 | x0
+
+  or rectified flow (``schedule="flow"``, ``prediction="flow"``; Esser et al. 2024): ``s = sigmoid(n)``,
+  ``n ~ N(0, 1)`` (logit-normal, their eq. 19), ``x_s = (1 - s) x0 + s eps``, target ``eps - x0``, timestep
+  ``1000 s``.
+  ``conditioning="class"`` trains a :class:`~fastdiff.models.unet2d.UNet2D` on labels; ``"text"`` an SD1-layout
+  :class:`~fastdiff.models.unet_sd.UNetSD` that cross-attends to a CLIP text encoder trained with it, on captions
+  made from the labels (:mod:`fastdiff.train.captions`).
+  With ``autoencoder`` (a trained autoencoder run, or a diffusers ``AutoencoderKL`` folder) the model trains in
+  latent space (Rombach et al. 2022): the dataset is encoded once (posterior means) and cached in the run folder,
+  the scale factor is measured as 1 / std of the cached latents (LDM's rescaling, Sec. 3.1 / G), and the
+  autoencoder is copied into the run (``autoencoder/``, its measured ``scaling_factor`` in its config), so the run
+  stays valid while the autoencoder's own run goes on. Sample grids decode through it.
+- ``autoencoder``: an :class:`~fastdiff.models.vae.AutoencoderKL` (SD's KL-VAE modules) on
+  ``recon + kl_weight * KL / (C H W)``, recon = mean |x - D(z)| (``l1``) or its square (``l2``) with
+  ``z ~ q(z|x)``; KL = sum over latent elements of KL(q(z|x) || N(0, I)), averaged over the batch. Dividing the
+  per-image KL by the pixels of an image gives ``kl_weight`` LDM's meaning (its loss sums both over an image):
+  LDM's KL autoencoders use 1e-6.
 
 Reproducibility by construction: the data order of epoch e is a permutation drawn from (seed, e), and the
 timesteps, noise and label dropout of step s from a generator seeded with (seed, s); the global torch RNG (for
@@ -27,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from fastdiff.io.checkpoint import CheckpointError
@@ -40,12 +60,30 @@ from fastdiff.io.run_checkpoint import (
     set_rng_state,
     write_json_atomic,
 )
+from fastdiff.models import clip_text, unet_sd, vae as vae_models
 from fastdiff.models.unet2d import PRESETS, UNet2D, UNet2DConfig
-from fastdiff.samplers import Denoiser, make_schedule, sample_ddim
-from fastdiff.samplers.schedules import NoiseSchedule
+from fastdiff.samplers import Denoiser, make_schedule, sample_ddim, sample_flow_euler
+from fastdiff.samplers.schedules import FlowSchedule, NoiseSchedule
+from fastdiff.train.captions import CaptionTable, TextConditionedUNet, caption
+from fastdiff.train.latents import LatentDataset, encode_dataset, load_autoencoder, prepare_latents
 from fastdiff.train.plots import loss_curve
 
-__all__ = ["TrainConfig", "Trainer", "train", "sample_grid", "make_adamw", "ema_update_"]
+__all__ = ["TrainConfig", "Trainer", "train", "sample_grid", "make_adamw", "ema_update_", "model_presets",
+           "build_model", "KINDS", "CONDITIONINGS"]
+
+
+KINDS = ("diffusion", "autoencoder")
+CONDITIONINGS = ("class", "text")
+SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")
+PREDICTIONS = ("eps", "v", "x0", "flow")
+RECON_LOSSES = ("l1", "l2")
+
+
+def model_presets(kind: str = "diffusion", conditioning: str = "class") -> dict:
+    """The preset table ``TrainConfig.model`` names a preset of, for a model kind and conditioning."""
+    if kind == "autoencoder":
+        return vae_models.PRESETS
+    return unet_sd.PRESETS if conditioning == "text" else PRESETS
 
 
 @dataclass
@@ -53,13 +91,19 @@ class TrainConfig:
     """Everything that defines a run; saved in every checkpoint and checked on resume."""
 
     run_dir: str = "runs/default"
-    model: str = "fashion32"               # a preset name of fastdiff.models.unet2d.PRESETS
-    model_overrides: dict = field(default_factory=dict)  # UNet2DConfig fields replacing the preset's
+    kind: str = "diffusion"                # diffusion | autoencoder
+    model: str = "fashion32"               # a preset of the kind's table (see model_presets)
+    model_overrides: dict = field(default_factory=dict)  # config fields replacing the preset's
+    conditioning: str = "class"            # class (UNet2D, labels) | text (SD1-layout UNet + CLIP, captions)
+    text_encoder: str = "small"            # CLIP text preset of fastdiff.models.clip_text (conditioning="text")
+    autoencoder: str = ""                  # an autoencoder run folder / AutoencoderKL folder: latent diffusion
     dataset: str = "fashion-mnist"         # see fastdiff.io.datasets.load_dataset
     image_size: int = 32
-    schedule: str = "cosine"               # linear | scaled_linear | cosine
-    prediction: str = "v"                  # eps | v | x0
+    schedule: str = "cosine"               # linear | scaled_linear | cosine | flow (rectified flow)
+    prediction: str = "v"                  # eps | v | x0 | flow (with schedule flow)
     num_train_timesteps: int = 1000
+    recon_loss: str = "l1"                 # autoencoder: l1 | l2
+    kl_weight: float = 1e-6                # autoencoder: weight of the KL term, LDM's scale
     batch_size: int = 64
     grad_accum: int = 1                    # micro-batches of batch_size per optimizer step
     lr: float = 2e-4
@@ -69,7 +113,7 @@ class TrainConfig:
     optimizer: str = "adamw"               # adamw | adamw8bit (bitsandbytes)
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
-    class_dropout: float = 0.1
+    class_dropout: float = 0.1             # probability of the null label / empty caption (guidance)
     hflip: bool = False                    # random horizontal flips (label-preserving for clothes)
     grad_checkpointing: bool = False       # recompute ResBlocks/attention in backward (memory for compute)
     precision: str = "bf16"                # bf16 | fp32 | fp16 (CUDA only, with GradScaler)
@@ -85,6 +129,10 @@ class TrainConfig:
     ckpt_every_minutes: float = 10.0
     ckpt_every_steps: int = 0              # 0: by time only
 
+    @property
+    def presets(self) -> dict:
+        return model_presets(self.kind, self.conditioning)
+
     def unet_config(self, num_classes: int, class_names: tuple[str, ...], channels: int) -> UNet2DConfig:
         if self.model not in PRESETS:
             raise ValueError(f"unknown model preset {self.model!r}; choose one of {', '.join(PRESETS)}")
@@ -96,26 +144,49 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise ValueError naming the first field with a value no run can use (before any work is done)."""
-        if self.model not in PRESETS:
-            raise ValueError(f"unknown model preset {self.model!r}; choose one of {', '.join(PRESETS)}")
-        if self.precision not in ("bf16", "fp32", "fp16"):
-            raise ValueError(f"precision must be bf16, fp32 or fp16, got {self.precision!r}")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
-        if self.prediction not in ("eps", "v", "x0"):
-            raise ValueError(f"prediction must be eps, v or x0, got {self.prediction!r}")
-        if self.schedule not in ("linear", "scaled_linear", "cosine"):
-            raise ValueError(f"schedule must be linear, scaled_linear or cosine, got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "image_size", "num_train_timesteps"):
+        def one_of(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+        one_of("kind", KINDS)
+        one_of("conditioning", CONDITIONINGS)
+        if self.model not in self.presets:
+            what = "an autoencoder" if self.kind == "autoencoder" else f"a {self.conditioning}-conditioned UNet"
+            raise ValueError(f"model must be {what} preset, one of {', '.join(self.presets)}; got {self.model!r}")
+        one_of("text_encoder", tuple(clip_text.PRESETS))
+        one_of("precision", ("bf16", "fp32", "fp16"))
+        one_of("optimizer", ("adamw", "adamw8bit"))
+        one_of("schedule", SCHEDULES)
+        one_of("prediction", PREDICTIONS)
+        one_of("recon_loss", RECON_LOSSES)
+        if (self.schedule == "flow") != (self.prediction == "flow"):
+            raise ValueError(f"prediction flow goes with schedule flow (rectified flow) and only with it; got "
+                             f"schedule {self.schedule!r}, prediction {self.prediction!r}")
+        for name in ("batch_size", "grad_accum", "image_size", "num_train_timesteps", "max_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.kl_weight >= 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not isinstance(self.model_overrides, dict):
-            raise ValueError(f"model_overrides must be a JSON object of UNet2DConfig fields, got "
+            raise ValueError(f"model_overrides must be a JSON object of model config fields, got "
                              f"{self.model_overrides!r}")
+        if not isinstance(self.autoencoder, str):
+            raise ValueError(f"autoencoder must be a folder path (str), got {self.autoencoder!r}")
+        if self.autoencoder and self.kind != "diffusion":
+            raise ValueError("autoencoder (latent diffusion) needs kind diffusion; an autoencoder run takes images")
+        if self.autoencoder and self.hflip:
+            raise ValueError("hflip cannot be used with autoencoder: latents are cached unflipped (flip the "
+                             "dataset instead)")
+        if self.grad_checkpointing and (self.kind != "diffusion" or self.conditioning != "class"):
+            raise ValueError("grad_checkpointing is available for the class-conditioned UNet2D only "
+                             f"(kind diffusion, conditioning class); got kind {self.kind!r}, conditioning "
+                             f"{self.conditioning!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -172,6 +243,21 @@ def ema_update_(ema_params, model_params, decay: float) -> None:
         torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
 
 
+def _plain(d: dict) -> dict:
+    """A config dict as JSON gives it back (tuples -> lists), so saved and rebuilt architectures compare equal."""
+    return json.loads(json.dumps(d))
+
+
+def build_model(arch: dict) -> nn.Module:
+    """The network an architecture record describes (``arch``: what a run stores under ``"arch"``)."""
+    if arch.get("kind") == "autoencoder":
+        return vae_models.AutoencoderKL(vae_models.VAEConfig(**arch["vae"]))
+    if "unet_sd" in arch:
+        return TextConditionedUNet(unet_sd.UNetSDConfig(**arch["unet_sd"]),
+                                   clip_text.CLIPTextConfig(**arch["text_encoder"]))
+    return UNet2D(UNet2DConfig.from_dict(arch["unet"]))
+
+
 class Trainer:
     """Owns the model, EMA, optimizer and data of one run; ``run()`` trains to ``max_steps``."""
 
@@ -190,58 +276,106 @@ class Trainer:
         if not resume and latest_step(self.run_dir) is not None:
             raise CheckpointError(f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue "
                                   "it or choose another run folder")
-        self.data = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
-        if self.data.image_shape[1:] != (cfg.image_size, cfg.image_size):
-            raise ValueError(f"dataset {self.data.name!r} has images of {self.data.image_shape[1:]} pixels but "
+        self.images = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
+        if self.images.image_shape[1:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"dataset {self.images.name!r} has images of {self.images.image_shape[1:]} pixels but "
                              f"the configuration wants {cfg.image_size}x{cfg.image_size} (image_size)")
-        self.unet_config = cfg.unet_config(self.data.num_classes, self.data.class_names, self.data.image_shape[0])
-        if resume:
-            # The run's own architecture, even if the preset it started from has changed since.
-            try:
-                saved = json.loads((self.run_dir / "config.json").read_text())["unet"]
-                self.unet_config = UNet2DConfig.from_dict(saved)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{self.run_dir / 'config.json'}: unreadable run configuration "
-                                      f"({type(e).__name__}: {e})") from None
+        self.vae = None  # latent diffusion: the frozen autoencoder (its scaling_factor measured)
+        self.data = self.images
+        if cfg.autoencoder:
+            self.vae, self.data = prepare_latents(cfg.autoencoder, self.images, self.run_dir, resume=resume,
+                                                  device=self.device)
+        self.arch = self._saved_arch() if resume else self._new_arch()
+        self.unet_config = UNet2DConfig.from_dict(self.arch["unet"]) if "unet" in self.arch else None
         self._check_data_fits_model()
-        self.schedule: NoiseSchedule = make_schedule(cfg.schedule, cfg.num_train_timesteps)
-        # alpha_t, sigma_t per timestep in fp32 on the device (the forward process needs no fp64).
-        self._alpha = self.schedule.alphas.float().to(self.device)
-        self._sigma = self.schedule.sigmas_vp.float().to(self.device)
+        self.flow = cfg.schedule == "flow"
+        if self.flow:
+            self.schedule = FlowSchedule(cfg.num_train_timesteps)
+        else:
+            self.schedule: NoiseSchedule = make_schedule(cfg.schedule, cfg.num_train_timesteps)
+            # alpha_t, sigma_t per timestep in fp32 on the device (the forward process needs no fp64).
+            self._alpha = self.schedule.alphas.float().to(self.device)
+            self._sigma = self.schedule.sigmas_vp.float().to(self.device)
+        self.captions = CaptionTable(self.data.class_names) if "unet_sd" in self.arch else None
 
         torch.manual_seed(cfg.seed)
-        self.model = UNet2D(self.unet_config).to(self.device)
+        self.model = build_model(self.arch).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.model.set_grad_checkpointing(cfg.grad_checkpointing)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.step = 0
         self.train_seconds = 0.0
         self.loss_log: list[tuple[int, float]] = []  # (step, mean loss over the step's micro-batches)
+        self.parts: dict[str, float] = {}             # the last step's loss terms (autoencoder: recon, kl)
         self.progress = progress
         if resume:
             self._resume()
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic({"train": cfg.to_dict(), "unet": self.unet_config.to_dict()},
-                              self.run_dir / "config.json")
+            saved = {"train": cfg.to_dict(), "arch": self.arch}
+            if self.unet_config is not None:
+                saved["unet"] = self.arch["unet"]
+            write_json_atomic(saved, self.run_dir / "config.json")
+
+    def _new_arch(self) -> dict:
+        """The architecture of a new run: the preset, the overrides, and what the data fixes (channels, size,
+        classes)."""
+        cfg, d = self.cfg, self.data
+        channels, size = d.image_shape[0], d.image_shape[1]
+        overrides = dict(cfg.model_overrides)
+        try:
+            if cfg.kind == "autoencoder":
+                base = {**asdict(vae_models.PRESETS[cfg.model]), **overrides,
+                        "in_channels": channels, "out_channels": channels, "sample_size": size}
+                return _plain({"kind": "autoencoder", "vae": asdict(vae_models.VAEConfig(**base))})
+            if cfg.conditioning == "text":
+                text = clip_text.PRESETS[cfg.text_encoder]
+                base = {**asdict(unet_sd.PRESETS[cfg.model]), **overrides, "in_channels": channels,
+                        "out_channels": channels, "sample_size": size, "cross_attention_dim": text.hidden_size}
+                arch = {"kind": "diffusion", "unet_sd": asdict(unet_sd.UNetSDConfig(**base)),
+                        "text_encoder": asdict(text)}
+            else:
+                unet = cfg.unet_config(d.num_classes, d.class_names, channels)
+                arch = {"kind": "diffusion", "unet": UNet2DConfig.from_dict({**unet.to_dict(),
+                                                                             "sample_size": size}).to_dict()}
+        except TypeError as e:  # an override that is no field of the model's config
+            raise ValueError(f"model_overrides: {e}") from None
+        if self.vae is not None:
+            arch["vae"] = asdict(self.vae.config)
+        return _plain(arch)
+
+    def _saved_arch(self) -> dict:
+        """The run's own architecture (from its config.json), even if the preset it started from has changed."""
+        try:
+            saved = json.loads((self.run_dir / "config.json").read_text())
+            return saved["arch"] if "arch" in saved else {"kind": "diffusion", "unet": saved["unet"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.run_dir / 'config.json'}: unreadable run configuration "
+                                  f"({type(e).__name__}: {e})") from None
 
     def _check_data_fits_model(self):
         """The dataset must match the network (channels, classes, size): say which, before any step runs."""
-        u, d = self.unet_config, self.data
-        if d.image_shape[0] != u.in_channels:
+        d, arch = self.data, self.arch
+        if "unet" in arch:
+            u = self.unet_config
+            channels, size, levels = u.in_channels, u.sample_size, len(u.block_out_channels)
+            if u.num_classes and d.num_classes != u.num_classes:
+                raise ValueError(f"dataset {d.name!r} has {d.num_classes} classes but the model was built for "
+                                 f"{u.num_classes} ({', '.join(u.class_names) or 'unnamed'})")
+        else:
+            c = arch["vae"] if arch["kind"] == "autoencoder" else arch["unet_sd"]
+            channels, size, levels = c["in_channels"], c["sample_size"], len(c["block_out_channels"])
+        if d.image_shape[0] != channels:
             raise ValueError(f"dataset {d.name!r} has {d.image_shape[0]}-channel images but the model takes "
-                             f"{u.in_channels} channels")
-        if u.num_classes and d.num_classes != u.num_classes:
-            raise ValueError(f"dataset {d.name!r} has {d.num_classes} classes but the model was built for "
-                             f"{u.num_classes} ({', '.join(u.class_names) or 'unnamed'})")
-        if d.image_shape[1] != u.sample_size:
-            raise ValueError(f"dataset images are {d.image_shape[1]} pixels but the model was built for "
-                             f"{u.sample_size}")
-        factor = 2 ** (len(u.block_out_channels) - 1)
-        if u.sample_size % factor:
-            raise ValueError(f"image_size {u.sample_size} must be a multiple of {factor} for this model "
-                             f"({len(u.block_out_channels)} resolution levels)")
+                             f"{channels} channels")
+        if d.image_shape[1] != size:
+            raise ValueError(f"dataset images are {d.image_shape[1]} pixels but the model was built for {size}")
+        factor = 2 ** (levels - 1)
+        if size % factor:
+            raise ValueError(f"image_size {size} must be a multiple of {factor} for this model "
+                             f"({levels} resolution levels)")
 
     # ---------------------------------------------------------------------------------------------------
     def _make_optimizer(self):
@@ -265,9 +399,9 @@ class Trainer:
         if diff:
             raise CheckpointError(f"{self.run_dir}: the checkpoint was trained with a different configuration: "
                                   + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
-        if state["unet"] != self.unet_config.to_dict():
-            raise CheckpointError(f"{self.run_dir}: checkpoint model config {state['unet']} differs from "
-                                  f"{self.unet_config.to_dict()}")
+        saved_arch = state.get("arch") or {"kind": "diffusion", "unet": state["unet"]}
+        if saved_arch != self.arch:
+            raise CheckpointError(f"{self.run_dir}: checkpoint model config {saved_arch} differs from {self.arch}")
         try:
             self.model.load_state_dict(model_sd, strict=True)
             self.ema.load_state_dict(ema_sd, strict=True)
@@ -285,13 +419,15 @@ class Trainer:
     def save(self):
         state = {
             "train": self.cfg.to_dict(),
-            "unet": self.unet_config.to_dict(),
+            "arch": self.arch,
             "rng": rng_state(),
             "train_seconds": self.train_seconds,
             "loss_log": self.loss_log,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "torch": torch.__version__,
         }
+        if self.unet_config is not None:
+            state["unet"] = self.arch["unet"]  # what load_run_model reads
         save_checkpoint(self.run_dir, self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
                         state=state)
 
@@ -319,6 +455,60 @@ class Trainer:
         w = self.cfg.warmup_steps
         return self.cfg.lr * min(1.0, (step + 1) / w) if w > 0 else self.cfg.lr
 
+    def _diffusion_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        b = x0.shape[0]
+        if self.flow:  # logit-normal noise levels (Esser et al. 2024, eq. 19), network timestep T * s
+            s = torch.sigmoid(torch.randn(b, generator=g))
+            t = s * cfg.num_train_timesteps
+        else:
+            t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        drop = torch.rand(b, generator=g) < cfg.class_dropout
+        flip = torch.rand(b, generator=g) < 0.5
+        if cfg.hflip:
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        if self.captions is not None:
+            template = torch.randint(0, self.captions.num_templates, (b,), generator=g)
+            cond = self.captions.lookup(y, template, drop)
+        else:
+            cond = torch.where(drop, torch.full_like(y, self.unet_config.null_label), y)
+        x0, noise, t, cond = (v.to(self.device) for v in (x0, noise, t, cond))
+        if self.flow:
+            s = s.to(self.device)[:, None, None, None]
+            xt = (1 - s) * x0 + s * noise
+            target = noise - x0
+        else:
+            a, s = self._alpha[t][:, None, None, None], self._sigma[t][:, None, None, None]
+            xt = a * x0 + s * noise
+            if cfg.prediction == "eps":
+                target = noise
+            elif cfg.prediction == "v":
+                target = a * noise - s * x0        # Salimans & Ho 2022: v = alpha eps - sigma x0
+            else:
+                target = x0
+        with self._autocast():
+            out = self.model(xt, t, cond)
+        return F.mse_loss(out.float(), target)
+
+    def _autoencoder_loss(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        x = x.to(self.device)
+        with self._autocast():
+            post = self.model.encode(x)
+        mean, logvar = post.mean.float(), post.logvar.float()
+        noise = torch.randn(mean.shape, generator=g).to(self.device)
+        z = mean + torch.exp(0.5 * logvar) * noise           # z ~ q(z|x), reparameterised
+        with self._autocast():
+            rec = self.model.decode(z)
+        err = rec.float() - x
+        recon = err.abs().mean() if cfg.recon_loss == "l1" else err.square().mean()
+        # KL(N(m, v) || N(0, 1)) = (m^2 + v - 1 - log v) / 2 per element; summed over an image's latents
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+        self._parts["recon"] = self._parts.get("recon", 0.0) + recon.item()
+        self._parts["kl"] = self._parts.get("kl", 0.0) + kl.item()
+        return recon + cfg.kl_weight * kl / x[0].numel()
+
     def train_step(self) -> float:
         """One optimizer step (``grad_accum`` micro-batches). Returns the mean loss."""
         cfg, step = self.cfg, self.step
@@ -329,30 +519,13 @@ class Trainer:
             group["lr"] = self._lr(step)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        self._parts = {}
         for micro in range(cfg.grad_accum):
             x0, y = self.data.batch(self._batch_indices(step, micro))
-            b = x0.shape[0]
-            t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            drop = torch.rand(b, generator=g) < cfg.class_dropout
-            flip = torch.rand(b, generator=g) < 0.5
-            if cfg.hflip:
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            y = torch.where(drop, torch.full_like(y, self.unet_config.null_label), y)
-            x0, noise, t, y = (v.to(self.device) for v in (x0, noise, t, y))
-            a, s = self._alpha[t][:, None, None, None], self._sigma[t][:, None, None, None]
-            xt = a * x0 + s * noise
-            if cfg.prediction == "eps":
-                target = noise
-            elif cfg.prediction == "v":
-                target = a * noise - s * x0        # Salimans & Ho 2022: v = alpha eps - sigma x0
-            elif cfg.prediction == "x0":
-                target = x0
+            if cfg.kind == "autoencoder":
+                loss = self._autoencoder_loss(x0, g)
             else:
-                raise ValueError(f"prediction must be eps, v or x0, got {cfg.prediction!r}")
-            with self._autocast():
-                out = self.model(xt, t, y)
-            loss = F.mse_loss(out.float(), target)
+                loss = self._diffusion_loss(x0, y, g)
             total += loss.item()
             loss = loss / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -367,6 +540,7 @@ class Trainer:
             self.optimizer.step()
         self._update_ema()
         self.step += 1
+        self.parts = {k: v / cfg.grad_accum for k, v in self._parts.items()}
         return total / cfg.grad_accum
 
     @torch.no_grad()
@@ -380,15 +554,82 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------
     def write_pictures(self):
         cfg = self.cfg
-        grid = sample_grid(self.ema, self.schedule, cfg.prediction, per_class=cfg.samples_per_class,
-                           steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed,
-                           precision=cfg.precision, device=self.device)
+        if cfg.kind == "autoencoder":
+            grid, psnr = self.reconstruction_grid()
+            with open(self.run_dir / "train.log", "a") as f:
+                f.write(json.dumps({"step": self.step, "recon_psnr_db": round(psnr, 3)}) + "\n")
+        elif self.unet_config is not None and self.vae is None:
+            grid = sample_grid(self.ema, self.schedule, cfg.prediction, per_class=cfg.samples_per_class,
+                               steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed,
+                               precision=cfg.precision, device=self.device)
+        else:
+            grid = self.sample_rows()
         save_png_atomic(grid, self.run_dir / f"samples-{self.step:07d}.png")
         save_png_atomic(grid, self.run_dir / "samples-latest.png")
         if self.loss_log:
             steps, losses = zip(*self.loss_log)
-            save_png_atomic(loss_curve(steps, losses, title=f"{cfg.prediction}-prediction MSE"),
-                            self.run_dir / "loss.png")
+            title = (f"{cfg.recon_loss} + KL" if cfg.kind == "autoencoder" else f"{cfg.prediction}-prediction MSE")
+            save_png_atomic(loss_curve(steps, losses, title=title), self.run_dir / "loss.png")
+
+    @torch.no_grad()
+    def reconstruction_grid(self, n_psnr: int = 512):
+        """(PIL grid: one input image per class over its EMA reconstruction, PSNR in dB of the EMA
+        reconstructions (posterior means) of the first ``n_psnr`` training images)."""
+        idx = torch.stack([torch.nonzero(self.images.labels == c)[0, 0]
+                           for c in range(self.images.num_classes) if (self.images.labels == c).any()])
+        x, _ = self.images.batch(idx)
+        with self._autocast():
+            rec = self.ema(x.to(self.device)).float().cpu()
+        grid = image_grid(to_pil(torch.cat([x, rec])), len(idx), row_labels=["input", "reconstruction"])
+        se, count = 0.0, 0
+        for start in range(0, min(n_psnr, len(self.images)), 128):
+            xb, _ = self.images.batch(torch.arange(start, min(start + 128, n_psnr, len(self.images))))
+            with self._autocast():
+                rb = self.ema(xb.to(self.device)).float().cpu().clamp(-1, 1)
+            se += float((rb - xb).double().square().sum())
+            count += xb.numel()
+        mse = se / count
+        return grid, 10 * math.log10(4.0 / max(mse, 1e-12))  # peak-to-peak 2 ([-1, 1])
+
+    @torch.no_grad()
+    def sample_rows(self, *, per_row: int | None = None, steps: int | None = None, guidance: float | None = None,
+                    seed: int | None = None, prompts: list[str] | None = None):
+        """A labelled PIL grid of the EMA network's samples, one row per class (or per prompt), decoded through
+        the run's autoencoder in latent runs; guidance batched with the null label / empty caption."""
+        cfg = self.cfg
+        per_row = per_row or cfg.samples_per_class
+        steps, guidance = steps or cfg.sample_steps, cfg.sample_guidance if guidance is None else guidance
+        names = list(self.data.class_names)
+        if self.captions is not None:
+            prompts = prompts or [caption(nm) for nm in names]
+            cond = self.captions.encode(prompts).repeat_interleave(per_row, 0)
+            uncond = self.captions.null_ids[None].expand(len(cond), -1)
+            labels = prompts
+        else:
+            if prompts:
+                raise ValueError("prompts need a text-conditioned run (conditioning='text')")
+            cond = torch.arange(len(names)).repeat_interleave(per_row)
+            uncond = torch.full_like(cond, self.unet_config.null_label)
+            labels = names
+        g = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+        x = torch.randn((len(cond), *self.data.image_shape), generator=g).to(self.device)
+        dev_type = self.device.type
+
+        def net(xx, tt, cc):
+            with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                return self.ema(xx, tt, cc)
+
+        kw = dict(steps=steps, cond=cond.to(self.device), generator=g)
+        if guidance != 1.0:
+            kw.update(uncond=uncond.to(self.device), guidance=guidance)
+        if self.flow:
+            out = sample_flow_euler(Denoiser(net, "flow"), x, self.schedule, **kw)
+        else:
+            out = sample_ddim(Denoiser(net, cfg.prediction), x, self.schedule, spacing="trailing",
+                              clip=None if self.vae is not None else 1.0, **kw)
+        if self.vae is not None:
+            out = self.vae.decode(self.vae.from_latents(out.float()))
+        return image_grid(to_pil(out.float().cpu()), per_row, row_labels=labels)
 
     def run(self, max_steps: int | None = None) -> list[float]:
         """Train until ``max_steps``; returns the losses of the steps run by this call."""
@@ -420,6 +661,7 @@ class Trainer:
                                                            len(losses[-cfg.log_every:]))))
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": self.step, "loss": self.loss_log[-1][1],
+                                            **{k: round(v, 6) for k, v in self.parts.items()},
                                             "img_per_s": round(ips, 2), "lr": self._lr(self.step - 1),
                                             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
