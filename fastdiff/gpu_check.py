@@ -428,6 +428,21 @@ def _diffusers():
         return None
 
 
+def _model_pair(dev, dt, ours_cls, cfg, seed: int, theirs_cls):
+    """fastdiff's model of ``cfg`` with random weights and, when ``theirs_cls`` (a diffusers class) is given, the
+    diffusers model holding the same weights; both on ``dev`` in ``dt``."""
+    import torch
+
+    with torch.device(dev):
+        ours = _randomize_(ours_cls(cfg), seed, dev).to(dt)
+        theirs = None
+        if theirs_cls:
+            theirs = theirs_cls(**{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"}).eval()
+            theirs.load_state_dict(ours.state_dict(), strict=True)
+            theirs.to(dt)
+    return ours, theirs
+
+
 def measure_sd1(dev, sz: Sizes, deadline: float, budget_each: float) -> list[dict]:
     import torch
 
@@ -440,14 +455,8 @@ def measure_sd1(dev, sz: Sizes, deadline: float, budget_each: float) -> list[dic
     lat = sz.sd1_latent
 
     def build(dt):
-        with torch.device(dev):
-            ours = _randomize_(unet_sd.UNetSD(cfg), 1, dev).to(dt)
-            theirs = None
-            if diffusers is not None:
-                theirs = diffusers.UNet2DConditionModel(
-                    **{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"}).eval()
-                theirs.load_state_dict(ours.state_dict(), strict=True)
-                theirs.to(dt)
+        ours, theirs = _model_pair(dev, dt, unet_sd.UNetSD, cfg, 1,
+                                   diffusers and diffusers.UNet2DConditionModel)
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(2, cfg.in_channels, lat, lat, generator=g, device=dev).to(dt)
         c = torch.randn(2, sz.text_tokens, cfg.cross_attention_dim, generator=g, device=dev).to(dt)
@@ -471,14 +480,8 @@ def measure_sd3(dev, sz: Sizes, deadline: float, budget_each: float) -> list[dic
     lat = sz.sd3_latent
 
     def build(dt):
-        with torch.device(dev):
-            ours = _randomize_(mmdit.MMDiT(cfg), 2, dev).to(dt)
-            theirs = None
-            if diffusers is not None:
-                theirs = diffusers.SD3Transformer2DModel(
-                    **{k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"}).eval()
-                theirs.load_state_dict(ours.state_dict(), strict=True)
-                theirs.to(dt)
+        ours, theirs = _model_pair(dev, dt, mmdit.MMDiT, cfg, 2,
+                                   diffusers and diffusers.SD3Transformer2DModel)
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(2, cfg.in_channels, lat, lat, generator=g, device=dev).to(dt)
         ctx = torch.randn(2, sz.sd3_text_tokens, cfg.joint_attention_dim, generator=g, device=dev).to(dt)
