@@ -134,7 +134,8 @@ _CHUNK = 8 << 20  # bytes of the bounce buffer a converting read goes through (s
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
-    """A writable byte view of contiguous CPU tensor ``t``'s memory (any dtype, bf16 included); ``t`` must outlive it."""
+    """A writable byte view of contiguous CPU tensor ``t``'s memory (any dtype, bf16 included); ``t`` must
+    outlive it."""
     n = t.numel() * t.element_size()
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 

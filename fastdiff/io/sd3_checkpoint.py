@@ -125,8 +125,8 @@ def _last_block(keys, pattern: re.Pattern, what: str) -> int:
 def mmdit_from_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original SD3 MMDiT keys (with or without ``model.diffusion_model.``) -> fastdiff / diffusers keys.
 
-    Fused qkv tensors are split (views, no copy; lazy tensors split when read); the final layer's and the last context block's adaLN
-    halves are swapped. Pass only the MMDiT's tensors: any key that is not part of an SD3/SD3.5 MMDiT raises
+    Fused qkv tensors are split (views, no copy; lazy tensors split when read); the final layer's and the last
+    context block's adaLN halves are swapped. Pass only the MMDiT's tensors: any key that is not part of an SD3/SD3.5 MMDiT raises
     :class:`CheckpointError` with the list.
     """
     sd = _strip(sd)
