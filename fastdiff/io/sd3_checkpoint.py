@@ -39,7 +39,8 @@ from typing import Mapping
 
 import torch
 
-from fastdiff.io.checkpoint import CheckpointError, build_on_meta, format_keys, load_state_dict_strict
+from fastdiff.io.checkpoint import (CheckpointError, build_on_meta, format_keys, load_state_dict_strict,
+                                    materialize, tensor_map)
 from fastdiff.models.mmdit import MMDiT, MMDiTConfig, sincos_pos_embed_2d
 
 __all__ = [
@@ -94,10 +95,20 @@ _ORIG_BLOCK = re.compile(r"joint_blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _OURS_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    """(shift, scale) <-> (scale, shift) along dim 0; its own inverse."""
+def _swap_halves_now(t: torch.Tensor) -> torch.Tensor:
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
+
+
+def _swap_halves(t):
+    """(shift, scale) <-> (scale, shift) along dim 0; its own inverse (a lazy tensor: when it is read)."""
+    return tensor_map(t, _swap_halves_now)
+
+
+def _qkv_part(j: int):
+    def part(t: torch.Tensor) -> torch.Tensor:
+        return t.chunk(3, dim=0)[j]
+    return part
 
 
 def _strip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -114,8 +125,8 @@ def _last_block(keys, pattern: re.Pattern, what: str) -> int:
 def mmdit_from_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original SD3 MMDiT keys (with or without ``model.diffusion_model.``) -> fastdiff / diffusers keys.
 
-    Fused qkv tensors are split (views, no copy); the final layer's and the last context block's adaLN
-    halves are swapped. Pass only the MMDiT's tensors: any key that is not part of an SD3/SD3.5 MMDiT raises
+    Fused qkv tensors are split (views, no copy; lazy tensors split when read); the final layer's and the last
+    context block's adaLN halves are swapped. Pass only the MMDiT's tensors: any key that is not part of an SD3/SD3.5 MMDiT raises
     :class:`CheckpointError` with the list.
     """
     sd = _strip(sd)
@@ -136,8 +147,8 @@ def mmdit_from_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             if mod in _QKV:
                 if v.shape[0] % 3:
                     raise CheckpointError(f"{k}: fused qkv of {v.shape[0]} rows is not a multiple of 3")
-                for name, part in zip(_QKV[mod], v.chunk(3, dim=0)):
-                    out[f"{pre}{name}.{p}"] = part
+                for j, name in enumerate(_QKV[mod]):
+                    out[f"{pre}{name}.{p}"] = tensor_map(v, _qkv_part(j))
             else:
                 out[f"{pre}{_BLOCK[mod]}.{p}"] = _swap_halves(v) if (mod == _CONTEXT_ADALN and i == last) else v
         else:
@@ -195,6 +206,7 @@ def _infer_sample_size(pos: torch.Tensor, max_size: int, patch: int, dim: int) -
     """
     if pos.is_meta or max_size < 2:
         return None
+    pos = materialize(pos)  # the table's values (a lazy tensor is read: one small table)
     row = pos.reshape(-1, dim)[:max_size].double()
     s = math.atan2(row[1, 0].item(), row[1, dim // 4].item())
     if not s > 0:

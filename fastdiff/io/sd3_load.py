@@ -11,7 +11,8 @@
   SD3 files store CLIP-L without its ``text_projection``; as in diffusers' single-file loader it is then the
   identity. A file without CLIP towers needs ``text_encoders=<a diffusers SD3 folder>`` to take them from.
 
-Loading is strict (missing / unexpected keys are listed) and never executes code.
+Loading is strict (missing / unexpected keys are listed) and never executes code. Safetensors files are read
+lazily, one tensor at a time into the target dtype (:func:`fastdiff.io.checkpoint.open_state_dict`).
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from fastdiff.io.checkpoint import (
     load_component,
     load_state_dict_strict,
     open_pipeline_folder,
+    open_state_dict,
     read_config,
-    read_state_dict,
     safetensors_keys,
     save_pipeline_folder,
     scheduler_config_in,
@@ -174,7 +175,7 @@ def load_sd3_single_file(path: str | os.PathLike, *, dtype: torch.dtype | None =
     if keys is not None and not is_sd3_keys(keys):  # decided from the header, before reading the tensors
         raise CheckpointError(f"{path}: no SD3 MMDiT weights (model.diffusion_model.joint_blocks.*); "
                               "for Stable Diffusion 1.x files use fastdiff.load_pipeline, which recognises them")
-    sd = read_state_dict(path)
+    sd = open_state_dict(path)  # safetensors: lazy, each tensor read as its model takes it
     if not is_sd3_keys(sd):
         raise CheckpointError(f"{path}: no SD3 MMDiT weights (model.diffusion_model.joint_blocks.*); "
                               "for Stable Diffusion 1.x files use fastdiff.load_pipeline, which recognises them")

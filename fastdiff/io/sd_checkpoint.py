@@ -16,7 +16,10 @@ upsampler sits after the resnet (and transformer, if any) of the last layer. The
 enumerating the model's own keys, so both directions are one bijection and loading stays strict: every key
 of the file is used, explicitly ignored (schedule buffers, EMA, CLIP's position_ids), or reported.
 
-Loading never executes code: safetensors, or ``torch.load(weights_only=True)`` for pickles.
+Loading never executes code: safetensors, or ``torch.load(weights_only=True)`` for pickles. A safetensors file
+is opened lazily (:func:`fastdiff.io.checkpoint.open_state_dict`): architecture and configs are read from the
+header's shapes, and each tensor is read and converted to the target dtype only when the strict copy takes it,
+so an fp32 file loads into a bf16 model without the fp32 set ever being resident.
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ from fastdiff.io.checkpoint import (
     load_state_dict_strict,
     max_key_index,
     open_pipeline_folder,
+    open_state_dict,
     read_config,
-    read_state_dict,
+    read_state_dict,  # noqa: F401  (re-exported: sd_checkpoint.read_state_dict)
     save_pipeline_folder,
     scheduler_config_in,
     state_to_save,
@@ -310,7 +314,7 @@ def load_sd1_single_file(path: str | os.PathLike, *, dtype: torch.dtype | None =
     ``use_ema`` takes the UNet from the ``model_ema.*`` copy (by default it is ignored, as in the EMA-only
     releases, whose ``model.diffusion_model.*`` already holds the EMA weights).
     """
-    sd = read_state_dict(path)
+    sd = open_state_dict(path)
     detect_architecture(sd)
     unet_sd, vae_sd, text_sd = _split_original(sd, use_ema)
     cfgs = configs or infer_sd1_configs(sd)
@@ -337,7 +341,7 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float
     if p.is_dir():
         cfg = config or read_config(p / "config.json", VAEConfig.from_diffusers)
         return load_component(p, AutoencoderKL, cfg, "diffusion_pytorch_model", dtype=dtype, device=device)
-    sd = read_state_dict(p)
+    sd = open_state_dict(p)
     sd = {k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k: v for k, v in sd.items()
           if not k.startswith(("loss.", VAE_PREFIX + "loss."))}
     if any(k.startswith(UNET_PREFIX) or k.startswith(TEXT_PREFIX) for k in sd):

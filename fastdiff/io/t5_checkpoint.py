@@ -30,7 +30,7 @@ from typing import Mapping
 import torch
 
 from fastdiff.io.checkpoint import (CheckpointError, build_on_meta, component_weights, format_keys,
-                                    load_state_dict_strict, read_json, read_state_dict, state_to_save)
+                                    load_state_dict_strict, materialize, open_state_dict, read_json, state_to_save)
 from fastdiff.models.t5 import T5Config, T5EncoderModel
 
 __all__ = ["SD3_T5_PREFIX", "load_t5_encoder", "t5_from_prefixed", "t5_from_state_dict", "t5_state_to_save",
@@ -46,7 +46,7 @@ def _untie(sd: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]
     out = {k: v for k, v in sd.items() if not (k.startswith("decoder.") or k == "lm_head.weight")}
     shared, embed = out.get(_SHARED), out.get(_EMBED)
     if shared is not None and embed is not None:
-        if shared.shape != embed.shape or not torch.equal(shared, embed):
+        if shared.shape != embed.shape or not torch.equal(materialize(shared), materialize(embed)):
             raise CheckpointError(f"{what}: {_SHARED} and {_EMBED} differ; T5 ties them (one tensor)")
     emb = shared if shared is not None else embed
     if emb is not None:
@@ -93,8 +93,7 @@ def t5_from_state_dict(sd: Mapping[str, torch.Tensor], *, dtype: torch.dtype | N
     cfg = config or infer_t5_config(sd)
     if _SHARED in sd:
         # convert the tied embedding once, so its two keys stay one tensor through the strict copy
-        emb = sd[_SHARED]
-        emb = (emb.to(dtype) if dtype is not None and emb.is_floating_point() else emb).to(device).contiguous()
+        emb = materialize(sd[_SHARED], dtype, device)
         sd[_SHARED] = sd[_EMBED] = emb
     model = load_state_dict_strict(build_on_meta(T5EncoderModel, cfg), sd, what, dtype=dtype, device=device)
     if model.shared.weight is not model.encoder.embed_tokens.weight:  # the module is shared; guard the invariant
@@ -138,7 +137,7 @@ def load_t5_encoder(path: str | os.PathLike, *, dtype: torch.dtype | None = torc
                 raise CheckpointError(f"{p}: {e}") from None
         return t5_from_state_dict(component_weights(p, "model", variant), dtype=dtype, device=device, config=config,
                                   what=f"T5 encoder {p}")
-    sd = read_state_dict(p)
+    sd = open_state_dict(p)
     if any(k.startswith(SD3_T5_PREFIX) for k in sd):
         return t5_from_prefixed(sd, SD3_T5_PREFIX, dtype=dtype, device=device, config=config)
     return t5_from_state_dict(sd, dtype=dtype, device=device, config=config, what=f"T5 encoder {p}")

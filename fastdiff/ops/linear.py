@@ -18,7 +18,8 @@ Autograd: the oneDNN op has no derivative; with grad the matmul + bias + residua
 outside it so autograd differentiates it from the saved pre-activation.
 
 The :class:`Linear` module is an ``nn.Linear`` (same arguments, defaults, parameters and state_dict); in
-inference it caches the weight pre-packed for oneDNN, keyed on the weight's version, storage and dtype.
+inference it caches the weight pre-packed for oneDNN, keyed on the weight's version, storage and dtype (why it
+is cached although it is a second copy, with the measurements: :mod:`fastdiff.ops.conv`).
 """
 from __future__ import annotations
 
