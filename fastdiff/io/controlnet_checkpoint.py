@@ -29,14 +29,13 @@ from fastdiff.io.checkpoint import (
     format_keys,
     load_component,
     load_state_dict_strict,
-    max_key_index,
     read_config,
     read_json,
     read_state_dict,
     state_to_save,
     write_component,
 )
-from fastdiff.io.sd_checkpoint import unet_key_to_original
+from fastdiff.io.sd_checkpoint import original_encoder_layout, unet_key_to_original
 from fastdiff.models.controlnet import ControlNet, ControlNetConfig
 from fastdiff.models.unet_sd import UNetSDConfig
 
@@ -84,20 +83,7 @@ def infer_controlnet_config(sd: Mapping[str, torch.Tensor]) -> ControlNetConfig:
 
     Shapes fix channels, depths, context width, input and hint channels; what they cannot show takes SD1's
     values: 8 heads, 32 norm groups."""
-    n_in = max_key_index(sd, r"input_blocks\.(\d+)\.") + 1
-    ops_idx = sorted({int(m.group(1)) for k in sd for m in [re.match(r"input_blocks\.(\d+)\.0\.op\.", k)] if m})
-    lpb = ops_idx[0] - 1 if ops_idx else n_in - 1
-    levels = n_in // (lpb + 1) if lpb > 0 else 0
-    if lpb <= 0 or levels * (lpb + 1) != n_in:
-        raise CheckpointError(f"cannot read the ControlNet encoder layout from the keys ({n_in} input blocks)")
-    chans, attn = [], []
-    for b in range(levels):
-        i = 1 + b * (lpb + 1)
-        w = sd.get(f"input_blocks.{i}.0.out_layers.3.weight")
-        if w is None:
-            raise CheckpointError(f"missing ControlNet key {CONTROL_PREFIX}input_blocks.{i}.0.out_layers.3.weight")
-        chans.append(int(w.shape[0]))
-        attn.append(f"input_blocks.{i}.1.proj_in.weight" in sd)
+    lpb, chans, attn = original_encoder_layout(sd, "ControlNet", CONTROL_PREFIX)
     ctx = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
     if ctx is None:
         raise CheckpointError("no cross-attention weights (attn2.to_k) in the ControlNet")

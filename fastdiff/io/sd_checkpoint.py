@@ -204,6 +204,28 @@ class SD1Configs:
     text: CLIPTextConfig
 
 
+def original_encoder_layout(sd: Mapping[str, torch.Tensor], what: str,
+                            prefix: str) -> tuple[int, list[int], list[bool]]:
+    """Layers per block, channels per level and which levels have cross-attention, read from the
+    ``input_blocks.*`` keys (without ``prefix``) of an original-layout UNet encoder (a UNet's or a ControlNet's).
+    ``what`` and ``prefix`` name the model and its key prefix in the errors."""
+    n_in = max_key_index(sd, r"input_blocks\.(\d+)\.") + 1
+    ops_idx = sorted({int(m.group(1)) for k in sd for m in [re.match(r"input_blocks\.(\d+)\.0\.op\.", k)] if m})
+    lpb = ops_idx[0] - 1 if ops_idx else n_in - 1
+    levels = n_in // (lpb + 1) if lpb > 0 else 0
+    if lpb <= 0 or levels * (lpb + 1) != n_in:
+        raise CheckpointError(f"cannot read the {what} layout from the keys ({n_in} input blocks)")
+    chans, attn = [], []
+    for b in range(levels):
+        i = 1 + b * (lpb + 1)
+        w = sd.get(f"input_blocks.{i}.0.out_layers.3.weight")
+        if w is None:
+            raise CheckpointError(f"missing {what} key {prefix}input_blocks.{i}.0.out_layers.3.weight")
+        chans.append(int(w.shape[0]))
+        attn.append(f"input_blocks.{i}.1.proj_in.weight" in sd)
+    return lpb, chans, attn
+
+
 def infer_sd1_configs(sd: Mapping[str, torch.Tensor], *, unet: UNetSDConfig | None = None,
                       vae: VAEConfig | None = None, text: CLIPTextConfig | None = None) -> SD1Configs:
     """Configs of an original SD1 state dict from its tensor shapes, for the parts not given.
@@ -213,20 +235,7 @@ def infer_sd1_configs(sd: Mapping[str, torch.Tensor], *, unet: UNetSDConfig | No
     """
     if unet is None:
         u = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
-        n_in = max_key_index(u, r"input_blocks\.(\d+)\.") + 1
-        ops_idx = sorted({int(m.group(1)) for k in u for m in [re.match(r"input_blocks\.(\d+)\.0\.op\.", k)] if m})
-        lpb = ops_idx[0] - 1 if ops_idx else n_in - 1
-        levels = n_in // (lpb + 1) if lpb > 0 else 0
-        if lpb <= 0 or levels * (lpb + 1) != n_in:
-            raise CheckpointError(f"cannot read the UNet layout from the keys ({n_in} input blocks)")
-        chans, attn = [], []
-        for b in range(levels):
-            i = 1 + b * (lpb + 1)
-            w = u.get(f"input_blocks.{i}.0.out_layers.3.weight")
-            if w is None:
-                raise CheckpointError(f"missing UNet key model.diffusion_model.input_blocks.{i}.0.out_layers.3.weight")
-            chans.append(int(w.shape[0]))
-            attn.append(f"input_blocks.{i}.1.proj_in.weight" in u)
+        lpb, chans, attn = original_encoder_layout(u, "UNet", UNET_PREFIX)
         ctx = u.get("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
         if ctx is None:
             ctx = next(v for k, v in u.items() if k.endswith("attn2.to_k.weight"))
