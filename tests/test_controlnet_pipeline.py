@@ -175,3 +175,37 @@ def test_bad_control_inputs(ref_folder, controlnets):
     b = pipe.txt2img("a cat", seed=1, control=torch.from_numpy(__import__("numpy").asarray(pil)).permute(2, 0, 1)
                      .float()[None] / 255, controlnet=cn, **kw)
     assert torch.equal(a, b)
+
+
+def test_cli_generate_with_a_controlnet(ref_folder, controlnets, tmp_path, capsys):
+    """`fastdiff generate --controlnet DIR --control-image PNG --control-scale S` writes the pipeline's image."""
+    import numpy as np
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    d, _ = ref_folder
+    (ref_cn, _), (cn, _) = controlnets
+    ref_cn.save_pretrained(tmp_path / "cn")
+    png = tmp_path / "edges.png"
+    Image.fromarray((_control(1, 12)[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(png)
+    out = tmp_path / "out.png"
+    code = main(["generate", "--model", str(d / "sd"), "--prompt", "a cat", "--height", "64", "--width", "48",
+                 "--steps", "2", "--sampler", "ddim", "--seed", "3", "--guidance", "4", "--controlnet",
+                 str(tmp_path / "cn"), "--control-image", str(png), "--control-scale", "0.7", "--quiet", "--out",
+                 str(out)])
+    assert code == 0, capsys.readouterr().err
+    want = load_sd1(d / "sd").txt2img("a cat", height=64, width=48, steps=2, sampler="ddim", seed=3, guidance=4.0,
+                                      control=Image.open(png), controlnet=cn, control_scale=0.7)
+    got = Image.open(out)
+    assert got.text["fastdiff:control_scale"] == "0.7"
+    got = torch.from_numpy(np.asarray(got.convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert (got - want[0]).abs().max() <= 1 / 255 + 1e-6
+    # a control image of the wrong size: one line, exit 2, nothing written
+    Image.open(png).resize((32, 32)).save(tmp_path / "small.png")
+    code = main(["generate", "--model", str(d / "sd"), "--prompt", "a cat", "--height", "64", "--width", "48",
+                 "--steps", "1", "--controlnet", str(tmp_path / "cn"), "--control-image", str(tmp_path / "small.png"),
+                 "--quiet", "--out", str(tmp_path / "bad.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "control image size 32x32 differs from the output size 64x48" in err
+    assert not (tmp_path / "bad.png").exists()
