@@ -23,6 +23,11 @@ BAD = [
     ("generate", "--strength", "1.5", "[0, 1]"),
     ("generate", "--strength", "-0.1", "[0, 1]"),
     ("generate", "--mask", "{tmp}/nope.png", "file does not exist"),
+    ("generate", "--controlnet", "{tmp}/nope", "path does not exist"),
+    ("generate", "--control-image", "{tmp}/nope.png", "file does not exist"),
+    ("generate", "--control-image", "{tmp}", "file does not exist"),
+    ("generate", "--control-scale", "-0.5", "[0, inf)"),
+    ("generate", "--control-scale", "strong", "[0, inf)"),
     ("generate", "--n", "-3", "integer >= 1"),
     ("generate", "--n", "0", "integer >= 1"),
     ("generate", "--n", "two", "integer >= 1"),
@@ -145,6 +150,14 @@ def test_betas_and_mask_rules(tmp_path, capsys):
     code = main(["generate", "--mask", str(Path(__file__)), "--out", str(tmp_path / "x.png"), "--quiet"])
     assert code == 2 and "argument --mask: needs --init-image" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    here = str(Path(__file__))
+    for argv, msg in ((["--control-image", here], "argument --control-image: needs --controlnet"),
+                      (["--controlnet", here], "argument --controlnet: needs --control-image"),
+                      (["--controlnet", here, "--control-image", here], "argument --controlnet: needs --prompt")):
+        code = main(["generate", *argv, "--out", str(tmp_path / "x.png"), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x.png").exists()
 
 
 def test_eval_samplers_are_library_samplers():

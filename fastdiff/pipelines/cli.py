@@ -32,6 +32,12 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--strength", type=float_in(0.0, 1.0), default=None, help="img2img: share of the schedule "
                    "re-run, in [0, 1] (default: the model family's DEFAULTS)")
     p.add_argument("--mask", default=None, type=existing_path("file"), help="inpainting: white = repaint (with --init-image)")
+    p.add_argument("--controlnet", default=None, type=existing_path(), help="SD1 ControlNet: a diffusers folder "
+                   "or an original .safetensors/.pth file (with --control-image)")
+    p.add_argument("--control-image", default=None, type=existing_path("file"), help="ControlNet: the control "
+                   "image (e.g. from `fastdiff.control`), at the output size (with --controlnet)")
+    p.add_argument("--control-scale", type=float_in(0.0), default=1.0, help="ControlNet: how strongly it steers, "
+                   ">= 0 (default 1)")
     p.add_argument("--label", default=None, help="class name or index; default: a grid of every class")
     p.add_argument("--n", type=int_at_least(1), default=None, help="images per class in the grid (default 4), or images of "
                    "--label (default 16)")
@@ -74,6 +80,15 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.mask is not None and args.init_image is None:
         print("fastdiff generate: error: argument --mask: needs --init-image (the picture to repaint)", file=sys.stderr)
         return 2
+    for opt, given, need, what in (("--control-image", args.control_image, args.controlnet, "--controlnet (the "
+                                    "ControlNet that reads it)"),
+                                   ("--controlnet", args.controlnet, args.control_image, "--control-image (what it "
+                                    "follows)"),
+                                   ("--controlnet", args.controlnet, args.prompt, "--prompt and a Stable Diffusion "
+                                    "1.x --model")):
+        if given is not None and need is None:
+            print(f"fastdiff generate: error: argument {opt}: needs {what}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     if args.prompt is not None or args.init_image is not None or args.mask is not None:
         return _run_prompt(args, out, t0)
@@ -126,10 +141,13 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
             pipe.load_lora(path, scale=scale)
         sampler, steps, default_guidance = sd_defaults(pipe, args.sampler, args.steps)
         guidance = default_guidance if args.guidance is None else args.guidance
-        ims = generate(args.prompt, model=pipe, n=args.n or 1, seed=args.seed, sampler=sampler,
-                       steps=steps, guidance=guidance, progress=not args.quiet,
-                       negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                       init_image=args.init_image, strength=args.strength, mask=args.mask)
+        kw = dict(n=args.n or 1, seed=args.seed, sampler=sampler, steps=steps, guidance=guidance,
+                  progress=not args.quiet, negative_prompt=args.negative_prompt, height=args.height,
+                  width=args.width, init_image=args.init_image, strength=args.strength, mask=args.mask)
+        if args.controlnet is not None:
+            ims = _generate_controlled(pipe, args, **kw)
+        else:
+            ims = generate(args.prompt, model=pipe, **kw)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -142,10 +160,45 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
                     strength=pipe.defaults.strength if args.strength is None else args.strength)
     if args.mask is not None:
         info["mask"] = args.mask
+    if args.controlnet is not None:
+        info.update(controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale)
     img = ims[0] if len(ims) == 1 else image_grid(ims, min(len(ims), 4), row_labels=None)
     save_png(img, out, info)
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, {sampler}, {steps} steps, seed {args.seed})")
     return 0
+
+
+def _generate_controlled(pipe, args, *, n, seed, sampler, steps, guidance, progress, negative_prompt, height, width,
+                         init_image, strength, mask):
+    """``--controlnet``: the SD1 pipeline's txt2img / img2img / inpaint with the ControlNet and its image."""
+    from fastdiff._argtypes import InvalidArgument
+    from fastdiff.io.controlnet_checkpoint import load_controlnet
+    from fastdiff.io.images import to_pil
+    from fastdiff.pipelines.generate import _open_image, progress_callback
+    from fastdiff.pipelines.sd1 import StableDiffusion1
+
+    if not isinstance(pipe, StableDiffusion1):
+        raise InvalidArgument("--controlnet", f"ControlNets are for Stable Diffusion 1.x; {args.model} is a "
+                                              f"{type(pipe).__name__} model")
+    net = load_controlnet(args.controlnet, dtype=pipe.dtype, device=pipe.device)
+    control = _open_image(args.control_image, "--control-image", "RGB")
+    image = _open_image(init_image, "--init-image", "RGB")
+    m = _open_image(mask, "--mask", "L")
+    d = pipe.defaults
+    cb, bar = progress_callback(steps, enabled=progress)
+    kw = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
+              num_images_per_prompt=n, callback=cb, control=control, controlnet=net,
+              control_scale=args.control_scale)
+    try:
+        if m is not None:
+            x = pipe.inpaint(args.prompt, image, m, **kw)
+        elif image is not None:
+            x = pipe.img2img(args.prompt, image, strength=d.strength if strength is None else strength, **kw)
+        else:
+            x = pipe.txt2img(args.prompt, height=height or d.height, width=width or d.width, **kw)
+    finally:
+        bar.close()
+    return to_pil(x * 2 - 1)
 
 
 def _process_strip(pipe, args, steps, guidance, columns: int = 8):

@@ -21,12 +21,16 @@ error is one line naming the argument and what it allows) and :func:`run` does t
 images in [0, 1].
 
 Adapters plug in without touching the loop: the network the sampler calls each step is
-``NetworkCall(family.network(job), concat)``, built once per run, so an adapter that adds residuals to the
-network (ControlNet) wraps what ``network`` returns, and one that changes weights between calls (LoRA) changes
-the family's modules and needs nothing of the driver.
+``NetworkCall(family.network(job), concat, controls)``, built once per run, so an adapter that adds residuals to
+the network (ControlNet) runs inside that call, and one that changes weights between calls (LoRA) changes the
+family's modules and needs nothing of the driver. A family that takes ControlNets supplies
+``check_controlnet(net, name)`` (an :class:`InvalidArgument` naming ``name`` when ``net`` does not fit its
+denoiser); its ``network`` must then accept ``down_block_additional_residuals`` and
+``mid_block_additional_residual`` keywords.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from fastdiff._argtypes import InvalidArgument, check_choice, check_int, check_number, check_type
 from fastdiff.samplers import SAMPLERS, Denoiser, get_sampler
 
-__all__ = ["Defaults", "Job", "NetworkCall", "make_job", "run", "image_tensor", "to_unit_range", "warn_truncated",
+__all__ = ["Defaults", "Job", "Control", "NetworkCall", "make_job", "run", "image_tensor", "to_unit_range", "warn_truncated",
            "prompt_list", "cfg_scale"]
 
 
@@ -51,6 +55,22 @@ class Defaults:
     height: int = 512
     width: int = 512
     strength: float = 0.8
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet of a run: the network, its control image (job.batch, 3, H, W) in [0, 1] at the output
+    size, its scale, and the share of the steps it runs in (``[start, end]``, diffusers' rule)."""
+
+    net: Any
+    image: torch.Tensor
+    scale: float
+    start: float = 0.0
+    end: float = 1.0
+
+    def scale_at(self, i: int, n: int) -> float:
+        """The scale at step ``i`` of the ``n`` steps that run: diffusers' ``controlnet_keep`` times the scale."""
+        return self.scale if i / n >= self.start and (i + 1) / n <= self.end else 0.0
 
 
 @dataclass
@@ -77,6 +97,7 @@ class Job:
     mask: torch.Tensor | None = None    # (B|1, 1, H, W) in {0, 1}, 1 = repaint
     start: int | None = None            # img2img: the first step that runs
     options: dict = field(default_factory=dict)      # family settings of the run (SD3: shift)
+    controls: list[Control] = field(default_factory=list)  # the ControlNets of the run
 
 
 def cfg_scale(guidance: float | None) -> float | None:
@@ -155,10 +176,13 @@ def _tree(fn, c):
 def make_job(family, what: str, *, prompt=None, negative_prompt=None, height=None, width=None, steps, guidance,
              sampler, seed=None, generator=None, num_images_per_prompt=1, latents=None, callback=None,
              image=None, mask=None, strength=None, cond=None, uncond=None, encode=None,
-             options=None) -> Job:
+             options=None, control=None, controlnet=None, control_scale=1.0, control_start=0.0,
+             control_end=1.0) -> Job:
     """Check every argument of an entry point and return the :class:`Job`. ``image`` alone: img2img at
     ``strength``; ``image`` and ``mask``: inpainting (output size = image size). ``cond``/``uncond``: the
-    conditioning given instead of ``prompt``/``negative_prompt``."""
+    conditioning given instead of ``prompt``/``negative_prompt``. ``controlnet``/``control`` (and
+    ``control_scale``, ``control_start``, ``control_end``): one ControlNet and its control image, or lists of
+    them (see :func:`_controls`)."""
     if image is not None:
         image = image_tensor(image, "image")
         if mask is not None:
@@ -214,11 +238,76 @@ def make_job(family, what: str, *, prompt=None, negative_prompt=None, height=Non
     for name, t in (("image", image), ("mask", mask)):
         if t is not None:
             _check_divides(t, b, name)
+    controls = _controls(family, control, controlnet, control_scale, control_start, control_end, n, k,
+                         height, width)
     shape = family.latent_shape(b, height, width)
     if latents is not None and tuple(latents.shape) != shape:
         raise InvalidArgument("latents", f"must have shape {shape}, got {tuple(latents.shape)}")
     return Job(what, steps, sampler, scale, generator, b, height, width, prompts, negatives, cond, uncond, k,
-               dict(encode or {}), latents, callback, image, mask, start, dict(options or {}))
+               dict(encode or {}), latents, callback, image, mask, start, dict(options or {}), controls)
+
+
+def _per_net(name: str, v, m: int, several: bool) -> list:
+    """A setting given once for every ControlNet, or (with a list of ControlNets) as a list of ``m`` values."""
+    if isinstance(v, (list, tuple)):
+        if not several:
+            raise InvalidArgument(name, "a list needs a list of ControlNets (controlnet=[...]); give one value")
+        if len(v) != m:
+            raise InvalidArgument(name, f"{len(v)} values for {m} ControlNets: give one value or one per ControlNet")
+        return list(v)
+    return [v] * m
+
+
+def _controls(family, control, controlnet, scale, start, end, n: int, k: int, height: int,
+              width: int) -> list[Control]:
+    """The checked ControlNets of a run. ``controlnet``: one ControlNet or a list; ``control``: its control
+    image ((1|n, 3, height, width) tensor in [0, 1] or a PIL image, at the output size), or a list of one per
+    ControlNet; ``scale``/``start``/``end``: one value or one per ControlNet. A control image of batch 1 serves
+    every image; one of batch ``n`` (the number of prompts) is repeated per ``num_images_per_prompt`` (diffusers'
+    ``prepare_image``); the guided batch's two halves see the same image."""
+    if control is None and controlnet is None:
+        return []
+    if controlnet is None:
+        raise InvalidArgument("control", "a control image needs a ControlNet: controlnet=fastdiff.load_controlnet(...)")
+    if control is None:
+        raise InvalidArgument("controlnet", "a ControlNet needs a control image: control=IMAGE (in [0, 1], at the "
+                                            "output size)")
+    check = getattr(family, "check_controlnet", None)
+    if check is None:
+        raise InvalidArgument("controlnet", f"this {type(family).__name__} model takes no ControlNet")
+    several = isinstance(controlnet, (list, tuple))
+    nets = list(controlnet) if several else [controlnet]
+    if not nets:
+        raise InvalidArgument("controlnet", "an empty list: give a ControlNet or a list of them")
+    if several != isinstance(control, (list, tuple)):
+        raise InvalidArgument("control", "give one control image per ControlNet: a list for a list of ControlNets, "
+                                         "one image (tensor or PIL image) for one ControlNet")
+    images = list(control) if several else [control]
+    if len(images) != len(nets):
+        raise InvalidArgument("control", f"{len(images)} control images for {len(nets)} ControlNets: give one per "
+                                         "ControlNet")
+    m = len(nets)
+    scales, starts, ends = (_per_net(nm, v, m, several) for nm, v in
+                            (("control_scale", scale), ("control_start", start), ("control_end", end)))
+    out = []
+    for j, (net, img, s, a, e) in enumerate(zip(nets, images, scales, starts, ends)):
+        at = f"[{j}]" if several else ""
+        check(net, f"controlnet{at}")
+        t = image_tensor(img, f"control{at}")
+        if tuple(t.shape[-2:]) != (height, width):
+            raise InvalidArgument(f"control{at}", f"control image size {t.shape[-2]}x{t.shape[-1]} differs from the "
+                                                  f"output size {height}x{width}")
+        if t.shape[0] not in (1, n):
+            raise InvalidArgument(f"control{at}", f"a batch of {t.shape[0]} control images for {n} prompts: give 1 "
+                                                  "or one per prompt")
+        t = t.repeat(n * k, 1, 1, 1) if t.shape[0] == 1 else t.repeat_interleave(k, dim=0)
+        s = check_number(f"control_scale{at}", s, -math.inf)
+        a = check_number(f"control_start{at}", a, 0.0, 1.0)
+        e = check_number(f"control_end{at}", e, 0.0, 1.0)
+        if a >= e:
+            raise InvalidArgument(f"control_start{at}", f"{a} must be below control_end {e}")
+        out.append(Control(net, t, s, a, e))
+    return out
 
 
 def _conditioning(family, job: Job):
@@ -284,17 +373,33 @@ def _latents(family, job: Job, shape: tuple) -> tuple[torch.Tensor, dict, torch.
 class NetworkCall:
     """The network the sampler calls each step: ``forward(x, t, cond)``, with ``concat`` (extra input channels
     of the first ``batch`` samples, e.g. an inpainting UNet's mask and masked-image latents) appended to ``x``
-    on the channel axis for every copy of the batch (the guided batch is [uncond, cond])."""
+    on the channel axis for every copy of the batch (the guided batch is [uncond, cond]).
 
-    def __init__(self, forward: Callable, concat: torch.Tensor | None = None) -> None:
+    ``controls`` (:class:`Control`): the ControlNets whose residuals are added to the network's skips, computed
+    each call for the whole batch from ``x`` before ``concat`` (an inpainting UNet's ControlNet reads the 4
+    latent channels) at the scale of step ``step`` of ``steps`` (the driver advances ``step``)."""
+
+    def __init__(self, forward: Callable, concat: torch.Tensor | None = None, controls: list | None = None,
+                 steps: int = 1) -> None:
         self.forward = forward
         self.concat = concat
+        self.controls = list(controls or [])
+        self.steps = steps
+        self.step = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        down = mid = None
+        if self.controls:
+            from fastdiff.models.controlnet import controlnet_residuals
+
+            down, mid = controlnet_residuals(x, t, cond, [(c.net, c.image, c.scale_at(self.step, self.steps))
+                                                          for c in self.controls])
         if self.concat is not None:
             r = x.shape[0] // self.concat.shape[0]
             x = torch.cat([x, self.concat.repeat(r, 1, 1, 1)], 1)
-        return self.forward(x, t, cond)
+        if down is None:
+            return self.forward(x, t, cond)
+        return self.forward(x, t, cond, down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
 
 @torch.no_grad()
@@ -304,9 +409,19 @@ def run(family, job: Job) -> torch.Tensor:
     cond, uncond = _conditioning(family, job)
     shape = family.latent_shape(job.batch, job.height, job.width)
     x, opts, concat = _latents(family, job, shape)
-    model = Denoiser(NetworkCall(family.network(job), concat), family.prediction, dtype=family.network_dtype)
+    first = job.start or 0
+    controls = [Control(c.net, c.image.to(family.device, c.net.dtype), c.scale, c.start, c.end)
+                for c in job.controls]
+    net = NetworkCall(family.network(job), concat, controls, job.steps - first)
+    callback = job.callback
+    if controls:  # the step index of the ControlNets' [control_start, control_end]: steps run so far
+        def callback(i, t, x, user=job.callback):
+            net.step = i + 1 - first
+            if user is not None:
+                user(i, t, x)
+    model = Denoiser(net, family.prediction, dtype=family.network_dtype)
     x = sample(model, x, family.make_schedule(job), steps=job.steps, cond=cond, uncond=uncond,
-               guidance=job.guidance, generator=job.generator, callback=job.callback, **opts)
+               guidance=job.guidance, generator=job.generator, callback=callback, **opts)
     return family.decode_latents(x)
 
 

@@ -78,7 +78,8 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
                 height: int = DEFAULTS.height, width: int = DEFAULTS.width, steps: int = DEFAULTS.steps,
                 guidance: float = DEFAULTS.guidance, sampler: str = DEFAULTS.sampler, seed: int | None = None,
                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1, clip_skip: int = 0,
-                latents: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+                latents: torch.Tensor | None = None, callback=None, control=None, controlnet=None,
+                control_scale=1.0, control_start=0.0, control_end=1.0) -> torch.Tensor:
         """Images (B, 3, height, width) in [0, 1], fp32, for B = len(prompts) * num_images_per_prompt.
 
         Classifier-free guidance runs as one batched UNet call per step (``guidance > 1``; the negative prompt,
@@ -86,19 +87,28 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
         ``torch.randn`` of the latent batch from ``generator``, or from ``seed``), so the same seed gives the
         same image, and diffusers' StableDiffusionPipeline with the matching scheduler gives it too.
         ``sampler``: ddim, euler, euler_a, dpmpp_2m or ddpm (:data:`fastdiff.samplers.SAMPLERS`).
+
+        ControlNet (as diffusers' StableDiffusionControlNetPipeline): ``controlnet`` (``fastdiff.load_controlnet``)
+        and ``control``, its control image ((1|len(prompts), 3, height, width) tensor in [0, 1] or a PIL image);
+        ``control_scale`` multiplies its residuals; it runs in the steps ``i`` of the N that run with
+        ``i / N >= control_start`` and ``(i + 1) / N <= control_end``. Lists of ControlNets and control images
+        (and of the three settings) add several ControlNets' residuals. img2img and inpaint take the same
+        arguments.
         """
         self._not_inpainting("txt2img")
         return run(self, make_job(self, "txt2img", prompt=prompt, negative_prompt=negative_prompt, height=height,
                                   width=width, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                                   generator=generator, num_images_per_prompt=num_images_per_prompt,
-                                  latents=latents, callback=callback, encode={"clip_skip": clip_skip}))
+                                  latents=latents, callback=callback, encode={"clip_skip": clip_skip},
+                                  **_control_args(control, controlnet, control_scale, control_start, control_end)))
 
     @torch.no_grad()
     def img2img(self, prompt: str | list[str], image, *, strength: float = DEFAULTS.strength,
                 negative_prompt: str | list[str] | None = None, steps: int = DEFAULTS.steps,
                 guidance: float = DEFAULTS.guidance, sampler: str = DEFAULTS.sampler, seed: int | None = None,
                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1, clip_skip: int = 0,
-                callback=None) -> torch.Tensor:
+                callback=None, control=None, controlnet=None, control_scale=1.0, control_start=0.0,
+                control_end=1.0) -> torch.Tensor:
         """Re-draw ``image`` ((B|1, 3, H, W) tensor in [0, 1] or a PIL image) towards the prompt.
 
         ``strength`` in [0, 1]: how much of the schedule is re-run, as diffusers' StableDiffusionImg2ImgPipeline:
@@ -109,13 +119,15 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
         return run(self, make_job(self, "img2img", prompt=prompt, negative_prompt=negative_prompt, image=image,
                                   strength=strength, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                                   generator=generator, num_images_per_prompt=num_images_per_prompt,
-                                  callback=callback, encode={"clip_skip": clip_skip}))
+                                  callback=callback, encode={"clip_skip": clip_skip},
+                                  **_control_args(control, controlnet, control_scale, control_start, control_end)))
 
     @torch.no_grad()
     def inpaint(self, prompt: str | list[str], image, mask, *, negative_prompt: str | list[str] | None = None,
                 steps: int = DEFAULTS.steps, guidance: float = DEFAULTS.guidance, sampler: str = DEFAULTS.sampler,
                 seed: int | None = None, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
-                clip_skip: int = 0, latents: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+                clip_skip: int = 0, latents: torch.Tensor | None = None, callback=None, control=None,
+                controlnet=None, control_scale=1.0, control_start=0.0, control_end=1.0) -> torch.Tensor:
         """Repaint where ``mask`` is white: with an SD1.5-inpainting checkpoint (9-channel UNet), or with an
         ordinary 4-channel checkpoint by mask blending (after every step the unmasked area is reset to the image's
         latents noised to the next step's level, as diffusers' StableDiffusionInpaintPipeline does then).
@@ -130,7 +142,8 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
         return run(self, make_job(self, "inpaint", prompt=prompt, negative_prompt=negative_prompt, image=image,
                                   mask=mask, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                                   generator=generator, num_images_per_prompt=num_images_per_prompt,
-                                  latents=latents, callback=callback, encode={"clip_skip": clip_skip}))
+                                  latents=latents, callback=callback, encode={"clip_skip": clip_skip},
+                                  **_control_args(control, controlnet, control_scale, control_start, control_end)))
 
     def _not_inpainting(self, what: str) -> None:
         if self.is_inpainting:
@@ -155,6 +168,27 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
     def network(self, job):
         return self.unet
 
+    def check_controlnet(self, net, name: str) -> None:
+        """An :class:`InvalidArgument` naming ``name`` unless ``net`` is a ControlNet for this UNet and VAE."""
+        from fastdiff.models.controlnet import ControlNet
+
+        if not isinstance(net, ControlNet):
+            raise InvalidArgument(name, f"must be a fastdiff ControlNet (fastdiff.load_controlnet), got "
+                                        f"{type(net).__name__}")
+        c, u = net.config.unet, self.unet.config
+        if c.in_channels != self.vae.config.latent_channels:
+            raise InvalidArgument(name, f"takes {c.in_channels}-channel latents; this VAE makes "
+                                        f"{self.vae.config.latent_channels}")
+        if (c.block_out_channels, c.layers_per_block, c.cross_attention_dim) != (
+                u.block_out_channels, u.layers_per_block, u.cross_attention_dim):
+            raise InvalidArgument(name, f"was made for another UNet (widths {c.block_out_channels}, "
+                                        f"{c.layers_per_block} layers per block, text width {c.cross_attention_dim}; "
+                                        f"this one: {u.block_out_channels}, {u.layers_per_block}, "
+                                        f"{u.cross_attention_dim})")
+        if net.config.hint_downscale != self.vae.downscale:
+            raise InvalidArgument(name, f"its control image encoder downscales {net.config.hint_downscale}x, this "
+                                        f"VAE {self.vae.downscale}x")
+
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         variant: str | None = None) -> None:
         """A diffusers folder (``StableDiffusionPipeline.from_pretrained`` reads it)."""
@@ -168,6 +202,10 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
         u = self.unet.config
         return (f"StableDiffusion1(unet={u.block_out_channels}, in_channels={u.in_channels}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def _control_args(control, controlnet, scale, start, end) -> dict:
+    return dict(control=control, controlnet=controlnet, control_scale=scale, control_start=start, control_end=end)
 
 
 def load_sd1(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
