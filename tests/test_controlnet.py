@@ -19,18 +19,11 @@ diffusers = pytest.importorskip("diffusers")
 
 THREE_LEVEL = unet_sd.UNetSDConfig(block_out_channels=(16, 32, 32), cross_attention=(False, True, True),
                                    layers_per_block=1, num_heads=4, cross_attention_dim=24, norm_num_groups=4)
-HINT = (8, 16, 16, 32)  # narrower than SD1's (16, 32, 96, 256): same depth and strides, a faster test
+from sd1_builders import HINT, random_controlnet, randomize  # noqa: E402
 
 
 def _randomize(model: torch.nn.Module, seed: int = 1234) -> torch.nn.Module:
-    """Random weights everywhere (zero convolutions included); norm scales around 1 so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm = p.dim() == 1 and "norm" in name and name.endswith("weight")
-            r = 0.2 * torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + r if is_norm else r)
-    return model.eval()
+    return randomize(model, seed)
 
 
 def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5):
@@ -49,8 +42,7 @@ def _diffusers_unet(cfg: unet_sd.UNetSDConfig):
 def _reference_pair(cfg: unet_sd.UNetSDConfig, seed: int = 0):
     """(diffusers UNet, diffusers ControlNetModel from it), every weight random, the two differently."""
     unet = _randomize(_diffusers_unet(cfg), seed)
-    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT)
-    return unet, _randomize(net, seed + 1)
+    return unet, random_controlnet(unet, seed + 1)
 
 
 def _inputs(cfg: unet_sd.UNetSDConfig, b=2, h=8, w=12, seed=0):
