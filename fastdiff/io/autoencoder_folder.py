@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.io.checkpoint import (CheckpointError, build_on_meta, component_weights, load_component,
-                                    load_state_dict_strict, read_config, read_json, state_to_save, write_component)
+from fastdiff.io.checkpoint import (CheckpointError, LazyTensor, build_on_meta, component_weights,
+                                    load_component, load_state_dict_strict, read_config, read_json, state_to_save,
+                                    write_component)
 from fastdiff.models.vae import AutoencoderKL, VAEConfig
 from fastdiff.models.vq import VQConfig, VQModel
 
@@ -88,7 +89,9 @@ def load_vq_model(folder: str | os.PathLike, *, dtype: torch.dtype | None = torc
         # EMA state consistent with the codebook (what VectorQuantizer.reset_ema sets), so the strict load is whole
         sd = dict(sd)
         sd["quantize.ema_cluster_size"] = torch.ones(code.shape[0])
-        sd["quantize.ema_embed_sum"] = code.float().clone()
+        # the codebook is small (K x D): read it now (the streaming reader hands out unread tensors)
+        sd["quantize.ema_embed_sum"] = (code.load(torch.float32) if isinstance(code, LazyTensor)
+                                        else code.float().clone())
         sd["quantize.steps_unused"] = torch.zeros(code.shape[0], dtype=torch.long)
     model = load_state_dict_strict(build_on_meta(VQModel, cfg), sd, f"VQModel {folder}", dtype=dtype, device=device)
     if cfg.ema:
