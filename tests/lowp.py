@@ -25,3 +25,13 @@ def assert_close_lowp(got: torch.Tensor, ref: torch.Tensor, torch_lowp: torch.Te
     e_got = max_err(got, ref)
     e_torch = max_err(torch_lowp, ref)
     assert e_got <= 2 * e_torch + floor, f"{what}: kernel error {e_got:.3g} > 2 x torch's {e_torch:.3g} (+{floor:g})"
+
+
+def assert_close_fp32(ours: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5):
+    """fp32 parity between two implementations of the same fp32 math: max error within ``rel`` of the
+    reference's magnitude (the SD1 model tests' rule)."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    scale = ref.abs().max().item()
+    assert scale > 1e-3, "degenerate reference output"
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * scale, f"max abs error {err:.3g} vs scale {scale:.3g}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lowp import assert_close_fp32 as _assert_close
 
 from fastdiff.models import controlnet as cn
 from fastdiff.models import unet_sd
@@ -24,15 +25,6 @@ from sd1_builders import HINT, random_controlnet, randomize  # noqa: E402
 
 def _randomize(model: torch.nn.Module, seed: int = 1234) -> torch.nn.Module:
     return randomize(model, seed)
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5):
-    """fp32 parity: max error within ``rel`` of the reference's magnitude (the SD1 model tests' rule)."""
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    scale = ref.abs().max().item()
-    assert scale > 1e-3, "degenerate reference output"
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * scale, f"max abs error {err:.3g} vs scale {scale:.3g}"
 
 
 def _diffusers_unet(cfg: unet_sd.UNetSDConfig):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lowp import assert_close_fp32 as _assert_close
 
 from fastdiff.models import clip_text, unet_sd, vae
 from fastdiff.models.clip_tokenizer import CLIPTokenizer, read_clip_bpe
@@ -45,15 +46,6 @@ def _randomize_norms_around_one(model: torch.nn.Module) -> torch.nn.Module:
             is_norm = p.dim() == 1 and any(s in name for s in ("norm", "layer_norm")) and name.endswith("weight")
             p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g) if is_norm else 0.2 * torch.randn(p.shape, generator=g))
     return model.eval()
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5):
-    """fp32 parity: max error within ``rel`` of the reference's magnitude (both do the same fp32 math)."""
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    scale = ref.abs().max().item()
-    assert scale > 1e-3, "degenerate reference output"
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * scale, f"max abs error {err:.3g} vs scale {scale:.3g}"
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
