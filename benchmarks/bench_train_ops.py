@@ -33,7 +33,7 @@ from fastdiff.ops import attention, conv2d, group_norm, linear, use_backend
 from fastdiff.ops.routing import current_route
 from fastdiff.train.trainer import ema_update_, make_adamw
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _ROWS: list[str] = []

@@ -26,6 +26,8 @@ from fastdiff.models.unet2d import CIFAR10_DDPM, FASHION32, UNet2D
 from fastdiff.ops import use_backend
 from fastdiff.train.trainer import ema_update_, make_adamw
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 diffusers = pytest.importorskip("diffusers")
 ROUNDS = 3 if FULL_SIZE else 2
 

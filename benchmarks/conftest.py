@@ -204,6 +204,16 @@ def add_row(name: str, case: str, fast: float, base: float, *, baseline: str | N
     return row
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the benchmarks of a module (``pytestmark = pytest.mark.usefixtures("one_thread")``),
+    as the bundled model trains; the count is restored after the module, so the other benchmarks keep two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def copy_bandwidth() -> float:
     """The machine's copy bandwidth in GB/s (read + write of a 256 MB fp32 tensor): the memory ceiling."""
