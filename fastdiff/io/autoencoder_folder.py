@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.io.checkpoint import (CheckpointError, LazyTensor, build_on_meta, component_weights,
+from fastdiff.io.checkpoint import (CheckpointError, build_on_meta, component_weights, materialize,
                                     load_component, load_state_dict_strict, read_config, read_json, state_to_save,
                                     write_component)
 from fastdiff.models.vae import AutoencoderKL, VAEConfig
@@ -90,8 +90,7 @@ def load_vq_model(folder: str | os.PathLike, *, dtype: torch.dtype | None = torc
         sd = dict(sd)
         sd["quantize.ema_cluster_size"] = torch.ones(code.shape[0])
         # the codebook is small (K x D): read it now (the streaming reader hands out unread tensors)
-        sd["quantize.ema_embed_sum"] = (code.load(torch.float32) if isinstance(code, LazyTensor)
-                                        else code.float().clone())
+        sd["quantize.ema_embed_sum"] = materialize(code, torch.float32).clone()
         sd["quantize.steps_unused"] = torch.zeros(code.shape[0], dtype=torch.long)
     model = load_state_dict_strict(build_on_meta(VQModel, cfg), sd, f"VQModel {folder}", dtype=dtype, device=device)
     if cfg.ema:
