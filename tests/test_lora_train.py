@@ -194,3 +194,36 @@ def test_train_cli_lora(tmp_path, ref_folder, data):
     (bad / "img0.txt").unlink()
     assert main(["train", "--kind", "lora", "--base", str(d / "sd"), "--data", str(bad),
                  "--run-dir", str(tmp_path / "y"), "--image-size", "32", "--batch-size", "1"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ memory plan
+def test_lora_plan_meta_count_equals_a_real_pass():
+    """The plan counts saved tensors on meta tensors; the same pass on real CPU tensors keeps the same bytes."""
+    from fastdiff.models import clip_text, unet_sd
+    from fastdiff.ops import use_backend
+    from fastdiff.train.adapter_plan import measure_lora_activations
+
+    for ck in (False, True):
+        kw = dict(latent_size=8, rank=4, precision="fp32", text_lora=True, grad_checkpointing=ck)
+        meta = measure_lora_activations(unet_sd.TINY, clip_text.TINY, **kw)
+        with use_backend("ref"):
+            cpu = measure_lora_activations(unet_sd.TINY, clip_text.TINY, device="cpu", **kw)
+        assert meta.probes == cpu.probes, ck
+        assert meta.per_sample > 0
+
+
+def test_lora_plan_sd15_512_fits_16gb(capsys):
+    from fastdiff.cli import main
+    from fastdiff.train.adapter_plan import lora_plan
+
+    p = lora_plan(image_size=512, rank=4, precision="bf16", batch_size=1, cache=True)
+    # SD1.5's UNet and CLIP ViT-L/14 text encoder (runwayml/stable-diffusion-v1-5): 859,520,964 + 123,060,480
+    assert p.base_parameters == 859_520_964 + 123_060_480
+    assert p.lora_parameters == 797_184  # rank 4 on q, k, v, out of the 32 attention layers
+    usable = p.gpu_memory - p.reserve
+    assert p.total(1) <= usable and p.max_batch() >= 1
+    ck = p.activations_checkpointed
+    assert 0 < ck.per_sample < p.activations.per_sample
+    assert main(["train", "--kind", "lora", "--plan", "--image-size", "512", "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: LoRA rank 4" in out and "does not fit" not in out

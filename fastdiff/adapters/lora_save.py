@@ -51,13 +51,14 @@ def _check(layers: Mapping, alpha: float) -> int:
 def lora_state_dict(layers: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], *, alpha: float,
                     fmt: str = "peft", dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor],
                                                                                   dict[str, str]]:
-    """(tensors, safetensors header metadata) of ``layers`` in format ``fmt`` (``kohya`` or ``peft``)."""
+    """(tensors on their device, safetensors header metadata) of ``layers`` in format ``fmt`` (``kohya`` or
+    ``peft``)."""
     if fmt not in LORA_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}")
     rank = _check(layers, alpha)
 
     def cast(t):
-        t = t.detach().to("cpu")
+        t = t.detach()
         return (t.to(dtype) if dtype is not None else t).contiguous()
 
     sd: dict[str, torch.Tensor] = {}
@@ -66,7 +67,7 @@ def lora_state_dict(layers: Mapping[tuple[str, str], tuple[torch.Tensor, torch.T
             flat = _COMPONENTS[comp][0] + module.replace(".", "_")
             sd[f"{flat}.lora_down.weight"] = cast(down)
             sd[f"{flat}.lora_up.weight"] = cast(up)
-            sd[f"{flat}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+            sd[f"{flat}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32, device=down.device)
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
                 "ss_base_model_version": "sd_v1"}
         return sd, meta
@@ -91,6 +92,7 @@ def save_lora(path: str | os.PathLike, layers: Mapping[tuple[str, str], tuple[to
     if path.suffix != ".safetensors":
         raise ValueError(f"save_lora: path must end in .safetensors, got {str(path)!r}")
     sd, meta = lora_state_dict(layers, alpha=alpha, fmt=fmt, dtype=dtype)
+    sd = {k: v.cpu() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=meta)

@@ -52,7 +52,7 @@ from fastdiff.samplers.schedules import NoiseSchedule, normalize_prediction
 from fastdiff.train.image_folder import load_captioned_folder
 
 __all__ = ["ADAPTER_KINDS", "CONTROLS", "UNET_LORA_TARGETS", "TEXT_LORA_TARGETS", "AdapterRun", "LoraWeights",
-           "check_adapter_config", "lora_target_modules", "set_block_checkpointing"]
+           "attach_lora", "check_adapter_config", "lora_target_modules", "set_block_checkpointing"]
 
 ADAPTER_KINDS = ("lora", "controlnet")
 CONTROLS = ("canny",)
@@ -142,6 +142,27 @@ def set_block_checkpointing(model: nn.Module, enabled: bool = True) -> int:
     return n
 
 
+def attach_lora(weights: LoraWeights, comps: dict[str, nn.Module | None]) -> LoraSet:
+    """Attach ``weights`` to the components' layers through the file reader inference uses (a peft state dict:
+    the same names, shapes and alpha / r), then make each side path's factors the trainable parameters of
+    ``weights`` (the same tensors the optimizer updates). Returns the :class:`LoraSet` (LoRA name ``train``)."""
+    sd, meta = lora_state_dict(weights.layers(), alpha=weights.alpha, fmt="peft")
+    lset = LoraSet(comps)
+    lset.load(sd, metadata=meta, name="train")
+    adapters = {}
+    for comp, model in lset.components.items():
+        for name, m in model.named_modules():
+            if hasattr(m, "lora_adapters") and "train" in m.lora_adapters:
+                adapters[(comp, name)] = m.lora_adapters["train"]
+    if set(adapters) != set(weights.targets):
+        raise RuntimeError(f"LoRA attached to {len(adapters)} layers, expected {len(weights.targets)}")
+    for key, d, u in zip(weights.targets, weights.down, weights.up):
+        a = adapters[key]
+        del a._buffers["down"], a._buffers["up"]
+        a.down, a.up = d, u   # now parameters of the side path, shared with ``weights``
+    return lset
+
+
 class AdapterRun:
     """The frozen SD1 model, the captioned data and the trainable part of a ``lora`` / ``controlnet`` run."""
 
@@ -197,24 +218,7 @@ class AdapterRun:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _attach_lora(self, comps: dict) -> None:
-        """Attach the LoRA through the file reader inference uses (a peft state dict: the same names, shapes
-        and alpha / r), then swap each side path's factors for this run's trainable parameters."""
-        w = self.trainable
-        sd, meta = lora_state_dict(w.layers(), alpha=w.alpha, fmt="peft")
-        lset = LoraSet(comps)
-        lset.load(sd, metadata=meta, name="train")
-        adapters = {}
-        for comp, model in comps.items():
-            for name, m in model.named_modules():
-                if hasattr(m, "lora_adapters") and "train" in m.lora_adapters:
-                    adapters[(comp, name)] = m.lora_adapters["train"]
-        if set(adapters) != set(w.targets):
-            raise RuntimeError(f"LoRA attached to {len(adapters)} layers, expected {len(w.targets)}")
-        for key, d, u in zip(w.targets, w.down, w.up):
-            a = adapters[key]
-            del a._buffers["down"], a._buffers["up"]
-            a.down, a.up = d, u   # registered as the side path's parameters: the same tensors the optimizer updates
-        self.lora_set = lset
+        self.lora_set = attach_lora(self.trainable, comps)
 
     def arch(self) -> dict:
         """What a resumed run must find unchanged: the base UNet, the adapter's shape."""

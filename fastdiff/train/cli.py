@@ -9,7 +9,8 @@ resume a run folder.
     fastdiff train --run-dir runs/fashion32 --resume [--max-steps 30000]
     fastdiff train --plan --model cifar10_ddpm --precision bf16 [--gpu-memory 16] [--optimizer adamw8bit]
 
-``--plan`` prints the GPU memory the configuration needs (weights, gradients, optimizer state, EMA, measured
+``--plan`` (pixel UNet2D runs, and ``--kind lora`` in the SD1.5 configuration at ``--image-size``: see
+:mod:`fastdiff.train.adapter_plan`) prints the GPU memory the configuration needs (weights, gradients, optimizer state, EMA, measured
 activations per sample, with and without gradient checkpointing) and the largest batch that fits, then exits
 without running a step or writing anything (see :mod:`fastdiff.train.plan`).
 
@@ -193,6 +194,13 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**given)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    if args.plan and cfg.kind == "lora":
+        from fastdiff.train.adapter_plan import lora_plan
+
+        print(lora_plan(image_size=cfg.image_size, rank=cfg.rank, alpha=cfg.alpha, precision=cfg.precision,
+                        optimizer=cfg.optimizer, text_lora=cfg.lora_text_encoder, cache=cfg.cache,
+                        batch_size=cfg.batch_size, gpu_memory_gb=args.gpu_memory).format())
         return 0
     if args.plan:
         from fastdiff.train.plan import plan
