@@ -25,7 +25,7 @@ from test_lora_train import write_images
 diffusers = pytest.importorskip("diffusers")
 
 BASE = dict(kind="controlnet", image_size=32, batch_size=3, lr=2e-3, warmup_steps=0, class_dropout=0.0,
-            precision="fp32", sample_every=0, log_every=1, ckpt_every_steps=0, max_steps=8, seed=4)
+            precision="fp32", sample_every=0, log_every=1, ckpt_every_steps=0, max_steps=8, seed=4, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def data(tmp_path_factory):
 
 
 BASE = dict(kind="lora", image_size=32, batch_size=3, lr=1e-2, warmup_steps=0, class_dropout=0.0, precision="fp32",
-            rank=4, alpha=2.0, sample_every=0, log_every=1, ckpt_every_steps=0, max_steps=8, ema_decay=0.9, seed=3)
+            rank=4, alpha=2.0, sample_every=0, log_every=1, ckpt_every_steps=0, max_steps=8, ema_decay=0.9, seed=3, threads=1)
 
 
 def _trainer(tmp_path, ref_folder, data, name="run", resume=False, **kw):
@@ -182,7 +182,7 @@ def test_train_cli_lora(tmp_path, ref_folder, data):
     run = tmp_path / "cli"
     rc = main(["train", "--kind", "lora", "--base", str(d / "sd"), "--data", str(data), "--run-dir", str(run),
                "--rank", "2", "--alpha", "2", "--image-size", "32", "--batch-size", "2", "--max-steps", "2",
-               "--precision", "bf16", "--cache", "--sample-every", "0", "--no-progress"])
+               "--precision", "bf16", "--cache", "--sample-every", "0", "--threads", "1", "--no-progress"])
     assert rc == 0
     assert (run / LORA_DIR / PEFT_FILE).is_file() and (run / LORA_DIR / KOHYA_FILE).is_file()
     with pytest.raises(SystemExit) as e:  # checked when parsed: the folder must exist

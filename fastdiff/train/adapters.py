@@ -63,6 +63,7 @@ PEFT_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 CONTROLNET_DIR = "controlnet"
 HINT_WIDTHS = (16, 32, 96, 256)
+_LORA_NAME = "trained_lora"  # a key of an nn.ModuleDict: not the name of a Module attribute (train, training)
 
 
 def check_adapter_config(cfg) -> None:
@@ -145,21 +146,23 @@ def set_block_checkpointing(model: nn.Module, enabled: bool = True) -> int:
 def attach_lora(weights: LoraWeights, comps: dict[str, nn.Module | None]) -> LoraSet:
     """Attach ``weights`` to the components' layers through the file reader inference uses (a peft state dict:
     the same names, shapes and alpha / r), then make each side path's factors the trainable parameters of
-    ``weights`` (the same tensors the optimizer updates). Returns the :class:`LoraSet` (LoRA name ``train``)."""
+    ``weights`` (the same tensors the optimizer updates). Returns the :class:`LoraSet` (LoRA name ``trained_lora``)."""
     sd, meta = lora_state_dict(weights.layers(), alpha=weights.alpha, fmt="peft")
     lset = LoraSet(comps)
-    lset.load(sd, metadata=meta, name="train")
+    lset.load(sd, metadata=meta, name=_LORA_NAME)
     adapters = {}
     for comp, model in lset.components.items():
         for name, m in model.named_modules():
-            if hasattr(m, "lora_adapters") and "train" in m.lora_adapters:
-                adapters[(comp, name)] = m.lora_adapters["train"]
+            if hasattr(m, "lora_adapters") and _LORA_NAME in m.lora_adapters:
+                adapters[(comp, name)] = m.lora_adapters[_LORA_NAME]
     if set(adapters) != set(weights.targets):
         raise RuntimeError(f"LoRA attached to {len(adapters)} layers, expected {len(weights.targets)}")
     for key, d, u in zip(weights.targets, weights.down, weights.up):
         a = adapters[key]
         del a._buffers["down"], a._buffers["up"]
-        a.down, a.up = d, u   # now parameters of the side path, shared with ``weights``
+        # plain attributes, not registered: the side path computes with the trainable tensors of ``weights``,
+        # while the model's own parameters() and state_dict() stay those of the frozen base model
+        a.__dict__["down"], a.__dict__["up"] = d, u
     return lset
 
 
