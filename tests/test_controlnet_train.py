@@ -113,3 +113,18 @@ def test_controlnet_resume_replays(tmp_path, ref_folder, data):
     first = _trainer(tmp_path, ref_folder, data, "b", max_steps=2, cache=True).run()
     rest = _trainer(tmp_path, ref_folder, data, "b", resume=True, max_steps=4, cache=True).run()
     assert first + rest == full
+
+
+def test_train_cli_controlnet_recipe(tmp_path, ref_folder, data):
+    """The README's Fashion ControlNet command, at tiny size (the tiny model, six images, two steps)."""
+    from fastdiff.cli import main
+
+    d, _ = ref_folder
+    run = tmp_path / "cn"
+    rc = main(["train", "--kind", "controlnet", "--base", str(d / "sd"), "--data", str(data), "--image-size", "32",
+               "--run-dir", str(run), "--batch-size", "3", "--lr", "1e-4", "--warmup-steps", "100",
+               "--class-dropout", "0.1", "--precision", "fp32", "--cache", "--max-steps", "2",
+               "--ckpt-every-minutes", "10", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    net = fastdiff.load_controlnet(run / CONTROLNET_DIR)
+    assert net.config.hint_downscale == 2  # the tiny VAE's downscale
