@@ -217,8 +217,9 @@ def test_lora_plan_sd15_512_fits_16gb(capsys):
     from fastdiff.train.adapter_plan import lora_plan
 
     p = lora_plan(image_size=512, rank=4, precision="bf16", batch_size=1, cache=True)
-    # SD1.5's UNet and CLIP ViT-L/14 text encoder (runwayml/stable-diffusion-v1-5): 859,520,964 + 123,060,480
-    assert p.base_parameters == 859_520_964 + 123_060_480
+    # SD1.5's UNet, CLIP ViT-L/14 text encoder and VAE (runwayml/stable-diffusion-v1-5): 859,520,964 +
+    # 123,060,480 + 83,653,863
+    assert p.base_parameters == 859_520_964 + 123_060_480 + 83_653_863
     assert p.lora_parameters == 797_184  # rank 4 on q, k, v, out of the 32 attention layers
     usable = p.gpu_memory - p.reserve
     assert p.total(1) <= usable and p.max_batch() >= 1

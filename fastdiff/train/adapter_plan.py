@@ -3,8 +3,7 @@
 What a LoRA training step holds on the device (P_base: the frozen weights, P_lora: the LoRA factors,
 B: micro-batch, h x w: latents of an ``image_size`` image):
 
-    frozen weights      4 P_base     UNet + text encoder (+ the VAE unless ``cache``) in fp32, as the trainer
-                                     loads them
+    frozen weights      4 P_base     UNet, text encoder and VAE in fp32, as the trainer loads and keeps them
     LoRA weights        4 P_lora     fp32, like every trained parameter of the trainer
     gradients           4 P_lora
     optimizer state     8 P_lora     AdamW (bitsandbytes AdamW8bit: see fastdiff.train.plan)
@@ -269,8 +268,8 @@ class LoraMemoryPlan:
             f"memory plan: LoRA rank {self.rank} on the SD1.5 configuration at {self.image_size}x{self.image_size}"
             f"{' (+ text encoder)' if self.text_lora else ''}, {self.precision}, {self.optimizer}, "
             f"GPU {self.gpu_memory / GiB:.1f} GiB",
-            f"  frozen weights (fp32)     {mb(self.base_weights)}   ({self.base_parameters / 1e6:.1f}M; VAE "
-            f"{'left out: latents cached' if self.cache else 'included'})",
+            f"  frozen weights (fp32)     {mb(self.base_weights)}   ({self.base_parameters / 1e6:.1f}M: UNet, "
+            f"text encoder, VAE)",
             f"  autocast weight copies    {mb(self.autocast_copies)}",
             f"  LoRA weights (fp32)       {mb(self.lora_weights)}   ({self.lora_parameters / 1e6:.2f}M)",
             f"  gradients (fp32)          {mb(self.gradients)}",
@@ -305,7 +304,7 @@ def lora_plan(*, image_size: int = 512, rank: int = 4, alpha: float = 4.0, preci
     latent = image_size // f
     n_unet, n_text, n_vae = (_params(unet_sd.UNetSD, unet), _params(clip_text.CLIPTextModel, text),
                              _params(vae_models.AutoencoderKL, vae))
-    n_base = n_unet + n_text + (0 if cache else n_vae)
+    n_base = n_unet + n_text + n_vae  # the trainer keeps the VAE also when the latents are cached
     kw = dict(latent_size=latent, rank=rank, alpha=alpha, precision=precision, text_lora=text_lora,
               batches=probe_batches)
     act = measure_lora_activations(unet, text, **kw)
