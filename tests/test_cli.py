@@ -80,6 +80,11 @@ BAD = [
     ("train", "--autoencoder", "{tmp}/nope", "path does not exist"),
     ("train", "--recon-loss", "l3", "choose from 'l1', 'l2'"),
     ("train", "--kl-weight", "-1", "[0, inf)"),
+    ("train", "--base", "{tmp}/nope", "path does not exist"),
+    ("train", "--data", "{tmp}/nope", "path does not exist"),
+    ("train", "--rank", "0", "integer >= 1"),
+    ("train", "--alpha", "0", "(0, inf)"),
+    ("train", "--control", "depth", "choose from 'canny'"),
     ("eval", "--images", "{tmp}/nope.npz", "path does not exist"),
     ("eval", "--checkpoint", "{tmp}/nope", "path does not exist"),
     ("eval", "--autoencoder", "{tmp}/nope", "folder does not exist"),
@@ -133,7 +138,8 @@ def test_every_option_of_every_subcommand_has_a_bad_value_row():
 
     any_value = {"--prompt", "--negative-prompt", "--label", "--run-dir", "--dataset", "--resume", "--no-progress",
                  "--print-config", "--plan", "--hflip", "--no-hflip", "--grad-checkpointing",
-                 "--no-grad-checkpointing", "--show-process", "--interpolate", "--quiet", "--raw-weights",
+                 "--no-grad-checkpointing", "--lora-text-encoder", "--no-lora-text-encoder", "--cache", "--no-cache",
+                 "--show-process", "--interpolate", "--quiet", "--raw-weights",
                  "--betas", "-h", "--help", "--kernels", "--quick", "--roofline"}
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     covered = {(c, o) for c, o, _, _ in BAD}

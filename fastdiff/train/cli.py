@@ -4,10 +4,13 @@ resume a run folder.
     fastdiff train --run-dir runs/fashion32 --dataset fashion-mnist --max-steps 20000
     fastdiff train --kind autoencoder --model fashion_f4 --run-dir runs/ae --lr 1e-3
     fastdiff train --autoencoder runs/ae --conditioning text --model fashion_tiny_sd --run-dir runs/tiny-sd
+    fastdiff train --kind lora --base sd15-folder --data my-images --rank 16 --alpha 16 --run-dir runs/lora
+    fastdiff train --kind controlnet --base sd15-folder --data my-images --run-dir runs/cn --cache
     fastdiff train --run-dir runs/fashion32 --resume [--max-steps 30000]
     fastdiff train --plan --model cifar10_ddpm --precision bf16 [--gpu-memory 16] [--optimizer adamw8bit]
 
-``--plan`` prints the GPU memory the configuration needs (weights, gradients, optimizer state, EMA, measured
+``--plan`` (pixel UNet2D runs, and ``--kind lora`` in the SD1.5 configuration at ``--image-size``: see
+:mod:`fastdiff.train.adapter_plan`) prints the GPU memory the configuration needs (weights, gradients, optimizer state, EMA, measured
 activations per sample, with and without gradient checkpointing) and the largest batch that fits, then exits
 without running a step or writing anything (see :mod:`fastdiff.train.plan`).
 
@@ -30,7 +33,8 @@ __all__ = ["add_train_parser", "run_train", "main"]
 
 _HELP = {
     "run_dir": "run folder (checkpoints, sample grids, loss curve, train.log)",
-    "kind": "diffusion | autoencoder (a KL autoencoder for latent diffusion)",
+    "kind": "diffusion | autoencoder (a KL autoencoder for latent diffusion) | lora | controlnet (fine-tune an SD1 "
+            "checkpoint, --base, on captioned images, --data)",
     "model": "preset of the kind: UNet2D (class conditioning: fashion32, cifar10_ddpm, tiny), SD-layout UNet "
              "(text conditioning: fashion_tiny_sd, tiny, sd15), autoencoder (fashion_f4, small_f4, tiny, sd15)",
     "model_overrides": "JSON object of the model config's fields overriding the preset, e.g. "
@@ -71,12 +75,20 @@ _HELP = {
     "samples_per_class": "grid columns",
     "ckpt_every_minutes": "checkpoint interval in minutes",
     "ckpt_every_steps": "checkpoint interval in steps (0: by time only)",
+    "base": "lora / controlnet: the SD1 checkpoint to fine-tune (diffusers folder or single file)",
+    "data": "lora / controlnet: folder of images with captions (image.png + image.txt, or metadata.jsonl)",
+    "rank": "lora: rank of every LoRA pair",
+    "alpha": "lora: LoRA alpha (scale alpha / rank)",
+    "lora_text_encoder": "lora: train a LoRA on the text encoder's attention too",
+    "cache": "lora / controlnet: encode the latents (and the captions of a frozen text encoder) once",
+    "control": "controlnet: control maps made from the training images (canny edges)",
 }
 
 
 # What each option accepts, checked when the command line is parsed (before anything is loaded or written).
 _CHOICES = {
-    "kind": ("diffusion", "autoencoder"),
+    "kind": ("diffusion", "autoencoder", "lora", "controlnet"),
+    "control": ("canny",),
     "conditioning": ("class", "text"),
     "recon_loss": ("l1", "l2"),
     "schedule": ("linear", "scaled_linear", "cosine", "flow"),
@@ -95,6 +107,7 @@ _TYPES = {
     "log_every": int_at_least(1), "sample_every": int_at_least(0), "sample_steps": int_at_least(1),
     "sample_guidance": float_in(0.0), "samples_per_class": int_at_least(1),
     "ckpt_every_minutes": float_in(0.0, low_open=True), "ckpt_every_steps": int_at_least(0),
+    "rank": int_at_least(1), "alpha": float_in(0.0, low_open=True),
 }
 
 
@@ -128,7 +141,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw = dict(default=None, help=_HELP.get(f.name, ""))
-        if f.name in ("hflip", "grad_checkpointing"):
+        if f.name in ("hflip", "grad_checkpointing", "lora_text_encoder", "cache"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "betas":
             p.add_argument(flag, type=_TYPES["betas"], nargs=2, **kw)
@@ -140,7 +153,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
             from fastdiff.models.clip_text import PRESETS as TEXT_PRESETS
 
             p.add_argument(flag, choices=tuple(TEXT_PRESETS), **kw)
-        elif f.name == "autoencoder":
+        elif f.name in ("autoencoder", "base", "data"):
             p.add_argument(flag, type=existing_path(), **kw)
         elif f.name in _CHOICES:
             p.add_argument(flag, choices=_CHOICES[f.name], **kw)
@@ -182,6 +195,13 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
+    if args.plan and cfg.kind == "lora":
+        from fastdiff.train.adapter_plan import lora_plan
+
+        print(lora_plan(image_size=cfg.image_size, rank=cfg.rank, alpha=cfg.alpha, precision=cfg.precision,
+                        optimizer=cfg.optimizer, text_lora=cfg.lora_text_encoder, cache=cfg.cache,
+                        batch_size=cfg.batch_size, gpu_memory_gb=args.gpu_memory).format())
+        return 0
     if args.plan:
         from fastdiff.train.plan import plan
 
@@ -198,8 +218,8 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"fastdiff train: {Path(cfg.run_dir).resolve()}  step {trainer.step} -> {cfg.max_steps}  "
-          f"{cfg.kind} {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M params)  "
-          f"data {cfg.dataset} "
+          f"{cfg.kind} {cfg.base or cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
+          f"trained params)  data {cfg.data or cfg.dataset} "
           f"({len(trainer.data)} images)  precision {cfg.precision}", flush=True)
     trainer.run()
     return 0

@@ -64,6 +64,7 @@ from fastdiff.models import clip_text, unet_sd, vae as vae_models
 from fastdiff.models.unet2d import PRESETS, UNet2D, UNet2DConfig
 from fastdiff.samplers import Denoiser, make_schedule, sample_ddim, sample_flow_euler
 from fastdiff.samplers.schedules import FlowSchedule, NoiseSchedule
+from fastdiff.train.adapters import ADAPTER_KINDS, AdapterRun, check_adapter_config
 from fastdiff.train.captions import CaptionTable, TextConditionedUNet, caption
 from fastdiff.train.latents import LatentDataset, encode_dataset, load_autoencoder, prepare_latents
 from fastdiff.train.plots import loss_curve
@@ -72,7 +73,7 @@ __all__ = ["TrainConfig", "Trainer", "train", "sample_grid", "make_adamw", "ema_
            "build_model", "KINDS", "CONDITIONINGS"]
 
 
-KINDS = ("diffusion", "autoencoder")
+KINDS = ("diffusion", "autoencoder", *ADAPTER_KINDS)
 CONDITIONINGS = ("class", "text")
 SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")
 PREDICTIONS = ("eps", "v", "x0", "flow")
@@ -128,6 +129,14 @@ class TrainConfig:
     samples_per_class: int = 6
     ckpt_every_minutes: float = 10.0
     ckpt_every_steps: int = 0              # 0: by time only
+    # kind lora | controlnet: fine-tuning a pretrained SD1 model (fastdiff.train.adapters)
+    base: str = ""                         # the SD1 checkpoint: a diffusers folder or an original single file
+    data: str = ""                         # a folder of images with captions (fastdiff.train.image_folder)
+    rank: int = 4                          # lora: rank r of every LoRA pair
+    alpha: float = 4.0                     # lora: scale alpha / r
+    lora_text_encoder: bool = False        # lora: LoRA on the CLIP text encoder's attention too
+    cache: bool = False                    # encode latents (and a frozen text encoder's captions) once
+    control: str = "canny"                 # controlnet: the control maps made from the training images
 
     @property
     def presets(self) -> dict:
@@ -150,7 +159,9 @@ class TrainConfig:
 
         one_of("kind", KINDS)
         one_of("conditioning", CONDITIONINGS)
-        if self.model not in self.presets:
+        if self.kind in ADAPTER_KINDS:
+            check_adapter_config(self)
+        elif self.model not in self.presets:
             what = "an autoencoder" if self.kind == "autoencoder" else f"a {self.conditioning}-conditioned UNet"
             raise ValueError(f"model must be {what} preset, one of {', '.join(self.presets)}; got {self.model!r}")
         one_of("text_encoder", tuple(clip_text.PRESETS))
@@ -183,8 +194,9 @@ class TrainConfig:
         if self.autoencoder and self.hflip:
             raise ValueError("hflip cannot be used with autoencoder: latents are cached unflipped (flip the "
                              "dataset instead)")
-        if self.grad_checkpointing and (self.kind != "diffusion" or self.conditioning != "class"):
-            raise ValueError("grad_checkpointing is available for the class-conditioned UNet2D only "
+        if self.grad_checkpointing and self.kind not in ADAPTER_KINDS and (
+                self.kind != "diffusion" or self.conditioning != "class"):
+            raise ValueError("grad_checkpointing is available for lora, controlnet and the class-conditioned UNet2D only "
                              f"(kind diffusion, conditioning class); got kind {self.kind!r}, conditioning "
                              f"{self.conditioning!r}")
 
@@ -276,6 +288,10 @@ class Trainer:
         if not resume and latest_step(self.run_dir) is not None:
             raise CheckpointError(f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue "
                                   "it or choose another run folder")
+        self.adapter: AdapterRun | None = None
+        if cfg.kind in ADAPTER_KINDS:
+            self._init_adapter_run(resume, progress)
+            return
         self.images = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
         if self.images.image_shape[1:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"dataset {self.images.name!r} has images of {self.images.image_shape[1:]} pixels but "
@@ -318,6 +334,28 @@ class Trainer:
             if self.unet_config is not None:
                 saved["unet"] = self.arch["unet"]
             write_json_atomic(saved, self.run_dir / "config.json")
+
+    def _init_adapter_run(self, resume: bool, progress: bool) -> None:
+        """The rest of ``__init__`` for a LoRA / ControlNet run: a frozen SD1 model and a trainable adapter
+        (:mod:`fastdiff.train.adapters`) in place of a network built from a preset."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.adapter = AdapterRun(cfg, self.device, self._autocast)
+        self.images = self.data = self.adapter.images
+        self.vae, self.captions, self.unet_config, self.flow = None, None, None, False
+        self.schedule = self.adapter.schedule
+        self.arch = _plain(self.adapter.arch())
+        self.model = self.adapter.trainable
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.step, self.train_seconds, self.loss_log, self.parts = 0, 0.0, [], {}
+        self.progress = progress
+        if resume:
+            self._resume()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic({"train": cfg.to_dict(), "arch": self.arch}, self.run_dir / "config.json")
 
     def _new_arch(self) -> dict:
         """The architecture of a new run: the preset, the overrides, and what the data fixes (channels, size,
@@ -430,6 +468,8 @@ class Trainer:
             state["unet"] = self.arch["unet"]  # what load_run_model reads
         save_checkpoint(self.run_dir, self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
                         state=state)
+        if self.adapter is not None:  # the trained LoRA / ControlNet in the formats users' tools read
+            self.adapter.export(self.run_dir, self.model)
 
     # ---------------------------------------------------------------------------------------------------
     def _batch_indices(self, step: int, micro: int) -> torch.Tensor:
@@ -521,11 +561,13 @@ class Trainer:
         total = 0.0
         self._parts = {}
         for micro in range(cfg.grad_accum):
-            x0, y = self.data.batch(self._batch_indices(step, micro))
-            if cfg.kind == "autoencoder":
-                loss = self._autoencoder_loss(x0, g)
+            idx = self._batch_indices(step, micro)
+            if self.adapter is not None:
+                loss = self.adapter.loss(idx, g)
+            elif cfg.kind == "autoencoder":
+                loss = self._autoencoder_loss(self.data.batch(idx)[0], g)
             else:
-                loss = self._diffusion_loss(x0, y, g)
+                loss = self._diffusion_loss(*self.data.batch(idx), g)
             total += loss.item()
             loss = loss / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -554,7 +596,9 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------
     def write_pictures(self):
         cfg = self.cfg
-        if cfg.kind == "autoencoder":
+        if self.adapter is not None:  # LoRA / ControlNet runs draw no sample grid (yet): the loss curve only
+            grid = None
+        elif cfg.kind == "autoencoder":
             grid, psnr = self.reconstruction_grid()
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(json.dumps({"step": self.step, "recon_psnr_db": round(psnr, 3)}) + "\n")
@@ -564,8 +608,9 @@ class Trainer:
                                precision=cfg.precision, device=self.device)
         else:
             grid = self.sample_rows()
-        save_png_atomic(grid, self.run_dir / f"samples-{self.step:07d}.png")
-        save_png_atomic(grid, self.run_dir / "samples-latest.png")
+        if grid is not None:
+            save_png_atomic(grid, self.run_dir / f"samples-{self.step:07d}.png")
+            save_png_atomic(grid, self.run_dir / "samples-latest.png")
         if self.loss_log:
             steps, losses = zip(*self.loss_log)
             title = (f"{cfg.recon_loss} + KL" if cfg.kind == "autoencoder" else f"{cfg.prediction}-prediction MSE")
