@@ -174,6 +174,11 @@ def test_quantised_layers_hold_no_float_weight_and_refuse_nothing_silently():
         assert all(p.dim() == 1 for p in floats), name  # the bias only
     kept_float = sum(p.numel() for p in net.parameters())
     assert kept_float < 0.1 * n_float
+    # a later .to(dtype) keeps the integers, and the scales and bias unrounded in fp32
+    m = net.get_submodule(names[0])
+    w, s = m.weight_int8.clone(), m.weight_scale.clone()
+    net.to(dtype=torch.bfloat16)
+    assert torch.equal(m.weight_int8, w) and m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, s)
 
 
 # ------------------------------------------------------------------------------------------ the UNet

@@ -122,16 +122,19 @@ class _Int8Base(nn.Module):
         self._packed = None
 
     def _apply(self, fn, recurse=True):
-        # .to(device)/.to(dtype) of the module must not turn the int8 weight into floats; the packed copy is
-        # rebuilt on the next call.
+        # .to(device) / .to(dtype) of the model must not turn the int8 weight into floats nor round the fp32
+        # scales and bias; the packed copy is rebuilt on the next call.
         self._packed = None
         q, s = self.weight_int8, self.weight_scale
+        b = None if self.bias is None else self.bias.data
         out = super()._apply(fn, recurse)
+        dev = self.weight_scale.device
         if self.weight_int8.dtype != torch.int8:
-            self.weight_int8 = q.to(self.weight_int8.device)
-        self.weight_scale = self.weight_scale.float() if self.weight_scale.is_floating_point() else s
-        if self.bias is not None and self.bias.dtype != torch.float32:
-            self.bias.data = self.bias.data.float()
+            self.weight_int8 = q.to(dev)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = s.to(dev)
+        if b is not None and self.bias.dtype != torch.float32:
+            self.bias.data = b.to(dev)
         return out
 
     def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
