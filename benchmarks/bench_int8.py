@@ -43,15 +43,18 @@ def _case_conv(cin, cout, k, div):
     return x, conv, 2 * 2 * cout * cin * k * k * s * s
 
 
+@pytest.mark.parametrize("baseline", ["fp32", "bf16"])
 @pytest.mark.parametrize("cin,cout,k,div", CONVS)
-def test_int8_conv(compare, cin, cout, k, div):
+def test_int8_conv(compare, cin, cout, k, div, baseline):
     x, conv, flops = _case_conv(cin, cout, k, div)
     w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
     qconv = q8.Int8Conv2d(conv)
     case = f"{tuple(x.shape)} -> {cout} k{k}"
     with torch.no_grad():
-        compare("int8 conv vs fp32 F.conv2d", case + " int8/fp32", lambda: qconv(x),
-                lambda: F.conv2d(x, w, b, padding=k // 2), flops=flops)
+        if baseline == "fp32":
+            compare("int8 conv vs fp32 F.conv2d", case + " int8/fp32", lambda: qconv(x),
+                    lambda: F.conv2d(x, w, b, padding=k // 2), flops=flops)
+            return
         cb = Conv2d(cin, cout, k, padding=k // 2).eval()
         cb.load_state_dict({"weight": w, "bias": b})
         cb = cb.bfloat16()
@@ -59,8 +62,9 @@ def test_int8_conv(compare, cin, cout, k, div):
         compare("int8 conv vs bf16 fastdiff Conv2d", case + " bf16", lambda: qconv(xb), lambda: cb(xb), flops=flops)
 
 
+@pytest.mark.parametrize("baseline", ["fp32", "bf16"])
 @pytest.mark.parametrize("rows,cin,cout", LINEARS)
-def test_int8_linear(compare, rows, cin, cout):
+def test_int8_linear(compare, rows, cin, cout, baseline):
     x = torch.randn(2 * rows, cin)
     lin = Linear(cin, cout).eval()
     w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
@@ -68,8 +72,10 @@ def test_int8_linear(compare, rows, cin, cout):
     flops = 2 * 2 * rows * cin * cout
     case = f"({2 * rows}, {cin}) -> {cout}"
     with torch.no_grad():
-        compare("int8 linear vs fp32 F.linear", case + " int8/fp32", lambda: ql(x), lambda: F.linear(x, w, b),
-                flops=flops)
+        if baseline == "fp32":
+            compare("int8 linear vs fp32 F.linear", case + " int8/fp32", lambda: ql(x), lambda: F.linear(x, w, b),
+                    flops=flops)
+            return
         lb = Linear(cin, cout).eval()
         lb.load_state_dict({"weight": w, "bias": b})
         lb = lb.bfloat16()
