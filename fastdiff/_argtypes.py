@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 __all__ = ["OneLineParser", "InvalidArgument", "check_int", "check_number", "check_choice", "check_type",
-           "int_at_least", "float_in", "existing_path", "multiple_of", "output_file", "device_name", "lora_spec"]
+           "int_at_least", "float_in", "existing_path", "multiple_of", "output_file", "device_name", "lora_spec",
+           "QUANTIZE_MODES", "check_quantize", "quantize_mode"]
+
+# What ``pipe.quantize(mode)``, ``fastdiff.generate(quantize=mode)`` and ``--quantize`` accept.
+QUANTIZE_MODES = ("int8",)
 
 
 class InvalidArgument(ValueError, TypeError):
@@ -48,6 +52,12 @@ def _multiple_rule(v, step: int, low: int) -> str | None:
     return None
 
 
+def _quantize_rule(v) -> str | None:
+    if isinstance(v, str) and v in QUANTIZE_MODES:
+        return None
+    return f"must be one of {', '.join(QUANTIZE_MODES)}, got {v!r}"
+
+
 def check_int(name: str, v, low: int) -> int:
     """``v`` if it is an integer >= ``low``, else :class:`InvalidArgument` naming ``name``."""
     problem = _int_rule(v, low)
@@ -78,6 +88,14 @@ def check_choice(name: str, v, choices: Iterable[str], where: str = "") -> str:
     if not isinstance(v, str) or v not in choices:
         raise InvalidArgument(name, f"unknown {name} {v!r}{' ' + where if where else ''}; choose one of "
                                     f"{', '.join(choices)}")
+    return v
+
+
+def check_quantize(name: str, v) -> str:
+    """``v`` if it is a quantisation mode (:data:`QUANTIZE_MODES`), else :class:`InvalidArgument` naming ``name``."""
+    problem = _quantize_rule(v)
+    if problem:
+        raise InvalidArgument(name, problem)
     return v
 
 
@@ -132,6 +150,11 @@ def multiple_of(step: int, low: int) -> Callable[[str], int]:
         return _parsed(text, int, lambda v: _multiple_rule(v, step, low))
 
     return _named(parse, f"multiple of {step}")
+
+
+def quantize_mode(text: str) -> str:
+    """argparse type of ``--quantize``: one of :data:`QUANTIZE_MODES`."""
+    return _parsed(text, str, _quantize_rule)
 
 
 def existing_path(kind: str = "path") -> Callable[[str], str]:

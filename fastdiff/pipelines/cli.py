@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fastdiff._argtypes import (device_name, existing_path, float_in, int_at_least, lora_spec, multiple_of,
-                                output_file)
+from fastdiff._argtypes import (QUANTIZE_MODES, device_name, existing_path, float_in, int_at_least, lora_spec,
+                                multiple_of, output_file, quantize_mode)
 
 __all__ = ["add_generate_parser"]
 
@@ -56,6 +56,9 @@ def add_generate_parser(sub) -> None:
                    "--out")
     p.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
                    help="apply a LoRA file at SCALE (default 1.0) to a Stable Diffusion --model; repeatable")
+    p.add_argument("--quantize", type=quantize_mode, default=None, metavar="MODE",
+                   help=f"run the denoiser's convolutions and linears in {', '.join(QUANTIZE_MODES)} (W8A8 on the "
+                        "CPU; norms, attention and the sampler stay in float)")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,12 +97,16 @@ def run_generate(args: argparse.Namespace) -> int:
         return _run_prompt(args, out, t0)
     try:
         pipe = load_pixel_pipeline(args.model, device=args.device)
+        if args.quantize is not None:
+            pipe.quantize(args.quantize)
         args.sampler = args.sampler or pipe.defaults.sampler
         steps = pipe.resolve_steps(args.sampler, args.steps)
         guidance = pipe.resolve_guidance("model" if args.guidance is None else args.guidance)
         guidance = None if guidance == 1.0 else guidance
         info = {"model": pipe.source, "sampler": args.sampler, "steps": steps, "guidance": guidance or 1.0,
                 "seed": args.seed}
+        if args.quantize is not None:
+            info["quantize"] = args.quantize
         if args.label is None and pipe.class_names:
             img = class_grid(pipe, per_class=args.n or 4, seed=args.seed, sampler=args.sampler, steps=steps,
                              guidance=guidance, progress=not args.quiet)
@@ -139,6 +146,8 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
         pipe = load_pipeline(args.model, device=args.device)
         for path, scale in args.lora:
             pipe.load_lora(path, scale=scale)
+        if args.quantize is not None:
+            pipe.quantize(args.quantize)
         sampler, steps, default_guidance = sd_defaults(pipe, args.sampler, args.steps)
         guidance = default_guidance if args.guidance is None else args.guidance
         kw = dict(n=args.n or 1, seed=args.seed, sampler=sampler, steps=steps, guidance=guidance,
@@ -153,6 +162,8 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
         return 2
     info = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
             "sampler": sampler, "steps": steps, "guidance": guidance, "seed": args.seed}
+    if args.quantize is not None:
+        info["quantize"] = args.quantize
     if args.lora:
         info["lora"] = ", ".join(f"{p}:{s:g}" for p, s in args.lora)
     if args.init_image is not None:

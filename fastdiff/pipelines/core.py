@@ -38,11 +38,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from fastdiff._argtypes import InvalidArgument, check_choice, check_int, check_number, check_type
+from fastdiff._argtypes import InvalidArgument, check_choice, check_int, check_number, check_quantize, check_type
 from fastdiff.samplers import SAMPLERS, Denoiser, get_sampler
 
 __all__ = ["Defaults", "Job", "Control", "NetworkCall", "make_job", "run", "image_tensor", "to_unit_range", "warn_truncated",
-           "prompt_list", "cfg_scale"]
+           "prompt_list", "cfg_scale", "QuantizeMixin"]
 
 
 @dataclass(frozen=True)
@@ -433,7 +433,33 @@ def to_unit_range(img: torch.Tensor, fix: str) -> torch.Tensor:
     return (img / 2 + 0.5).clamp(0, 1)
 
 
-class LatentPipeline:
+class QuantizeMixin:
+    """``pipe.quantize("int8")``: the denoiser (``pipe.transformer`` where the family has one, else ``pipe.unet``)
+    runs its convolutions and linears as W8A8 integer products (:mod:`fastdiff.quant.int8`: int8 weights per
+    output channel replace the float ones, activations quantised per call; norms, attention and the sampler stay
+    in float). CPU only, inference only; the text encoders and the VAE are not touched."""
+
+    quantized: str | None = None
+
+    def quantize(self, mode: str = "int8", *, skip=None):
+        """Quantise the denoiser in place and return the pipeline. ``skip``: module paths of the denoiser to keep
+        in float (default :data:`fastdiff.quant.int8.DEFAULT_SKIP`: first and last layer, time embedding)."""
+        check_quantize("mode", mode)
+        from fastdiff.quant.int8 import DEFAULT_SKIP, quantize_int8
+
+        if self.quantized == mode:
+            return self
+        net = self.transformer if hasattr(self, "transformer") else self.unet
+        device = next(net.parameters()).device
+        if device.type != "cpu":
+            raise InvalidArgument("mode", f"{mode} runs on the CPU and the denoiser is on {device}: quantise before "
+                                          "moving it, or keep it on the CPU")
+        quantize_int8(net, skip=DEFAULT_SKIP if skip is None else tuple(skip))
+        self.quantized = mode
+        return self
+
+
+class LatentPipeline(QuantizeMixin):
     """What the latent-diffusion families (SD1, SD3) share as :func:`run` sees them: a VAE, the denoiser run
     in the model's dtype, the sampler state in fp32 on the model's device. A subclass sets ``defaults`` and
     ``samplers`` and supplies ``dtype``, ``device``, ``encode_prompt``, ``network``, ``prediction``,

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from PIL import Image, PngImagePlugin
 
-from fastdiff._argtypes import InvalidArgument, check_choice, check_int, check_multiple, check_number, check_type
+from fastdiff._argtypes import (InvalidArgument, check_choice, check_int, check_multiple, check_number, check_quantize,
+                                check_type)
 from fastdiff.io.images import image_grid, to_pil
 from fastdiff.pipelines.core import LatentPipeline
 from fastdiff.pipelines.pixel import PixelPipeline, load_pixel_pipeline
@@ -48,7 +49,7 @@ def _pipeline(model) -> PixelPipeline:
 
 
 def _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, progress, negative_prompt, height,
-                     width, init_image, strength, mask) -> None:
+                     width, init_image, strength, mask, quantize=None) -> None:
     """The checks of :func:`generate` that need no model: one line naming the argument, before anything loads."""
     from fastdiff.samplers import SAMPLERS
 
@@ -78,6 +79,8 @@ def _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, pr
             raise InvalidArgument(name, f"must be a path, a PIL image or a tensor, got {type(v).__name__}")
     if mask is not None and init_image is None:
         raise InvalidArgument("mask", "needs init_image, the picture to repaint")
+    if quantize is not None:
+        check_quantize("quantize", quantize)
 
 
 def generate(prompt: str | None = None, *, model=None,
@@ -85,7 +88,7 @@ def generate(prompt: str | None = None, *, model=None,
              sampler: str | None = None, steps: int | None = None, guidance: float | str | None = "model",
              progress: bool = True, negative_prompt: str | None = None, height: int | None = None,
              width: int | None = None, init_image=None, strength: float | None = None,
-             mask=None) -> list[Image.Image]:
+             mask=None, quantize: str | None = None) -> list[Image.Image]:
     """``n`` images as PIL images. The same arguments and seed give the same images. Every argument is checked
     before a model loads or a step runs; an error is one line naming the argument (:class:`InvalidArgument`,
     a ValueError and TypeError).
@@ -100,15 +103,20 @@ def generate(prompt: str | None = None, *, model=None,
     path or PIL image) img2img at ``strength``; with ``mask`` as well (white = repaint) inpainting (SD1).
     What is not given comes from the family's defaults (``fastdiff.pipelines.sd1.DEFAULTS``, ``sd3.DEFAULTS``:
     sampler, steps, guidance, size, strength).
+
+    ``quantize="int8"`` runs the denoiser's convolutions and linears in int8 (``pipe.quantize``; a pipeline given
+    as ``model`` is quantised in place).
     """
     _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, progress, negative_prompt, height,
-                     width, init_image, strength, mask)
+                     width, init_image, strength, mask, quantize)
     if prompt is not None or init_image is not None or mask is not None:
         return _generate_sd(prompt, model=model, n=n or 1, seed=seed, sampler=sampler, steps=steps,
                             guidance=guidance, progress=progress, negative_prompt=negative_prompt, height=height,
-                            width=width, init_image=init_image, strength=strength, mask=mask)
+                            width=width, init_image=init_image, strength=strength, mask=mask, quantize=quantize)
     n = 16 if n is None else n
     pipe = _pipeline(model)
+    if quantize is not None:
+        pipe.quantize(quantize)
     sampler = sampler or pipe.defaults.sampler
     names = pipe.class_names
     if not names:
@@ -145,7 +153,7 @@ def _open_image(img, what: str, mode: str):
 
 
 def _generate_sd(prompt, *, model, n, seed, sampler, steps, guidance, progress, negative_prompt, height, width,
-                 init_image, strength, mask) -> list[Image.Image]:
+                 init_image, strength, mask, quantize=None) -> list[Image.Image]:
     """Text-to-image / img2img / inpainting with a Stable Diffusion checkpoint (see :func:`generate`)."""
     from fastdiff.pipelines.load import load_pipeline
     from fastdiff.pipelines.sd3 import StableDiffusion3
@@ -160,6 +168,8 @@ def _generate_sd(prompt, *, model, n, seed, sampler, steps, guidance, progress, 
     if not isinstance(pipe, LatentPipeline):
         raise InvalidArgument("model", f"{getattr(pipe, 'source', model)} is a class-conditional pixel model and "
                                        "takes no text prompt; use label=...")
+    if quantize is not None:
+        pipe.quantize(quantize)
     if isinstance(pipe, StableDiffusion3) and mask is not None:
         raise InvalidArgument("mask", "inpainting (mask=...) is implemented for Stable Diffusion 1.x checkpoints; "
                                       "this is an SD3 model: use init_image + strength (img2img) or txt2img")

@@ -17,7 +17,7 @@ from fastdiff._argtypes import InvalidArgument, check_choice, check_int, check_n
 from fastdiff.io.pixel_folder import (DEFAULT_GUIDANCE, PixelComponents, bundled_model_dir, load_pixel_components,
                                       pixel_schedule, save_pixel_folder)
 from fastdiff.models.unet2d import UNet2D
-from fastdiff.pipelines.core import Defaults, Job, run, to_unit_range
+from fastdiff.pipelines.core import Defaults, Job, QuantizeMixin, run, to_unit_range
 from fastdiff.samplers import SAMPLERS
 from fastdiff.samplers.schedules import NoiseSchedule
 
@@ -41,7 +41,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
 
 
 @dataclass
-class PixelPipeline:
+class PixelPipeline(QuantizeMixin):
     """A pixel-space diffusion model and what is needed to sample it.
 
     ``clip``: DDPM/DDIM clamp their x0 estimate to ``[-clip, clip]`` (None: off); it and the timestep spacing
