@@ -59,8 +59,8 @@ PROMPT = "a photo of an astronaut riding a horse on mars"
 # The child process: one case, fresh. Prints one JSON line with bytes and seconds.
 _CHILD = textwrap.dedent("""
     import json, sys, time
-    lib, path, dname, steps, size, pack, tile = sys.argv[1:8]
-    steps, size, tile = int(steps), int(size), int(tile)
+    lib, path, dname, steps, size, pack, tile, pack_after = sys.argv[1:9]
+    steps, size, tile, pack_after = int(steps), int(size), int(tile), int(pack_after)
     import torch
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -83,6 +83,8 @@ _CHILD = textwrap.dedent("""
         from fastdiff.ops.conv import Conv2d
         from fastdiff.ops.linear import Linear
         Conv2d.pack_policy = Linear.pack_policy = {"on": "replace"}.get(pack, pack)
+        if pack_after:
+            Conv2d.pack_after = Linear.pack_after = pack_after
     else:
         import diffusers
     out = {"base": status("VmRSS")}
@@ -147,10 +149,13 @@ _CHILD = textwrap.dedent("""
 """).replace("PROMPT", repr(PROMPT))
 
 
-def run_case(lib: str, path: Path, dname: str, steps: int, size: int = SIZE, pack: str = "on", tile: int = 0) -> dict:
+def run_case(lib: str, path: Path, dname: str, steps: int, size: int = SIZE, pack: str = "on", tile: int = 0,
+             pack_after: int = 0) -> dict:
     """One case in a fresh process (cwd: this checkout, so it imports this tree's fastdiff). ``pack``: the
-    Conv2d/Linear ``pack_policy`` ("on" = the default "replace", "cache", "off"); ``tile``: VAE tiling (pixels)."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, lib, str(path), dname, str(steps), str(size), pack, str(tile)],
+    Conv2d/Linear ``pack_policy`` ("on" = the default "replace", "cache", "off"); ``tile``: VAE tiling (pixels);
+    ``pack_after``: their ``pack_after`` (0: the default)."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, lib, str(path), dname, str(steps), str(size), pack, str(tile),
+                          str(pack_after)],
                          cwd=ROOT, capture_output=True, text=True, timeout=6 * 3600)
     if out.returncode != 0:
         raise RuntimeError(f"{lib} {dname} case failed:\n{out.stderr[-3000:]}")
@@ -162,7 +167,7 @@ def _torch_has_bf16_conv() -> bool:
     return bool(probe()) if probe is not None else True
 
 
-def write_sd15_files(folder: Path) -> tuple[Path, Path]:
+def write_sd15_files(folder: Path, diffusers_folder: bool = True) -> tuple[Path, Path]:
     """Full-size random SD1.5 in fp32: an original single file and a diffusers folder (built on the meta device
     and filled tensor by tensor, written, then freed: one copy of the weights at a time in this process)."""
     from fastdiff.io import sd_checkpoint as ck
@@ -192,7 +197,8 @@ def write_sd15_files(folder: Path) -> tuple[Path, Path]:
                              dict(ck.SD1_SCHEDULER_CONFIG))
     single = folder / "sd15_fp32.safetensors"
     ck.save_sd1_single_file(comps, single)
-    ck.save_sd1_diffusers(comps, folder / "sd15_fp32")
+    if diffusers_folder:
+        ck.save_sd1_diffusers(comps, folder / "sd15_fp32")
     del comps
     return single, folder / "sd15_fp32"
 
@@ -270,14 +276,14 @@ def stage_table(out: dict) -> str:
 
 
 if __name__ == "__main__":
-    # one case by hand: python benchmarks/bench_memory.py LIB PATH DTYPE STEPS [SIZE] [PACK] [TILE]
-    # (PATH "write:FOLDER" writes the random full-size SD1.5 files into FOLDER and prints their paths)
+    # one case by hand: python benchmarks/bench_memory.py LIB PATH DTYPE STEPS [SIZE] [PACK] [TILE] [PACK_AFTER]
+    # (LIB "write:FOLDER" writes the random full-size SD1.5 single file into FOLDER and prints its path)
     a = sys.argv[1:]
     if a[0].startswith("write:"):
-        print(write_sd15_files(Path(a[0][6:])))
+        print(write_sd15_files(Path(a[0][6:]), diffusers_folder=False)[0])
         sys.exit(0)
     res = run_case(a[0], Path(a[1]), a[2], int(a[3]), int(a[4]) if len(a) > 4 else SIZE,
-                   a[5] if len(a) > 5 else "on", int(a[6]) if len(a) > 6 else 0)
+                   a[5] if len(a) > 5 else "on", int(a[6]) if len(a) > 6 else 0, int(a[7]) if len(a) > 7 else 0)
     print(json.dumps(res))
     print(f"peak {_gib(res.get('peak', res['load_peak'])):.2f} GiB, load peak {_gib(res['load_peak']):.2f} GiB, "
           f"process base {_gib(res['base']):.2f} GiB, load {res['load_s']:.1f} s, txt2img {res.get('run_s', 0):.1f} s")

@@ -168,6 +168,10 @@ class PackedWeightMixin:
     def _fd_packer(self, *inputs: torch.Tensor | None) -> _Packer | None:
         """The packer for this call with these activations, or None (training, gradients, packing off): then
         the plain weight is back in place and no packed copy is held."""
+        if torch.compiler.is_compiling():
+            # traced code cannot hold opaque oneDNN tensors or swap a parameter's data (inductor prepacks
+            # weights by itself when freezing): the op gets the plain weight, which a traced call never frees
+            return None
         policy = self.pack_policy
         if policy not in PACK_POLICIES:
             raise ValueError(f"{type(self).__name__}.pack_policy must be one of {PACK_POLICIES}, got {policy!r}")
@@ -187,7 +191,7 @@ class PackedWeightMixin:
 
     # -------------------------------------------------------------------------------------------- torch hooks
     def __getattr__(self, name: str):
-        if name == "weight" and "_fd_dropped" in self.__dict__:
+        if name == "weight" and "_fd_dropped" in self.__dict__ and not torch.compiler.is_compiling():
             self._fd_restore(keep_pack=True)
         return super().__getattr__(name)
 
