@@ -21,25 +21,11 @@ identity for the residual. With ``silu`` and grad, SiLU is applied outside the F
 the pre-activation, which the fused op never materialises).
 
 The :class:`Conv2d` module is an ``nn.Conv2d`` (same arguments, defaults, parameters and state_dict) whose
-forward takes optional ``residual`` / ``silu``; in inference, for channels_last inputs, it caches the weight
-pre-packed in oneDNN's blocked layout, keyed on the weight's version counter, storage, dtype and the input
-shape. Keep activations channels_last for speed: oneDNN reads and writes that layout directly, whereas NCHW
-tensors are reordered to a blocked layout and back around every convolution.
-
-Why the packed weight is cached although it is a second copy (this and :class:`fastdiff.ops.linear.Linear`'s
-cache decide it; measured on full-size random SD1.5 in bf16 on a 2-core AVX2-only CPU, where bf16 math runs in
-fp32 so the packed copy is fp32, twice the bf16 weight; the machine was shared, load average 4-10):
-
-* time: one guided UNet step at 256x256 (batch 2), cache and no cache interleaved in one process, best of 4:
-  19.9 s cached vs 52.8 s uncached (2.66x); packing the whole UNet once took 17.5 s of convolution reorders and
-  4.4 s of linear reorders plus 11.4 s of bf16 -> fp32 conversion. Without the cache every step pays that.
-* memory: a whole 512x512 txt2img (benchmarks/bench_memory.py, 2 steps) peaked at 7.53 GiB resident with the
-  cache and 3.88 GiB without it (weights alone: 2.68 GiB resident after loading); the run took 442 s vs 426 s,
-  since with 2 steps the first step packs anyway.
-
-So the cache stays (a 20-step run would pay the packing 20 times), at the cost of the packed copy; letting the
-packed weight replace the plain one (restored on ``state_dict``, ``train()``, ``.to()`` or any direct read of
-``weight``) is the way to have both, on CPUs whose packed dtype is the weight's dtype.
+forward takes optional ``residual`` / ``silu``. In inference, for channels_last inputs, the weight pre-packed in
+oneDNN's blocked layout (for the math dtype and the input shape) replaces the plain one; every read of the
+weight gets the plain values back (:mod:`fastdiff.ops._packed`, which also gives the measured time and memory).
+Keep activations channels_last for speed: oneDNN reads and writes that layout directly, whereas NCHW tensors are
+reordered to a blocked layout and back around every convolution.
 """
 from __future__ import annotations
 

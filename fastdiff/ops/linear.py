@@ -18,8 +18,8 @@ Autograd: the oneDNN op has no derivative; with grad the matmul + bias + residua
 outside it so autograd differentiates it from the saved pre-activation.
 
 The :class:`Linear` module is an ``nn.Linear`` (same arguments, defaults, parameters and state_dict); in
-inference it caches the weight pre-packed for oneDNN, keyed on the weight's version, storage and dtype (why it
-is cached although it is a second copy, with the measurements: :mod:`fastdiff.ops.conv`).
+inference the weight pre-packed for oneDNN replaces the plain one, and every read of the weight gets the plain
+values back (:mod:`fastdiff.ops._packed`, with the measured time and memory).
 """
 from __future__ import annotations
 
