@@ -23,6 +23,13 @@ Each row of the summary: case, peak GiB of fastdiff / of the baseline in ``peak 
 run in the time columns (ratio = baseline time / fastdiff time); the lines printed with ``-s`` add the load-only
 peak, the resident set after loading and the ratio of the peaks.
 
+By hand, one case with its stages: ``python benchmarks/bench_memory.py fastdiff FILE bf16 2 512 on`` (arguments:
+LIB PATH DTYPE STEPS [SIZE] [PACK: on = replace, cache, off] [VAE TILE px] [PACK_AFTER]); it prints, per stage
+(load, encode, each of the first denoising steps, decode), the peak and final resident set and what the UNet, the
+text encoder and the VAE hold as plain weights and as packed copies. ``python benchmarks/bench_memory.py
+write:FOLDER`` writes the random full-size single file. With the default ``pack_after`` (2) the UNet packs during
+step 2, so 2 steps reach the peak of 20: later steps reuse the same buffers.
+
 Measured (2-core AMD EPYC Zen 3, AVX2 only: bf16 math runs in fp32, so packed weights are fp32; 2 steps; the
 machine was shared, so the times are not comparable), peak resident GiB:
 
@@ -30,9 +37,26 @@ machine was shared, so the times are not comparable), peak resident GiB:
 |---|---|---|
 | fastdiff bf16, single file, reading the whole file first (before streaming) | 6.65 | - |
 | fastdiff bf16, diffusers folder, before streaming | 5.31 | - |
-| fastdiff bf16, single file / folder, streaming | 2.69 / 2.68 | 7.53 (packed cache) / 3.88 (cache off) |
-| fastdiff fp32, single file, streaming | 4.67 | 8.12 |
+| fastdiff bf16, single file / folder, streaming, packed copy beside the plain weight | 2.69 / 2.68 | 7.53 |
+| fastdiff bf16, single file, streaming, packing off | 2.69 | 3.88 |
+| fastdiff bf16, single file, streaming, packed copy replacing the plain weight | 2.69 | 5.97 |
+| fastdiff fp32, single file, streaming (packed copy beside the plain weight) | 4.67 | 8.12 |
 | diffusers bf16 / fp32, folder | 6.04 / 0.88 (weights mapped, read at first use) | not run / 5.74 |
+
+The stages of the "replacing" row (GiB; plain / packed bytes of each component at the end of the stage; the last
+column is the peak less the weights and the process after its imports, 0.50 GiB: activations, buffers, heap):
+
+| stage | peak | end | UNet | text encoder | VAE | peak - weights - base |
+|---|---|---|---|---|---|---|
+| load | 2.69 | 2.68 | 1.60 / 0 | 0.23 / 0 | 0.16 / 0 | 0.20 |
+| encode (prompt, negative prompt) | 3.13 | 3.13 | 1.60 / 0 | 0.07 / 0.32 | 0.16 / 0 | 0.49 |
+| denoise step 1 (plain weights) | 3.68 | 3.44 | 1.60 / 0 | 0.07 / 0.32 | 0.16 / 0 | 1.04 |
+| denoise step 2 (packs the UNet) | 5.22 | 5.09 | 0.05 / 3.10 | 0.07 / 0.32 | 0.16 / 0 | 1.02 |
+| decode (512x512, one tile) | 5.97 | 5.12 | 0.05 / 3.10 | 0.07 / 0.32 | 0.16 / 0 | 1.78 |
+
+The peak is the VAE decode, with the UNet's packed copies still resident: on this CPU they are fp32, twice the
+bf16 weights (3.10 GiB for 1.60). Where bf16 math is native (AVX512-BF16 / AMX) the packed copy is bf16 and
+replacing costs no memory.
 """
 from __future__ import annotations
 

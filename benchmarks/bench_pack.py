@@ -46,6 +46,21 @@ def random_unet(dtype: torch.dtype):
     return m.eval()
 
 
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def measure(size: int = 256, dtype: torch.dtype = torch.bfloat16, rounds: int = 2, log=print) -> dict:
     from fastdiff.ops import Conv2d, Linear
     from fastdiff.ops._packed import packed_bytes
@@ -80,12 +95,17 @@ def measure(size: int = 256, dtype: torch.dtype = torch.bfloat16, rounds: int = 
 
     plain = {n: m.weight.numel() * m.weight.element_size() for n, m in layers.items()}
     res = {"off": [], "replace": [], "pack_step": None}
+    rss = {"built": _rss()}
     for r in range(rounds):
         res["off"].append(step("off"))
         log(f"  off step {r}: {res['off'][-1][0]:.2f} s")
         if r == 0:
             res["pack_step"] = step("replace")  # packs every layer once
             log(f"  packing step: {res['pack_step'][0]:.2f} s")
+            rss["packed"] = _rss()
+            _malloc_trim()  # free heap pages the replaced plain weights left behind go back to the kernel
+            rss["packed, after malloc_trim"] = _rss()
+            log("  resident GiB: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in rss.items()))
             packed = {n: packed_bytes(m) for n, m in layers.items()}
         res["replace"].append(step("replace"))
         log(f"  packed step {r}: {res['replace'][-1][0]:.2f} s")
@@ -99,14 +119,15 @@ def measure(size: int = 256, dtype: torch.dtype = torch.bfloat16, rounds: int = 
         k["plain"] += plain[n]
         k["packed_b"] += packed[n]
     return dict(size=size, dtype=str(dtype), kinds=dict(rows), step_off=best["off"][0],
-                step_packed=best["replace"][0], pack_step=res["pack_step"][0])
+                step_packed=best["replace"][0], pack_step=res["pack_step"][0], rss=rss)
 
 
 def report(out: dict, log=print) -> None:
     gib = 2**30
     log(f"\nSD1.5 UNet guided step {out['size']}x{out['size']} (batch 2) {out['dtype']}: "
         f"pack_policy off {out['step_off']:.2f} s, packed {out['step_packed']:.2f} s "
-        f"({out['step_off'] / out['step_packed']:.2f}x); the step that packs: {out['pack_step']:.2f} s")
+        f"({out['step_off'] / out['step_packed']:.2f}x); the step that packs: {out['pack_step']:.2f} s; resident GiB: "
+        + ", ".join(f"{k} {v / gib:.2f}" for k, v in out["rss"].items()))
     log("| kind | layers | time/step off | packed | saved | plain GiB | packed GiB | s saved per step per GiB |")
     log("|---|---|---|---|---|---|---|---|")
     for kind, k in sorted(out["kinds"].items()):
