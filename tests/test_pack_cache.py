@@ -68,6 +68,7 @@ def _is_replaced(m) -> bool:
 @pytest.mark.parametrize("kind,kw,shape", list(_layers()))
 def test_packed_replaces_plain_with_the_same_output(kind, kw, shape, dtype, math):
     ours, theirs, x = _build(kind, kw, shape, dtype)
+    ours.pack_wider = True  # Linear's default leaves a bf16 weight with fp32 math unpacked (test_linear_pack_wider)
     plain = ours.weight.detach().clone()
     with torch.no_grad(), ops.use_backend("cpu"), settings.override(cpu_bf16_math=math):
         first = ours(x)  # plain weight, converted and reordered inside the call
@@ -100,6 +101,8 @@ def test_packed_replaces_plain_with_the_same_output(kind, kw, shape, dtype, math
 def test_every_way_of_reading_the_weight_restores_it(kind, kw, shape):
     ours, theirs, x = _build(kind, kw, shape, torch.bfloat16)
     plain = ours.weight.detach().clone()
+
+    ours.pack_wider = True
 
     def packed(m):
         with torch.no_grad(), ops.use_backend("cpu"):
@@ -146,6 +149,7 @@ def test_lora_style_reassignment_and_restore_are_exact():
     """What LoRA fusing does (adapters/lora.py): keep ``weight.data``, assign a fused tensor, later assign the kept
     base back; through a packed layer each step must compute with exactly the weight assigned."""
     ours, theirs, x = _build("linear", dict(in_features=64, out_features=64), (2, 50, 64), torch.bfloat16)
+    ours.pack_wider = True
     with torch.no_grad(), ops.use_backend("cpu"):
         base_out = [ours(x) for _ in range(3)][-1]
         assert _is_replaced(ours)
@@ -182,6 +186,7 @@ def test_another_input_shape_and_nchw_input():
 
 def test_autocast_keeps_the_plain_weight_and_matches_the_unpacked_call():
     ours, _, x = _build("linear", dict(in_features=64, out_features=256), (3, 64), torch.float32)
+    ours.pack_wider = True  # the bf16-cast weight computed in fp32 on CPUs without native bf16 math
     with torch.no_grad(), ops.use_backend("cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
         outs = [ours(x) for _ in range(3)]
     assert outs[0].dtype == torch.bfloat16 and "_fd_pack" in ours.__dict__ and not _is_replaced(ours)
@@ -199,3 +204,14 @@ def test_policies(policy):
     ours.pack_policy = "sometimes"
     with pytest.raises(ValueError, match="pack_policy must be one of"):
         ours(x)
+
+
+def test_linear_pack_wider():
+    """By default a Linear packs only when the packed copy has the weight's width: a bf16 weight computed in fp32
+    (CPUs without native bf16 math) stays plain and converts per call; an fp32 one is packed."""
+    for dtype, math in [(torch.bfloat16, "fp32"), (torch.float32, "fp32")] + [(torch.bfloat16, m) for m in MATHS[1:]]:
+        ours, theirs, x = _build("linear", dict(in_features=64, out_features=64), (2, 50, 64), dtype)
+        with torch.no_grad(), ops.use_backend("cpu"), settings.override(cpu_bf16_math=math):
+            outs = [ours(x) for _ in range(3)]
+        assert torch.equal(outs[0], outs[2])
+        assert _is_replaced(ours) == (dtype == torch.float32 or math == "native"), (dtype, math)

@@ -29,8 +29,27 @@ the packed weight):
 
 ``Conv2d.pack_policy`` / ``Linear.pack_policy`` (class attributes, or per instance) choose among ``"replace"``
 (the above), ``"cache"`` (keep the packed copy beside the plain weight, the memory of both) and ``"off"``
-(never pack: the per-call conversion and reorder every time). The measured time and memory of each are in
-benchmarks/bench_pack.py and benchmarks/bench_memory.py.
+(never pack: the per-call conversion and reorder every time). ``pack_wider`` (True for Conv2d, False for
+Linear) says whether to pack when the packed copy is wider than the weight (fp32 for bf16).
+
+Measured on full-size random SD1.5 in bf16 on a 2-core AVX2-only CPU (bf16 math in fp32, so packed copies are
+fp32; load average 8-10 from other jobs, so take the ratios), one guided UNet step at 256x256, every layer timed in
+place (``python benchmarks/bench_pack.py 256``, best of 2 per layer):
+
+| kind | layers | s per step, plain weight | packed | saved | plain GiB | packed GiB | s saved per GiB packed |
+|---|---|---|---|---|---|---|---|
+| 3x3 convolutions | 52 | 28.95 | 10.07 | 18.88 | 1.008 | 2.015 | 9.4 |
+| 1x1 convolutions | 46 | 4.37 | 2.80 | 1.58 | 0.089 | 0.179 | 8.8 |
+| linears | 184 | 15.76 | 11.32 | 4.45 | 0.503 | 0.902 | 4.9 |
+
+The whole step: 56.7 s unpacked, 39.1 s packed (1.45x); the step that packs, 63.2 s. Linears buy half the time
+per byte of convolutions, hence ``Linear.pack_wider = False``: on such CPUs the UNet holds 2.19 GiB of packed
+convolutions and 0.50 GiB of bf16 linears instead of 3.10 GiB all packed (an estimate from this table: +4.5 s on
+that 56.7 s step, ~11%, less at 512x512 where the compute per weight byte is 4x). A whole 512x512 txt2img
+(benchmarks/bench_memory.py) peaked at 5.97 GiB with everything packed and replacing, against 7.53 GiB with the
+packed copies beside the plain weights and 3.88 GiB never packing; its peak is the VAE decode, with the UNet's
+packed copies resident. Where bf16 math is native (AVX512-BF16 / AMX) the packed copy is bf16, the same bytes as
+the plain weight, and every layer packs and replaces (not timed here: this CPU has no bf16 kernels).
 """
 from __future__ import annotations
 
@@ -97,6 +116,8 @@ class _Packer:
                 return dropped[2]
             m._fd_restore(keep_pack=False)  # another input shape or math dtype: back to plain, repack below
         weight = m._parameters["weight"]
+        if not m.pack_wider and math.itemsize > (self.cast or weight.dtype).itemsize:
+            return None  # the packed copy would be wider than the weight (fp32 for bf16): not worth it here
         try:
             full_key = key + (weight._version, weight.data_ptr())
         except RuntimeError:  # an inference tensor has no version counter: do not cache
@@ -150,6 +171,7 @@ class PackedWeightMixin:
     _fd_pack = None  # (key, packed weight) once packed; instances set it in their __dict__
     pack_policy: str = "replace"
     pack_after: int = 2  # calls with one key before the weight is packed (see the module docstring)
+    pack_wider: bool = True  # pack also when the packed copy is wider than the weight (fp32 for a bf16 weight)
 
     def _fd_key(self, math, hint) -> tuple:
         raise NotImplementedError
