@@ -23,6 +23,13 @@ Each row of the summary: case, peak GiB of fastdiff / of the baseline in ``peak 
 run in the time columns (ratio = baseline time / fastdiff time); the lines printed with ``-s`` add the load-only
 peak, the resident set after loading and the ratio of the peaks.
 
+By hand, one case with its stages: ``python benchmarks/bench_memory.py fastdiff FILE bf16 2 512 on`` (arguments:
+LIB PATH DTYPE STEPS [SIZE] [PACK: on = replace, cache, off] [VAE TILE px] [PACK_AFTER]); it prints, per stage
+(load, encode, each of the first denoising steps, decode), the peak and final resident set and what the UNet, the
+text encoder and the VAE hold as plain weights and as packed copies. ``python benchmarks/bench_memory.py
+write:FOLDER`` writes the random full-size single file. With the default ``pack_after`` (2) the UNet packs during
+step 2, so 2 steps reach the peak of 20: later steps reuse the same buffers.
+
 Measured (2-core AMD EPYC Zen 3, AVX2 only: bf16 math runs in fp32, so packed weights are fp32; 2 steps; the
 machine was shared, so the times are not comparable), peak resident GiB:
 
@@ -30,9 +37,26 @@ machine was shared, so the times are not comparable), peak resident GiB:
 |---|---|---|
 | fastdiff bf16, single file, reading the whole file first (before streaming) | 6.65 | - |
 | fastdiff bf16, diffusers folder, before streaming | 5.31 | - |
-| fastdiff bf16, single file / folder, streaming | 2.69 / 2.68 | 7.53 (packed cache) / 3.88 (cache off) |
-| fastdiff fp32, single file, streaming | 4.67 | 8.12 |
+| fastdiff bf16, single file / folder, streaming, packed copy beside the plain weight | 2.69 / 2.68 | 7.53 |
+| fastdiff bf16, single file, streaming, packing off | 2.69 | 3.88 |
+| fastdiff bf16, single file, streaming, packed copy replacing the plain weight | 2.69 | 5.97 |
+| fastdiff fp32, single file, streaming (packed copy beside the plain weight) | 4.67 | 8.12 |
 | diffusers bf16 / fp32, folder | 6.04 / 0.88 (weights mapped, read at first use) | not run / 5.74 |
+
+The stages of the "replacing" row (GiB; plain / packed bytes of each component at the end of the stage; the last
+column is the peak less the weights and the process after its imports, 0.50 GiB: activations, buffers, heap):
+
+| stage | peak | end | UNet | text encoder | VAE | peak - weights - base |
+|---|---|---|---|---|---|---|
+| load | 2.69 | 2.68 | 1.60 / 0 | 0.23 / 0 | 0.16 / 0 | 0.20 |
+| encode (prompt, negative prompt) | 3.13 | 3.13 | 1.60 / 0 | 0.07 / 0.32 | 0.16 / 0 | 0.49 |
+| denoise step 1 (plain weights) | 3.68 | 3.44 | 1.60 / 0 | 0.07 / 0.32 | 0.16 / 0 | 1.04 |
+| denoise step 2 (packs the UNet) | 5.22 | 5.09 | 0.05 / 3.10 | 0.07 / 0.32 | 0.16 / 0 | 1.02 |
+| decode (512x512, one tile) | 5.97 | 5.12 | 0.05 / 3.10 | 0.07 / 0.32 | 0.16 / 0 | 1.78 |
+
+The peak is the VAE decode, with the UNet's packed copies still resident: on this CPU they are fp32, twice the
+bf16 weights (3.10 GiB for 1.60). Where bf16 math is native (AVX512-BF16 / AMX) the packed copy is bf16 and
+replacing costs no memory.
 """
 from __future__ import annotations
 
@@ -59,8 +83,8 @@ PROMPT = "a photo of an astronaut riding a horse on mars"
 # The child process: one case, fresh. Prints one JSON line with bytes and seconds.
 _CHILD = textwrap.dedent("""
     import json, sys, time
-    lib, path, dname, steps, size, pack = sys.argv[1:7]
-    steps, size = int(steps), int(size)
+    lib, path, dname, steps, size, pack, tile, pack_after = sys.argv[1:9]
+    steps, size, tile, pack_after = int(steps), int(size), int(tile), int(pack_after)
     import torch
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -69,40 +93,93 @@ _CHILD = textwrap.dedent("""
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
 
+    def reset_peak():  # VmHWM restarts from the current resident set (Linux: clear_refs 5)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
     if lib == "fastdiff":
         import fastdiff
-        if pack == "off":
-            from fastdiff.ops.conv import Conv2d
-            from fastdiff.ops.linear import Linear
-            Conv2d._packer = Linear._packer = lambda self: None
+        from fastdiff.ops.conv import Conv2d
+        from fastdiff.ops.linear import Linear
+        Conv2d.pack_policy = Linear.pack_policy = {"on": "replace"}.get(pack, pack)
+        if pack_after:
+            Conv2d.pack_after = Linear.pack_after = pack_after
     else:
         import diffusers
     out = {"base": status("VmRSS")}
     t0 = time.perf_counter()
     if lib == "fastdiff":
         pipe = fastdiff.load_pipeline(path, dtype=dtype)
+        if tile:
+            pipe.enable_vae_tiling(tile)
         run = lambda: pipe.txt2img(PROMPT, steps=steps, sampler="ddim", seed=0, height=size, width=size)
     else:
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        if tile:
+            pipe.vae.enable_tiling()
         run = lambda: pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                            height=size, width=size, output_type="pt").images
     out.update(load_s=time.perf_counter() - t0, load_peak=status("VmHWM"), after_load=status("VmRSS"))
+
+    # Stages (fastdiff): a forward pre-hook on each component closes the previous stage, recording its peak
+    # resident set, the resident set at its end and what each component then holds (plain weights, packed copies).
+    stages, state = [], {"stage": "load", "unet_calls": 0, "t": time.perf_counter()}
+    if lib == "fastdiff":
+        from fastdiff.ops._packed import packed_bytes, plain_bytes
+        comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+
+        def close(next_stage):
+            rec = {"stage": state["stage"], "peak": status("VmHWM"), "end": status("VmRSS"),
+                   "s": time.perf_counter() - state["t"]}
+            for k, m in comps.items():
+                rec[k] = [plain_bytes(m), packed_bytes(m)]
+            stages.append(rec)
+            state.update(stage=next_stage, t=time.perf_counter())
+            reset_peak()
+
+        def enter(name):
+            def hook(mod, args):
+                if name == "denoise":
+                    state["unet_calls"] += 1
+                    if state["unet_calls"] <= 3:  # each of the first steps its own stage (packing happens there)
+                        return close(f"denoise step {state['unet_calls']}")
+                    if state["stage"] != "denoise rest":
+                        return close("denoise rest")
+                elif state["stage"] != name:
+                    close(name)
+            return hook
+        pipe.text_encoder.register_forward_pre_hook(enter("encode"))
+        pipe.unet.register_forward_pre_hook(enter("denoise"))
+        pipe.vae.decoder.register_forward_pre_hook(enter("decode"))
+        pipe.vae.post_quant_conv.register_forward_pre_hook(enter("decode"))
+        close("after load")
     if steps > 0:
         t0 = time.perf_counter()
         with torch.no_grad():
             img = run()
         assert torch.isfinite(img).all()
-        out.update(run_s=time.perf_counter() - t0, peak=status("VmHWM"), end=status("VmRSS"))
+        if lib == "fastdiff":
+            close("end")
+        out.update(run_s=time.perf_counter() - t0, peak=max([status("VmHWM")] + [r["peak"] for r in stages]),
+                   end=status("VmRSS"), stages=stages)
     print(json.dumps(out))
 """).replace("PROMPT", repr(PROMPT))
 
 
-def run_case(lib: str, path: Path, dname: str, steps: int, size: int = SIZE, pack: str = "on") -> dict:
-    """One case in a fresh process (cwd: this checkout, so it imports this tree's fastdiff)."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, lib, str(path), dname, str(steps), str(size), pack],
+def run_case(lib: str, path: Path, dname: str, steps: int, size: int = SIZE, pack: str = "on", tile: int = 0,
+             pack_after: int = 0) -> dict:
+    """One case in a fresh process (cwd: this checkout, so it imports this tree's fastdiff). ``pack``: the
+    Conv2d/Linear ``pack_policy`` ("on" = the default "replace", "cache", "off"); ``tile``: VAE tiling (pixels);
+    ``pack_after``: their ``pack_after`` (0: the default)."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, lib, str(path), dname, str(steps), str(size), pack, str(tile),
+                          str(pack_after)],
                          cwd=ROOT, capture_output=True, text=True, timeout=6 * 3600)
     if out.returncode != 0:
         raise RuntimeError(f"{lib} {dname} case failed:\n{out.stderr[-3000:]}")
@@ -114,7 +191,7 @@ def _torch_has_bf16_conv() -> bool:
     return bool(probe()) if probe is not None else True
 
 
-def write_sd15_files(folder: Path) -> tuple[Path, Path]:
+def write_sd15_files(folder: Path, diffusers_folder: bool = True) -> tuple[Path, Path]:
     """Full-size random SD1.5 in fp32: an original single file and a diffusers folder (built on the meta device
     and filled tensor by tensor, written, then freed: one copy of the weights at a time in this process)."""
     from fastdiff.io import sd_checkpoint as ck
@@ -144,7 +221,8 @@ def write_sd15_files(folder: Path) -> tuple[Path, Path]:
                              dict(ck.SD1_SCHEDULER_CONFIG))
     single = folder / "sd15_fp32.safetensors"
     ck.save_sd1_single_file(comps, single)
-    ck.save_sd1_diffusers(comps, folder / "sd15_fp32")
+    if diffusers_folder:
+        ck.save_sd1_diffusers(comps, folder / "sd15_fp32")
     del comps
     return single, folder / "sd15_fp32"
 
@@ -209,7 +287,28 @@ def test_txt2img_peak_memory(benchmark, sd15_files, case):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
-if __name__ == "__main__":  # one case by hand: python benchmarks/bench_memory.py LIB PATH DTYPE STEPS [SIZE] [PACK]
+def stage_table(out: dict) -> str:
+    """The per-stage lines of a fastdiff case: peak and end resident set, and what each component holds."""
+    lines = ["| stage | s | peak GiB | end GiB | UNet plain / packed | text encoder plain / packed | "
+             "VAE plain / packed | peak - weights - process base |", "|---|---|---|---|---|---|---|---|"]
+    for r in out.get("stages", []):
+        w = sum(sum(r[k]) for k in ("unet", "text_encoder", "vae"))
+        comp = " | ".join(f"{_gib(r[k][0]):.2f} / {_gib(r[k][1]):.2f}" for k in ("unet", "text_encoder", "vae"))
+        lines.append(f"| {r['stage']} | {r['s']:.1f} | {_gib(r['peak']):.2f} | {_gib(r['end']):.2f} | {comp} | "
+                     f"{_gib(r['peak'] - w - out['base']):.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # one case by hand: python benchmarks/bench_memory.py LIB PATH DTYPE STEPS [SIZE] [PACK] [TILE] [PACK_AFTER]
+    # (LIB "write:FOLDER" writes the random full-size SD1.5 single file into FOLDER and prints its path)
     a = sys.argv[1:]
-    print(json.dumps(run_case(a[0], Path(a[1]), a[2], int(a[3]), int(a[4]) if len(a) > 4 else SIZE,
-                              a[5] if len(a) > 5 else "on")))
+    if a[0].startswith("write:"):
+        print(write_sd15_files(Path(a[0][6:]), diffusers_folder=False)[0])
+        sys.exit(0)
+    res = run_case(a[0], Path(a[1]), a[2], int(a[3]), int(a[4]) if len(a) > 4 else SIZE,
+                   a[5] if len(a) > 5 else "on", int(a[6]) if len(a) > 6 else 0, int(a[7]) if len(a) > 7 else 0)
+    print(json.dumps(res))
+    print(f"peak {_gib(res.get('peak', res['load_peak'])):.2f} GiB, load peak {_gib(res['load_peak']):.2f} GiB, "
+          f"process base {_gib(res['base']):.2f} GiB, load {res['load_s']:.1f} s, txt2img {res.get('run_s', 0):.1f} s")
+    print(stage_table(res))

@@ -226,6 +226,7 @@ def test_module_packed_weight_cache():
     # forced: automatic choice leaves a plain fp32 convolution to eager F.conv2d (no packed weight then)
     with torch.no_grad(), ops.use_backend("cpu" if HAS_CPU else None):
         torch.testing.assert_close(ours(x), theirs(x))
+        torch.testing.assert_close(ours(x), theirs(x))  # the second call with one shape packs
         if HAS_CPU:
             assert ours._fd_pack is not None  # inference, channels_last: the packed weight is cached
         for update in (lambda m: m.weight.mul_(-2.0),

@@ -175,6 +175,7 @@ def test_module_is_a_drop_in_and_cache():
     # forced: automatic choice leaves matmuls this small to eager F.linear (no packed weight then)
     with torch.no_grad(), ops.use_backend("cpu" if HAS_CPU else None):
         torch.testing.assert_close(ours(x), theirs(x))
+        torch.testing.assert_close(ours(x), theirs(x))  # the second call packs
         if HAS_CPU:
             assert ours._fd_pack is not None
         for rows in (1, 7, 300):  # one packed weight serves every token count

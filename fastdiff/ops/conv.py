@@ -21,25 +21,11 @@ identity for the residual. With ``silu`` and grad, SiLU is applied outside the F
 the pre-activation, which the fused op never materialises).
 
 The :class:`Conv2d` module is an ``nn.Conv2d`` (same arguments, defaults, parameters and state_dict) whose
-forward takes optional ``residual`` / ``silu``; in inference, for channels_last inputs, it caches the weight
-pre-packed in oneDNN's blocked layout, keyed on the weight's version counter, storage, dtype and the input
-shape. Keep activations channels_last for speed: oneDNN reads and writes that layout directly, whereas NCHW
-tensors are reordered to a blocked layout and back around every convolution.
-
-Why the packed weight is cached although it is a second copy (this and :class:`fastdiff.ops.linear.Linear`'s
-cache decide it; measured on full-size random SD1.5 in bf16 on a 2-core AVX2-only CPU, where bf16 math runs in
-fp32 so the packed copy is fp32, twice the bf16 weight; the machine was shared, load average 4-10):
-
-* time: one guided UNet step at 256x256 (batch 2), cache and no cache interleaved in one process, best of 4:
-  19.9 s cached vs 52.8 s uncached (2.66x); packing the whole UNet once took 17.5 s of convolution reorders and
-  4.4 s of linear reorders plus 11.4 s of bf16 -> fp32 conversion. Without the cache every step pays that.
-* memory: a whole 512x512 txt2img (benchmarks/bench_memory.py, 2 steps) peaked at 7.53 GiB resident with the
-  cache and 3.88 GiB without it (weights alone: 2.68 GiB resident after loading); the run took 442 s vs 426 s,
-  since with 2 steps the first step packs anyway.
-
-So the cache stays (a 20-step run would pay the packing 20 times), at the cost of the packed copy; letting the
-packed weight replace the plain one (restored on ``state_dict``, ``train()``, ``.to()`` or any direct read of
-``weight``) is the way to have both, on CPUs whose packed dtype is the weight's dtype.
+forward takes optional ``residual`` / ``silu``. In inference, for channels_last inputs, the weight pre-packed in
+oneDNN's blocked layout (for the math dtype and the input shape) replaces the plain one; every read of the
+weight gets the plain values back (:mod:`fastdiff.ops._packed`, which also gives the measured time and memory).
+Keep activations channels_last for speed: oneDNN reads and writes that layout directly, whereas NCHW tensors are
+reordered to a blocked layout and back around every convolution.
 """
 from __future__ import annotations
 
@@ -48,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops._onednn import autocast_cast, onednn_math_dtype, onednn_reasons
+from fastdiff.ops._packed import PackedWeightMixin, plain_weight
 from fastdiff.ops.registry import Op
 from fastdiff.ops.routing import train_ref_reason
 
@@ -103,7 +90,7 @@ def _onednn_forward(x, weight, bias, residual, stride, padding, dilation, groups
     # and the copy back to NCHW cost more than the weight reorder it saves (bench_conv_block.py).
     w = packer(math, xm.shape) if packer is not None and fmt == torch.channels_last else None
     if w is None:
-        w = weight.to(math)
+        w = plain_weight(weight, packer).to(math)
     bm = bias.to(math) if bias is not None else None
     if residual is not None:
         rm = residual.to(math).contiguous(memory_format=fmt)
@@ -158,7 +145,7 @@ def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
 
 def _conv2d_cpu(x, weight, bias, stride, padding, dilation, groups, residual, silu, packer):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        y = _Conv2dFn.apply(x, weight, bias, residual, stride, padding, dilation, groups)
+        y = _Conv2dFn.apply(x, plain_weight(weight, packer), bias, residual, stride, padding, dilation, groups)
         return F.silu(y) if silu else y
     return _onednn_forward(x, weight, bias, residual, stride, padding, dilation, groups, silu, packer)
 
@@ -191,7 +178,8 @@ def _cpu_slower(x, weight, bias, stride, padding, dilation, groups, residual, si
 
 
 def _conv2d_ref_impl(x, weight, bias, stride, padding, dilation, groups, residual, silu, packer):
-    return conv2d_ref(x, weight, bias, stride, padding, dilation, groups, residual=residual, silu=silu)
+    return conv2d_ref(x, plain_weight(weight, packer), bias, stride, padding, dilation, groups, residual=residual,
+                      silu=silu)
 
 
 _op.register("ref")(_conv2d_ref_impl)
@@ -276,39 +264,23 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, r
     return _conv2d(x, weight, bias, stride, padding, dilation, groups, residual=residual, silu=silu)
 
 
-class Conv2d(nn.Conv2d):
+class Conv2d(PackedWeightMixin, nn.Conv2d):
     """Drop-in ``nn.Conv2d`` (same arguments, defaults, parameter names and state_dict) on :func:`conv2d`.
 
-    ``forward(input, residual=None, silu=False)``: the extra arguments fuse the skip add / SiLU. When the
-    module is in eval mode and the weight needs no grad, the weight pre-packed for oneDNN (in the math dtype,
-    for the input shape) is cached; the cache is keyed on the weight's version counter and storage, so an
-    in-place update, ``load_state_dict`` or ``.to()`` invalidates it.
+    ``forward(input, residual=None, silu=False)``: the extra arguments fuse the skip add / SiLU. In inference
+    (eval mode, no grad wanted) with channels_last input, the weight pre-packed for oneDNN (in the math dtype,
+    for the input shape) replaces the plain one after its second call with one shape; reading ``weight``,
+    ``state_dict``, ``.to()``, ``train()`` put the plain weight back exactly (:mod:`fastdiff.ops._packed`;
+    ``pack_policy`` chooses ``"replace"``, ``"cache"`` or ``"off"``).
     """
 
-    _fd_pack = None
+    def _fd_key(self, math, x_shape) -> tuple:
+        return (math, tuple(x_shape), self.stride, self.padding, self.dilation, self.groups)
 
-    def _packer(self):
-        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
-            return None
-        weight = self.weight
-        try:
-            version = weight._version
-        except RuntimeError:  # an inference tensor has no version counter: do not cache
-            return None
-
-        def pack(math: torch.dtype, x_shape) -> torch.Tensor | None:
-            key = (version, weight.data_ptr(), weight.dtype, math, tuple(x_shape), self.stride, self.padding,
-                   self.dilation, self.groups)
-            cached = self._fd_pack
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                weight.detach().to(math).contiguous().to_mkldnn(), list(self._fd_padding()), list(self.stride),
-                list(self.dilation), self.groups, list(x_shape))
-            self.__dict__["_fd_pack"] = (key, packed)
-            return packed
-
-        return pack
+    def _fd_make_pack(self, weight, math, x_shape):
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to(math).contiguous().to_mkldnn(), list(self._fd_padding()), list(self.stride),
+            list(self.dilation), self.groups, list(x_shape))
 
     def _fd_padding(self):
         return (0, 0) if self.padding_mode != "zeros" or isinstance(self.padding, str) else self.padding
@@ -319,13 +291,10 @@ class Conv2d(nn.Conv2d):
             padding = (0, 0)
         else:
             padding = self.padding
-        packer = self._packer() if not isinstance(padding, str) else None
-        return _conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+        packer = self._fd_packer(input, residual) if not isinstance(padding, str) else None
+        if packer is None:
+            self._fd_restore(keep_pack=False)
+        # the parameter itself (a placeholder while packed: the op asks the packer for the values it needs)
+        weight = self._parameters["weight"]
+        return _conv2d(input, weight, self.bias, self.stride, padding, self.dilation, self.groups,
                        residual=residual, silu=silu, packer=packer)
-
-    def __getstate__(self):
-        # The packed weight is an opaque oneDNN tensor: never pickle or deep-copy it (it is rebuilt on demand).
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_fd_pack", None)
-        return state

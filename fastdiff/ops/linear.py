@@ -18,8 +18,8 @@ Autograd: the oneDNN op has no derivative; with grad the matmul + bias + residua
 outside it so autograd differentiates it from the saved pre-activation.
 
 The :class:`Linear` module is an ``nn.Linear`` (same arguments, defaults, parameters and state_dict); in
-inference it caches the weight pre-packed for oneDNN, keyed on the weight's version, storage and dtype (why it
-is cached although it is a second copy, with the measurements: :mod:`fastdiff.ops.conv`).
+inference the weight pre-packed for oneDNN replaces the plain one, and every read of the weight gets the plain
+values back (:mod:`fastdiff.ops._packed`, with the measured time and memory).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops._onednn import autocast_cast, onednn_math_dtype, onednn_reasons
+from fastdiff.ops._packed import PackedWeightMixin, plain_weight
 from fastdiff.ops.registry import Op
 from fastdiff.ops.routing import current_route, train_ref_reason
 
@@ -68,7 +69,7 @@ def _onednn_forward(x, weight, bias, residual, activation, packer=None):
         xm = xm.contiguous()
     w = packer(math, xm.numel() // xm.shape[-1]) if packer is not None else None
     if w is None:
-        w = weight.to(math)
+        w = plain_weight(weight, packer).to(math)
     bm = bias.to(math) if bias is not None else None
     if residual is not None:
         y = torch.ops.mkldnn._linear_pointwise.binary(xm, residual.to(math).contiguous(), w, bm, "add")
@@ -113,7 +114,7 @@ class _LinearFn(torch.autograd.Function):
 
 def _linear_cpu(x, weight, bias, activation, residual, packer):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        y = _LinearFn.apply(x, weight, bias, residual)
+        y = _LinearFn.apply(x, plain_weight(weight, packer), bias, residual)
         return _ACT[activation][2](y) if activation is not None else y
     return _onednn_forward(x, weight, bias, residual, activation, packer)
 
@@ -148,7 +149,7 @@ def _cpu_slower(x, weight, bias, activation, residual, packer):
 
 
 def _linear_ref_impl(x, weight, bias, activation, residual, packer):
-    return linear_ref(x, weight, bias, activation=activation, residual=residual)
+    return linear_ref(x, plain_weight(weight, packer), bias, activation=activation, residual=residual)
 
 
 _op.register("ref")(_linear_ref_impl)
@@ -196,45 +197,30 @@ def linear(x, weight, bias=None, *, activation=None, residual=None):
     return _linear(x, weight, bias, activation=activation, residual=residual)
 
 
-class Linear(nn.Linear):
+class Linear(PackedWeightMixin, nn.Linear):
     """Drop-in ``nn.Linear`` (same arguments, defaults, parameter names and state_dict) on :func:`linear`.
 
-    ``forward(input, activation=None, residual=None)``. In eval mode, when the weight needs no grad, the
-    weight pre-packed for oneDNN is cached (keyed on its version counter, storage and dtype, so in-place
-    updates, ``load_state_dict`` and ``.to()`` invalidate it).
+    ``forward(input, activation=None, residual=None)``. In inference (eval mode, no grad wanted) the weight
+    pre-packed for oneDNN replaces the plain one after its second call; reading ``weight``, ``state_dict``,
+    ``.to()``, ``train()`` put the plain weight back exactly (:mod:`fastdiff.ops._packed`; ``pack_policy``
+    chooses ``"replace"``, ``"cache"`` or ``"off"``).
     """
 
-    _fd_pack = None
+    # Where bf16 math runs in fp32 the packed copy of a bf16 weight is fp32, twice its size; for linears that
+    # bought the least time per byte (SD1.5 UNet, 256x256 bf16 step on an AVX2 CPU: 4.5 s of 56.7 s saved for
+    # 0.90 GiB of packed copies, vs 18.9 s for 2.0 GiB of 3x3 convolutions; fastdiff.ops._packed), so such
+    # linears convert per call. Where bf16 math is native the packed copy is bf16 and replaces the plain weight.
+    pack_wider = False
 
-    def _packer(self):
-        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
-            return None
-        weight = self.weight
-        try:
-            version = weight._version
-        except RuntimeError:  # inference tensors have no version counter: do not cache
-            return None
+    def _fd_key(self, math, rows) -> tuple:
+        # The packed layout oneDNN picks for one batch size is valid for every batch size; the row count only
+        # tunes the blocking, so one packed weight serves all token counts.
+        return (math,)
 
-        def pack(math: torch.dtype, rows: int) -> torch.Tensor | None:
-            key = (version, weight.data_ptr(), weight.dtype, math)
-            cached = self._fd_pack
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            # The packed layout oneDNN picks for one batch size is valid for every batch size; the hint
-            # only tunes the blocking, so one cache entry serves all token counts.
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(math).contiguous(), max(rows, 1))
-            self.__dict__["_fd_pack"] = (key, packed)
-            return packed
-
-        return pack
+    def _fd_make_pack(self, weight, math, rows):
+        return torch.ops.mkldnn._reorder_linear_weight(weight.to(math).contiguous(), max(rows, 1))
 
     def forward(self, input: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None):
-        return _linear(input, self.weight, self.bias, activation=activation, residual=residual,
-                       packer=self._packer())
-
-    def __getstate__(self):
-        # The packed weight is an opaque oneDNN tensor: never pickle or deep-copy it (rebuilt on demand).
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state.pop("_fd_pack", None)
-        return state
-
+        packer = self._fd_packer(input, residual)
+        return _linear(input, self._parameters["weight"], self.bias, activation=activation, residual=residual,
+                       packer=packer)
