@@ -215,3 +215,31 @@ def test_linear_pack_wider():
             outs = [ours(x) for _ in range(3)]
         assert torch.equal(outs[0], outs[2])
         assert _is_replaced(ours) == (dtype == torch.float32 or math == "native"), (dtype, math)
+
+
+def test_ema_update_after_packed_sampling():
+    """The trainer samples its EMA model in eval mode (which replaces weights by packed copies), then writes the EMA
+    parameters in place: restore_plain_weights gives back the exact weights, and the multi-tensor EMA lerp then
+    equals the same lerp on a model that never packed (without the restore, the lerp writes into a placeholder)."""
+    from fastdiff.models.unet2d import PRESETS, UNet2D
+    from fastdiff.train.trainer import ema_update_
+
+    torch.manual_seed(0)
+    model = UNet2D(PRESETS["tiny"])
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    never = copy.deepcopy(ema)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([3, 700]), torch.tensor([1, 4])
+        for _ in range(3):
+            ema(x, t, y)
+    assert packed_bytes(ema) > 0, "nothing packed: the test would not exercise the replaced weights"
+    ops.restore_plain_weights(ema)
+    assert packed_bytes(ema) == 0
+    for a, b in zip(ema.state_dict().values(), never.state_dict().values()):
+        assert torch.equal(a, b)
+    ema_update_(ema.parameters(), model.parameters(), 0.9)
+    ema_update_(never.parameters(), model.parameters(), 0.9)
+    for a, b in zip(ema.parameters(), never.parameters()):
+        assert torch.equal(a, b)

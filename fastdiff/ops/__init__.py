@@ -15,6 +15,7 @@ from fastdiff.ops.timestep_embedding import timestep_embedding, timestep_embeddi
 from fastdiff.ops.attention import attention, attention_ref
 from fastdiff.ops.conv import Conv2d, conv2d, conv2d_ref
 from fastdiff.ops.linear import Linear, linear, linear_ref
+from fastdiff.ops._packed import restore_plain_weights
 
 __all__ = [
     "BackendUnavailable",
@@ -50,6 +51,7 @@ __all__ = [
     "Linear",
     "linear",
     "linear_ref",
+    "restore_plain_weights",
 ]
 
 from fastdiff.ops import _triton  # noqa: E402,F401  (triton backends of the ops above; keep last)

@@ -58,7 +58,7 @@ import functools
 
 import torch
 
-__all__ = ["PACK_POLICIES", "PackedWeightMixin", "packed_bytes", "plain_bytes", "plain_weight"]
+__all__ = ["PACK_POLICIES", "PackedWeightMixin", "packed_bytes", "plain_bytes", "plain_weight", "restore_plain_weights"]
 
 PACK_POLICIES = ("replace", "cache", "off")
 
@@ -277,6 +277,16 @@ class PackedWeightMixin:
         for k in ("_fd_pack", "_fd_seen", "_fd_dropped"):
             state.pop(k, None)
         return state
+
+
+def restore_plain_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """Put back the plain weight of every fastdiff layer in ``module`` that replaced it by a packed copy, and drop
+    the packed copies: call it before writing parameters in place through ``parameters()`` (an EMA update of a
+    model that was sampled in eval mode), which hands out the placeholders of replaced weights."""
+    for m in module.modules():
+        if isinstance(m, PackedWeightMixin):
+            m._fd_restore(keep_pack=False)
+    return module
 
 
 def packed_bytes(module: torch.nn.Module) -> int:

@@ -62,6 +62,7 @@ from fastdiff.io.run_checkpoint import (
 )
 from fastdiff.models import clip_text, unet_sd, vae as vae_models
 from fastdiff.models.unet2d import PRESETS, UNet2D, UNet2DConfig
+from fastdiff.ops import restore_plain_weights
 from fastdiff.samplers import Denoiser, make_schedule, sample_ddim, sample_flow_euler
 from fastdiff.samplers.schedules import FlowSchedule, NoiseSchedule
 from fastdiff.train.adapters import ADAPTER_KINDS, AdapterRun, check_adapter_config
@@ -589,6 +590,8 @@ class Trainer:
     def _update_ema(self):
         # EMA with the usual warm-up, d = min(decay, (1 + n) / (10 + n)), so early weights are not frozen in.
         d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        # sampling the EMA model in eval mode may have replaced its weights by packed copies: written in place here
+        restore_plain_weights(self.ema)
         ema_update_(self.ema.parameters(), self.model.parameters(), d)
         for be, bm in zip(self.ema.buffers(), self.model.buffers()):
             be.copy_(bm)
