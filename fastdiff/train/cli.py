@@ -9,10 +9,15 @@ resume a run folder.
     fastdiff train --run-dir runs/fashion32 --resume [--max-steps 30000]
     fastdiff train --plan --model cifar10_ddpm --precision bf16 [--gpu-memory 16] [--optimizer adamw8bit]
 
-``--plan`` (pixel UNet2D runs, and ``--kind lora`` in the SD1.5 configuration at ``--image-size``: see
-:mod:`fastdiff.train.adapter_plan`) prints the GPU memory the configuration needs (weights, gradients, optimizer state, EMA, measured
-activations per sample, with and without gradient checkpointing) and the largest batch that fits, then exits
-without running a step or writing anything (see :mod:`fastdiff.train.plan`).
+``--plan`` prints the GPU memory the configuration needs (weights, gradients, optimizer state, EMA, the frozen
+autoencoder of latent runs, measured activations per sample, with and without gradient checkpointing) and the
+largest batch that fits, for every model kind (see :mod:`fastdiff.train.plan`; ``--kind lora`` in the SD1.5
+configuration at ``--image-size``: :mod:`fastdiff.train.adapter_plan`), then exits without running a step or
+writing anything.
+
+Data-parallel: ``torchrun --nproc-per-node N -m fastdiff train ...`` (``--batch-size`` is the global micro-batch,
+split evenly over the N processes; see :mod:`fastdiff.train.distributed`). LoRA and ControlNet runs train in one
+process.
 
 On ``--resume`` the run's saved configuration is used; only scheduling options (max steps, logging, sampling,
 checkpoint interval, threads, device) may be changed. Standalone: ``python -m fastdiff.train.cli ...``.
@@ -57,7 +62,7 @@ _HELP = {
     "warmup_steps": "linear learning-rate warm-up steps",
     "weight_decay": "AdamW weight decay",
     "betas": "AdamW betas, two floats",
-    "optimizer": "adamw | adamw8bit (bitsandbytes)",
+    "optimizer": "adamw | adamw8bit (AdamW with block-wise 8-bit moments: ~2 bytes of state a parameter, not 8)",
     "grad_clip": "max gradient norm (0: off)",
     "ema_decay": "EMA decay of the weights used for sampling",
     "class_dropout": "probability of replacing the label by the null class / the caption by \"\" (for guidance)",
@@ -202,26 +207,32 @@ def _run_train(args: argparse.Namespace) -> int:
                         optimizer=cfg.optimizer, text_lora=cfg.lora_text_encoder, cache=cfg.cache,
                         batch_size=cfg.batch_size, gpu_memory_gb=args.gpu_memory).format())
         return 0
+    if args.plan and cfg.kind == "controlnet":
+        print("fastdiff train: --plan covers the diffusion, autoencoder and lora kinds, not --kind controlnet",
+              file=sys.stderr)
+        return 2
     if args.plan:
         from fastdiff.train.plan import plan
-
-        if cfg.kind != "diffusion" or cfg.conditioning != "class" or cfg.autoencoder:
-            print("fastdiff train: error: --plan measures pixel-space class-conditioned UNet2D runs only "
-                  f"(kind diffusion, conditioning class, no autoencoder); got kind {cfg.kind!r}, conditioning "
-                  f"{cfg.conditioning!r}{', autoencoder ' + repr(cfg.autoencoder) if cfg.autoencoder else ''}",
-                  file=sys.stderr)
-            return 2
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         print(plan(cfg, gpu_memory_gb=args.gpu_memory).format())
         return 0
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"fastdiff train: {Path(cfg.run_dir).resolve()}  step {trainer.step} -> {cfg.max_steps}  "
-          f"{cfg.kind} {cfg.base or cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
-          f"trained params)  data {cfg.data or cfg.dataset} "
-          f"({len(trainer.data)} images)  precision {cfg.precision}", flush=True)
-    trainer.run()
+    from fastdiff.train.distributed import teardown
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+        if trainer.dist.is_main:
+            procs = (f"  {trainer.dist.world_size} processes ({trainer.dist.backend}), "
+                     f"{cfg.batch_size // trainer.dist.world_size} images each a micro-batch"
+                     if trainer.dist.enabled else "")
+            print(f"fastdiff train: {Path(cfg.run_dir).resolve()}  step {trainer.step} -> {cfg.max_steps}  "
+                  f"{cfg.kind} {cfg.base or cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
+                  f"trained params)  data {cfg.data or cfg.dataset} ({len(trainer.data)} images)  "
+                  f"precision {cfg.precision}{procs}", flush=True)
+        trainer.run()
+    finally:
+        teardown()  # under torchrun: leave the process group
     return 0
 
 

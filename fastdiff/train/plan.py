@@ -1,19 +1,30 @@
 """Memory plan of a training configuration on the GPU it targets, worked out before any step runs.
 
     fastdiff train --plan --model cifar10_ddpm --precision bf16 [--gpu-memory 16] [--optimizer adamw8bit]
+    fastdiff train --plan --kind autoencoder --model fashion_f4
+    fastdiff train --plan --autoencoder runs/ae --conditioning text --model fashion_tiny_sd
     fastdiff.train.plan(TrainConfig(model="cifar10_ddpm"), gpu_memory_gb=16)
 
-What a training step holds on the device, P = number of parameters, B = micro-batch:
+Every model kind the trainer trains has a plan: a class-conditioned UNet2D (pixels or latents), a
+text-conditioned SD-layout UNet with its CLIP text encoder (pixels or latents), and a KL autoencoder.
+What a training step holds on the device, P = number of trained parameters, B = micro-batch:
 
     weights            4 P          fp32 master weights (autocast computes in bf16/fp16 from casts of them)
     gradients          4 P          fp32, one per parameter
     optimizer state    8 P          AdamW: exp_avg + exp_avg_sq in fp32
-                       ~2 P         8-bit AdamW (bitsandbytes): two uint8 states + one fp32 absmax per 256-value
-                                    block and state; tensors under 4,096 values keep fp32 states (8 bytes a value)
+                       ~2 P         8-bit AdamW (fastdiff.train.optim): two uint8 moments + one fp32 absmax per
+                                    256-value block and moment (2.03 bytes a value); tensors under 4,096 values
+                                    keep fp32 moments (8 bytes a value)
     optimizer step     4 P          AdamW's foreach step: one param-sized fp32 temporary (sqrt(v) / bias corr.)
+                       24 Pmax      8-bit AdamW: its step works one tensor at a time, with fp32 m, v, sqrt(v), the
+                                    normalised moment and int32 code indices of the largest tensor (Pmax values)
     EMA                4 P          the fp32 EMA copy used for sampling
+    frozen autoencoder 4 P_vae      latent diffusion: the autoencoder that decodes sample grids (fp32, no grads;
+                                    the cached latents stay in host memory)
     activations        A0 + a B     the saved-for-backward tensors of the forward pass (measured, see below)
-    batch tensors      5 x C H W x 4 B   x0, noise, x_t, target, output in fp32
+    batch tensors      diffusion: 5 x C H W x 4 B (x0, noise, x_t, target, output in fp32, C H W the latent's
+                       in latent runs) + 77 x 8 B token ids for captions; autoencoder: 3 x C H W x 4 B (input,
+                       fp32 reconstruction, error) + 2 x c h w x 4 B (noise, z at the latent size)
 
 Activations are measured, not guessed: the network runs one real forward pass on the CPU at two small batches
 (2 and 4) under the precision the configuration asks for, and :func:`torch.autograd.graph.saved_tensors_hooks`
@@ -41,7 +52,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastdiff.models import clip_text, unet_sd, vae as vae_models
 from fastdiff.models.unet2d import UNet2D, UNet2DConfig, _Checkpointable
+from fastdiff.train.captions import CaptionTable, TextConditionedUNet
+from fastdiff.train.optim import state_bytes as _adamw8bit_state_bytes
 
 __all__ = ["MemoryPlan", "ActivationBytes", "plan", "measure_activations", "optimizer_state_bytes",
            "reserve_bytes", "GiB"]
@@ -49,12 +63,6 @@ __all__ = ["MemoryPlan", "ActivationBytes", "plan", "measure_activations", "opti
 GiB = 1024 ** 3
 _RESERVE_FIXED = 1 * GiB
 _RESERVE_FRACTION = 0.10
-# bitsandbytes' 8-bit optimizers: blockwise quantisation in blocks of 256 values, one fp32 absmax per block and
-# state; tensors with fewer than ``min_8bit_size`` (4096) values keep two fp32 states; two 256-entry fp32
-# quantisation maps shared by all tensors.
-_BNB_BLOCK = 256
-_BNB_MIN_8BIT = 4096
-_BNB_QMAPS = 2 * 256 * 4
 
 
 def reserve_bytes(gpu_memory: int) -> int:
@@ -66,19 +74,14 @@ def optimizer_state_bytes(params, optimizer: str) -> int:
     """Device bytes of the optimizer state of ``params`` (tensors or shapes) after the first step.
 
     ``adamw``: two fp32 moments (8 bytes a value; the scalar step counters stay on the host).
-    ``adamw8bit``: bitsandbytes' AdamW8bit, see the module docstring.
+    ``adamw8bit``: :class:`fastdiff.train.optim.AdamW8bit`, see the module docstring (its code books are two
+    256-entry constants outside the state).
     """
     sizes = [p.numel() if isinstance(p, torch.Tensor) else math.prod(p) for p in params]
     if optimizer == "adamw":
         return 8 * sum(sizes)
     if optimizer == "adamw8bit":
-        total = _BNB_QMAPS
-        for n in sizes:
-            if n < _BNB_MIN_8BIT:
-                total += 8 * n
-            else:
-                total += 2 * n + 2 * 4 * -(-n // _BNB_BLOCK)
-        return total
+        return sum(_adamw8bit_state_bytes(n) for n in sizes)
     raise ValueError(f"optimizer must be adamw or adamw8bit, got {optimizer!r}")
 
 
@@ -107,11 +110,38 @@ def _probe_inputs(cfg: UNet2DConfig, batch: int):
     return x, t, y
 
 
-def _saved_bytes(model: UNet2D, batch: int, precision: str) -> tuple[int, int]:
+def training_forward(model: torch.nn.Module, batch: int, *, captions: CaptionTable | None = None):
+    """What one training micro-batch of ``batch`` runs through ``model`` (random inputs of the right shapes):
+    ``unet(x_t, t, label)``; ``net(x_t, t, caption ids)`` for a text-conditioned UNet; for an autoencoder the
+    encoder, the reparameterised sample ``z`` and the decoder, with the KL term's inputs kept."""
+    g = torch.Generator().manual_seed(0)
+    if isinstance(model, UNet2D):
+        return model(*_probe_inputs(model.config, batch))
+    if isinstance(model, TextConditionedUNet):
+        c = model.unet.config
+        x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        if captions is None:
+            raise ValueError("a text-conditioned model needs the caption table to probe")
+        ids = captions.ids[torch.randint(0, len(captions.ids), (batch,), generator=g)]
+        return model(x, t, ids)
+    if isinstance(model, vae_models.AutoencoderKL):
+        c = model.config
+        x = torch.rand(batch, c.in_channels, c.sample_size, c.sample_size, generator=g) * 2 - 1
+        post = model.encode(x)
+        mean, logvar = post.mean.float(), post.logvar.float()
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        rec = model.decode(z)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+        return (rec.float() - x).abs().mean() + kl
+    raise TypeError(f"no training forward for {type(model).__name__}")
+
+
+def _saved_bytes(model: torch.nn.Module, batch: int, precision: str, captions: CaptionTable | None = None
+                 ) -> tuple[int, int]:
     """(bytes kept for backward by one forward pass at ``batch``, largest bytes one checkpointable block keeps
     inside itself). With checkpointing on, block inputs (held by the checkpoint for the recomputation) count
     as kept."""
-    x, t, y = _probe_inputs(model.config, batch)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     # Every save goes through a holder; only holders still alive after the pass count. A graph that dies
     # during the forward (a side computation whose result is dropped) frees its holders at once.
@@ -148,7 +178,7 @@ def _saved_bytes(model: UNet2D, batch: int, precision: str) -> tuple[int, int]:
                 else contextlib.nullcontext())
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor), autocast:
-            out = model(x, t, y)
+            out = training_forward(model, batch, captions=captions)
         per_block: dict[int, dict[int, int]] = {}
         for ref, ptr, nbytes, block in saves:
             if ref() is not None:
@@ -172,10 +202,13 @@ class _Saved:
         self.tensor = tensor
 
 
-def measure_activations(unet_config: UNet2DConfig, precision: str = "bf16", *, grad_checkpointing: bool = False,
-                        batches: tuple[int, int] = (2, 4), model: UNet2D | None = None) -> ActivationBytes:
-    """Saved-for-backward bytes of a training forward pass of ``unet_config``, fitted as ``fixed + a * batch``
-    from real passes at the two ``batches`` on the CPU (see the module docstring)."""
+def measure_activations(unet_config: UNet2DConfig | None, precision: str = "bf16", *,
+                        grad_checkpointing: bool = False, batches: tuple[int, int] = (2, 4),
+                        model: torch.nn.Module | None = None, captions: CaptionTable | None = None
+                        ) -> ActivationBytes:
+    """Saved-for-backward bytes of a training forward pass of ``unet_config`` (or of ``model``, any kind
+    :func:`training_forward` runs), fitted as ``fixed + a * batch`` from real passes at the two ``batches`` on
+    the CPU (see the module docstring)."""
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"precision must be bf16, fp32 or fp16, got {precision!r}")
     b1, b2 = batches
@@ -184,7 +217,9 @@ def measure_activations(unet_config: UNet2DConfig, precision: str = "bf16", *, g
     if model is None:
         torch.manual_seed(0)
         model = UNet2D(unet_config)
-    was_training, was_ckpt = model.training, model.grad_checkpointing
+    if grad_checkpointing and not isinstance(model, UNet2D):
+        raise ValueError("grad_checkpointing is available for the class-conditioned UNet2D only")
+    was_training, was_ckpt = model.training, getattr(model, "grad_checkpointing", False)
     model.train()
     probes = []
     try:
@@ -197,10 +232,12 @@ def measure_activations(unet_config: UNet2DConfig, precision: str = "bf16", *, g
                     kept, _ = _saved_bytes(model, b, precision)
                     probes.append((b, kept + transient))
                 else:
-                    model.set_grad_checkpointing(False)
-                    probes.append((b, _saved_bytes(model, b, precision)[0]))
+                    if isinstance(model, UNet2D):
+                        model.set_grad_checkpointing(False)
+                    probes.append((b, _saved_bytes(model, b, precision, captions)[0]))
     finally:
-        model.set_grad_checkpointing(was_ckpt)
+        if isinstance(model, UNet2D):
+            model.set_grad_checkpointing(was_ckpt)
         model.train(was_training)
     (_, s1), (_, s2) = probes
     per_sample = (s2 - s1) // (b2 - b1)
@@ -224,21 +261,30 @@ class MemoryPlan:
     ema: int
     batch_tensors_per_sample: int
     activations: ActivationBytes
-    activations_checkpointed: ActivationBytes
+    activations_checkpointed: ActivationBytes | None   # None: the model kind has no gradient checkpointing
     batch_size: int
+    kind: str = "diffusion"       # what trains: unet2d | text-unet | autoencoder, "latent " prefixed in latent runs
+    frozen_weights: int = 0       # latent runs: the fp32 autoencoder kept on the device to decode samples
 
     @property
     def fixed(self) -> int:
         """Bytes that do not grow with the batch (without the activations' own fixed part)."""
-        return self.weights + self.gradients + self.optimizer_state + self.optimizer_workspace + self.ema
+        return (self.weights + self.gradients + self.optimizer_state + self.optimizer_workspace + self.ema
+                + self.frozen_weights)
+
+    def _act(self, grad_checkpointing: bool) -> ActivationBytes:
+        if not grad_checkpointing:
+            return self.activations
+        if self.activations_checkpointed is None:
+            raise ValueError(f"gradient checkpointing is not available for {self.kind}")
+        return self.activations_checkpointed
 
     def total(self, batch: int, *, grad_checkpointing: bool = False) -> int:
-        act = self.activations_checkpointed if grad_checkpointing else self.activations
-        return self.fixed + act.at(batch) + self.batch_tensors_per_sample * batch
+        return self.fixed + self._act(grad_checkpointing).at(batch) + self.batch_tensors_per_sample * batch
 
     def max_batch(self, *, grad_checkpointing: bool = False) -> int:
         """The largest micro-batch whose total fits in the memory left after the reserve (0: none fits)."""
-        act = self.activations_checkpointed if grad_checkpointing else self.activations
+        act = self._act(grad_checkpointing)
         free = self.gpu_memory - self.reserve - self.fixed - act.fixed
         per = act.per_sample + self.batch_tensors_per_sample
         return max(0, free // per) if per > 0 else 0
@@ -246,7 +292,8 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["max_batch"] = self.max_batch()
-        d["max_batch_checkpointed"] = self.max_batch(grad_checkpointing=True)
+        d["max_batch_checkpointed"] = (self.max_batch(grad_checkpointing=True)
+                                       if self.activations_checkpointed is not None else None)
         return d
 
     def format(self) -> str:
@@ -256,26 +303,55 @@ class MemoryPlan:
         a, ac = self.activations, self.activations_checkpointed
         b = self.batch_size
         prec = self.precision + (" (probed as bf16: same 2-byte activations)" if self.precision == "fp16" else "")
+        usable = self.gpu_memory - self.reserve
         lines = [
-            f"memory plan: {self.model}, {self.num_parameters / 1e6:.2f}M parameters, {prec}, {self.optimizer}, "
-            f"GPU {self.gpu_memory / GiB:.1f} GiB",
+            f"memory plan: {self.model} ({self.kind}), {self.num_parameters / 1e6:.2f}M parameters, {prec}, "
+            f"{self.optimizer}, GPU {self.gpu_memory / GiB:.1f} GiB",
             f"  weights (fp32)            {mb(self.weights)}",
             f"  gradients (fp32)          {mb(self.gradients)}",
-            f"  optimizer state           {mb(self.optimizer_state)}   ({self.optimizer})",
+            f"  optimizer state           {mb(self.optimizer_state)}   ({self.optimizer}, "
+            f"{self.optimizer_state / max(self.num_parameters, 1):.2f} bytes a parameter)",
             f"  optimizer step workspace  {mb(self.optimizer_workspace)}",
             f"  EMA weights (fp32)        {mb(self.ema)}",
+        ]
+        if self.frozen_weights:
+            lines.append(f"  frozen autoencoder (fp32) {mb(self.frozen_weights)}")
+        lines += [
             f"  activations per sample    {mb(a.per_sample)}   (+{mb(a.fixed).strip()} fixed; measured at batch "
             f"{a.probes[0][0]} and {a.probes[1][0]})",
-            f"    with grad checkpointing {mb(ac.per_sample)}   (+{mb(ac.fixed).strip()} fixed)",
+            (f"    with grad checkpointing {mb(ac.per_sample)}   (+{mb(ac.fixed).strip()} fixed)" if ac is not None
+             else "    with grad checkpointing: not available for this model kind"),
             f"  batch tensors per sample  {mb(self.batch_tensors_per_sample)}",
             f"  reserve (CUDA context, workspaces, fragmentation: 1 GiB + 10%) {self.reserve / 2 ** 20:.0f} MiB",
-            f"  at batch {b}: {self.total(b) / GiB:.2f} GiB, with grad checkpointing "
-            f"{self.total(b, grad_checkpointing=True) / GiB:.2f} GiB"
-            + ("   <- does not fit" if self.total(b) > self.gpu_memory - self.reserve else ""),
-            f"  largest batch that fits: {self.max_batch()} ; with --grad-checkpointing: "
-            f"{self.max_batch(grad_checkpointing=True)}",
+            f"  at batch {b}: {self.total(b) / GiB:.2f} GiB"
+            + (f", with grad checkpointing {self.total(b, grad_checkpointing=True) / GiB:.2f} GiB" if ac else "")
+            + ("   <- does not fit" if self.total(b) > usable else ""),
+            f"  largest batch that fits: {self.max_batch()}"
+            + (f" ; with --grad-checkpointing: {self.max_batch(grad_checkpointing=True)}" if ac else ""),
         ]
         return "\n".join(lines)
+
+
+def architecture(cfg, channels: int, size: int, num_classes: int, class_names: tuple[str, ...]) -> torch.nn.Module:
+    """The network a new run of ``cfg`` trains on data of ``channels`` x ``size`` x ``size`` (latents in latent
+    runs), built as the trainer builds it (preset + overrides + what the data fixes), with seed 0."""
+    overrides = dict(cfg.model_overrides)
+    torch.manual_seed(0)
+    try:
+        if cfg.kind == "autoencoder":
+            c = vae_models.VAEConfig(**{**asdict(vae_models.PRESETS[cfg.model]), **overrides,
+                                        "in_channels": channels, "out_channels": channels, "sample_size": size})
+            return vae_models.AutoencoderKL(c)
+        if cfg.conditioning == "text":
+            text = clip_text.PRESETS[cfg.text_encoder]
+            c = unet_sd.UNetSDConfig(**{**asdict(unet_sd.PRESETS[cfg.model]), **overrides, "in_channels": channels,
+                                        "out_channels": channels, "sample_size": size,
+                                        "cross_attention_dim": text.hidden_size})
+            return TextConditionedUNet(c, text)
+    except TypeError as e:
+        raise ValueError(f"model_overrides: {e}") from None
+    unet = cfg.unet_config(num_classes, class_names, channels)
+    return UNet2D(UNet2DConfig.from_dict({**unet.to_dict(), "sample_size": size}))
 
 
 def plan(cfg, *, gpu_memory_gb: float = 16.0, channels: int | None = None, num_classes: int | None = None,
@@ -285,7 +361,8 @@ def plan(cfg, *, gpu_memory_gb: float = 16.0, channels: int | None = None, num_c
 
     The network's input channels and classes come from ``dataset`` (an ImageDataset), from ``channels`` /
     ``num_classes``, or else from loading ``cfg.dataset`` (which also checks that the dataset is readable).
-    No training step runs and nothing is written.
+    Latent runs (``cfg.autoencoder``) read the autoencoder to size the latents. No training step runs and nothing
+    is written.
     """
     cfg.check()
     if not gpu_memory_gb > 0:
@@ -299,18 +376,44 @@ def plan(cfg, *, gpu_memory_gb: float = 16.0, channels: int | None = None, num_c
         num_classes = dataset.num_classes if num_classes is None else num_classes
         class_names = dataset.class_names
     names = tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes))
-    ucfg = cfg.unet_config(num_classes, names, channels)
-    torch.manual_seed(0)
-    model = UNet2D(ucfg)
+    size, frozen = cfg.image_size, 0
+    if cfg.autoencoder:
+        from fastdiff.train.latents import load_autoencoder
+
+        vae = load_autoencoder(cfg.autoencoder)
+        if vae.config.in_channels != channels:
+            raise ValueError(f"the autoencoder takes {vae.config.in_channels}-channel images, the data has "
+                             f"{channels}")
+        if size % vae.downscale:
+            raise ValueError(f"image_size {size} must be a multiple of the autoencoder's downscale factor "
+                             f"{vae.downscale}")
+        channels, size = vae.config.latent_channels, size // vae.downscale
+        frozen = 4 * sum(p.numel() for p in vae.parameters())
+        del vae
+    model = architecture(cfg, channels, size, num_classes, names)
+    captions = CaptionTable(names) if isinstance(model, TextConditionedUNet) else None
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    act = measure_activations(ucfg, cfg.precision, batches=probe_batches, model=model)
-    act_ck = measure_activations(ucfg, cfg.precision, grad_checkpointing=True, batches=probe_batches, model=model)
+    act = measure_activations(None, cfg.precision, batches=probe_batches, model=model, captions=captions)
+    act_ck = (measure_activations(None, cfg.precision, grad_checkpointing=True, batches=probe_batches, model=model)
+              if isinstance(model, UNet2D) else None)
+    pixels = channels * size * size
+    if cfg.kind == "autoencoder":
+        lat = model.config.latent_channels * (size // model.downscale) ** 2
+        kind, batch_tensors = "autoencoder", 3 * pixels * 4 + 2 * lat * 4
+    else:
+        kind = "text-unet" if captions is not None else "unet2d"
+        batch_tensors = 5 * pixels * 4 + (77 * 8 if captions is not None else 0)
+    if cfg.autoencoder:
+        kind = "latent " + kind
     gpu = int(gpu_memory_gb * GiB)
+    workspace = (4 * n if cfg.optimizer == "adamw"
+                 else 24 * max((p.numel() for p in params if p.numel() >= 4096), default=0))
     return MemoryPlan(
         model=cfg.model, num_parameters=n, precision=cfg.precision, optimizer=cfg.optimizer, gpu_memory=gpu,
         reserve=reserve_bytes(gpu), weights=4 * n, gradients=4 * n,
         optimizer_state=optimizer_state_bytes(params, cfg.optimizer),
-        optimizer_workspace=4 * n if cfg.optimizer == "adamw" else 0, ema=4 * n,
-        batch_tensors_per_sample=5 * channels * cfg.image_size ** 2 * 4,
-        activations=act, activations_checkpointed=act_ck, batch_size=cfg.batch_size)
+        optimizer_workspace=workspace, ema=4 * n,
+        batch_tensors_per_sample=batch_tensors,
+        activations=act, activations_checkpointed=act_ck, batch_size=cfg.batch_size, kind=kind,
+        frozen_weights=frozen)

@@ -30,6 +30,11 @@ timesteps, noise and label dropout of step s from a generator seeded with (seed,
 dropout layers) is re-seeded per step the same way. A run resumed from the checkpoint at step s therefore
 replays exactly the steps an uninterrupted run would (tests/test_train.py checks the loss sequence).
 
+Data parallel (``torchrun --nproc-per-node N -m fastdiff train ...``, :mod:`fastdiff.train.distributed`): every
+process draws the same global batch and the same random numbers, runs its contiguous 1/N of the rows, and DDP
+averages the gradients, so N processes follow the 1-process run up to fp32 summation order; only rank 0 writes,
+and a checkpoint (global state only) resumes with any N that divides ``batch_size``.
+
 Mixed precision: the forward pass runs inside ``torch.autocast`` (bf16 on CPU and on Ada GPUs; fp16 with a
 GradScaler as an option on CUDA); parameters, gradients, optimizer state and EMA stay fp32.
 """
@@ -67,6 +72,8 @@ from fastdiff.samplers import Denoiser, make_schedule, sample_ddim, sample_flow_
 from fastdiff.samplers.schedules import FlowSchedule, NoiseSchedule
 from fastdiff.train.adapters import ADAPTER_KINDS, AdapterRun, check_adapter_config
 from fastdiff.train.captions import CaptionTable, TextConditionedUNet, caption
+from fastdiff.train.distributed import ForwardThrough, setup as setup_distributed, shard_slice
+from fastdiff.train.optim import AdamW8bit
 from fastdiff.train.latents import LatentDataset, encode_dataset, load_autoencoder, prepare_latents
 from fastdiff.train.plots import loss_curve
 
@@ -112,7 +119,7 @@ class TrainConfig:
     warmup_steps: int = 500
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    optimizer: str = "adamw"               # adamw | adamw8bit (bitsandbytes)
+    optimizer: str = "adamw"               # adamw | adamw8bit (block-wise 8-bit moments, fastdiff.train.optim)
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
     class_dropout: float = 0.1             # probability of the null label / empty caption (guidance)
@@ -284,6 +291,7 @@ class Trainer:
         cfg.check()
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 training needs CUDA (fp16 math is very slow on CPU); use bf16 on CPU")
+        self._setup_distributed()
         if resume and latest_step(self.run_dir) is None:
             raise CheckpointError(f"--resume: no checkpoint in {self.run_dir}")
         if not resume and latest_step(self.run_dir) is not None:
@@ -300,8 +308,7 @@ class Trainer:
         self.vae = None  # latent diffusion: the frozen autoencoder (its scaling_factor measured)
         self.data = self.images
         if cfg.autoencoder:
-            self.vae, self.data = prepare_latents(cfg.autoencoder, self.images, self.run_dir, resume=resume,
-                                                  device=self.device)
+            self.vae, self.data = self._prepare_latents(resume)
         self.arch = self._saved_arch() if resume else self._new_arch()
         self.unet_config = UNet2DConfig.from_dict(self.arch["unet"]) if "unet" in self.arch else None
         self._check_data_fits_model()
@@ -321,6 +328,7 @@ class Trainer:
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.optimizer = self._make_optimizer()
+        self._ddp = self._wrap_ddp()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.step = 0
         self.train_seconds = 0.0
@@ -329,7 +337,7 @@ class Trainer:
         self.progress = progress
         if resume:
             self._resume()
-        else:
+        elif self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             saved = {"train": cfg.to_dict(), "arch": self.arch}
             if self.unet_config is not None:
@@ -340,6 +348,10 @@ class Trainer:
         """The rest of ``__init__`` for a LoRA / ControlNet run: a frozen SD1 model and a trainable adapter
         (:mod:`fastdiff.train.adapters`) in place of a network built from a preset."""
         cfg = self.cfg
+        if self.dist.enabled:
+            raise ValueError(f"kind {cfg.kind!r} trains in one process; data-parallel runs (torchrun) train the "
+                             "diffusion and autoencoder kinds")
+        self._ddp = None
         torch.manual_seed(cfg.seed)
         self.adapter = AdapterRun(cfg, self.device, self._autocast)
         self.images = self.data = self.adapter.images
@@ -417,17 +429,70 @@ class Trainer:
                              f"({levels} resolution levels)")
 
     # ---------------------------------------------------------------------------------------------------
+    # Data parallelism (fastdiff.train.distributed): one process per device under torchrun; one process otherwise.
+    def _setup_distributed(self):
+        """Join the process group torchrun describes (a world of one without it); the batch must split evenly."""
+        self.dist, self.device = setup_distributed(self.device)
+        if self.dist.enabled:
+            shard_slice(self.cfg.batch_size, self.dist.rank, self.dist.world_size)  # a clear error if not even
+
+    def _shard(self, global_batch: int) -> slice:
+        """This process's rows of a global micro-batch (all of them in one process)."""
+        return shard_slice(global_batch, self.dist.rank, self.dist.world_size)
+
+    def _rank_indices(self, step: int, micro: int) -> torch.Tensor:
+        """The dataset indices this process runs: its shard of the global micro-batch of the 1-process order."""
+        return self._batch_indices(step, micro)[self._shard(self.cfg.batch_size)]
+
+    def _prepare_latents(self, resume: bool):
+        """Latent runs: rank 0 encodes the dataset and writes the cache and the autoencoder copy; the other ranks
+        then read both back, as a resumed run does."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            out = prepare_latents(cfg.autoencoder, self.images, self.run_dir, resume=resume, device=self.device)
+        self.dist.barrier()
+        if not self.dist.is_main:
+            out = prepare_latents(cfg.autoencoder, self.images, self.run_dir, resume=True, device=self.device)
+        return out
+
+    def _wrap_ddp(self):
+        """DistributedDataParallel around the model (through ForwardThrough, so any loss runs in its forward)."""
+        if not self.dist.enabled:
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(ForwardThrough(self.model), device_ids=ids)
+
+    def _micro_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator, *, sync: bool) -> torch.Tensor:
+        """The loss of this process's rows of one micro-batch. Under DDP the forward runs through the wrapper and,
+        but for the last micro-batch of a step, inside ``no_sync`` (gradients accumulate locally; the last
+        backward all-reduces the sum)."""
+        if self.cfg.kind == "autoencoder":
+            fn = lambda: self._autoencoder_loss(x0, g)  # noqa: E731
+        else:
+            fn = lambda: self._diffusion_loss(x0, y, g)  # noqa: E731
+        if self._ddp is None:
+            return fn()
+        with contextlib.nullcontext() if sync else self._ddp.no_sync():
+            return self._ddp(fn)
+
+    def _mean_over_ranks(self, loss: float, parts: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """The step's loss and loss terms averaged over the processes: the global batch's means."""
+        if not self.dist.enabled:
+            return loss, parts
+        keys = sorted(parts)
+        vals = self.dist.mean([loss, *(parts[k] for k in keys)])
+        return vals[0], dict(zip(keys, vals[1:]))
+
+    # ---------------------------------------------------------------------------------------------------
     def _make_optimizer(self):
         cfg = self.cfg
         params = self.model.parameters()
         if cfg.optimizer == "adamw":
             return make_adamw(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        if cfg.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ValueError("optimizer adamw8bit needs bitsandbytes (`pip install bitsandbytes`)") from None
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw8bit":  # block-wise 8-bit moments (fastdiff.train.optim), any device
+            return AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         raise ValueError(f"optimizer must be adamw or adamw8bit, got {cfg.optimizer!r}")
 
     def _resume(self):
@@ -456,6 +521,8 @@ class Trainer:
         self.loss_log = [tuple(x) for x in state.get("loss_log", [])]
 
     def save(self):
+        if not self.dist.is_main:  # one writer: every rank holds the same model, EMA and optimizer
+            return
         state = {
             "train": self.cfg.to_dict(),
             "arch": self.arch,
@@ -498,25 +565,27 @@ class Trainer:
 
     def _diffusion_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
-        b = x0.shape[0]
+        b = x0.shape[0] * self.dist.world_size  # draws for the global micro-batch; this rank keeps its rows
         if self.flow:  # logit-normal noise levels (Esser et al. 2024, eq. 19), network timestep T * s
             s = torch.sigmoid(torch.randn(b, generator=g))
             t = s * cfg.num_train_timesteps
         else:
             t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn((b, *x0.shape[1:]), generator=g)
         drop = torch.rand(b, generator=g) < cfg.class_dropout
         flip = torch.rand(b, generator=g) < 0.5
+        rows = self._shard(b)
+        t, noise, drop, flip = t[rows], noise[rows], drop[rows], flip[rows]
         if cfg.hflip:
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         if self.captions is not None:
-            template = torch.randint(0, self.captions.num_templates, (b,), generator=g)
+            template = torch.randint(0, self.captions.num_templates, (b,), generator=g)[rows]
             cond = self.captions.lookup(y, template, drop)
         else:
             cond = torch.where(drop, torch.full_like(y, self.unet_config.null_label), y)
         x0, noise, t, cond = (v.to(self.device) for v in (x0, noise, t, cond))
         if self.flow:
-            s = s.to(self.device)[:, None, None, None]
+            s = s[rows].to(self.device)[:, None, None, None]
             xt = (1 - s) * x0 + s * noise
             target = noise - x0
         else:
@@ -538,7 +607,8 @@ class Trainer:
         with self._autocast():
             post = self.model.encode(x)
         mean, logvar = post.mean.float(), post.logvar.float()
-        noise = torch.randn(mean.shape, generator=g).to(self.device)
+        b = mean.shape[0] * self.dist.world_size  # draws for the global micro-batch; this rank keeps its rows
+        noise = torch.randn((b, *mean.shape[1:]), generator=g)[self._shard(b)].to(self.device)
         z = mean + torch.exp(0.5 * logvar) * noise           # z ~ q(z|x), reparameterised
         with self._autocast():
             rec = self.model.decode(z)
@@ -562,13 +632,11 @@ class Trainer:
         total = 0.0
         self._parts = {}
         for micro in range(cfg.grad_accum):
-            idx = self._batch_indices(step, micro)
             if self.adapter is not None:
-                loss = self.adapter.loss(idx, g)
-            elif cfg.kind == "autoencoder":
-                loss = self._autoencoder_loss(self.data.batch(idx)[0], g)
+                loss = self.adapter.loss(self._batch_indices(step, micro), g)
             else:
-                loss = self._diffusion_loss(*self.data.batch(idx), g)
+                x0, y = self.data.batch(self._rank_indices(step, micro))
+                loss = self._micro_loss(x0, y, g, sync=micro == cfg.grad_accum - 1)
             total += loss.item()
             loss = loss / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -583,8 +651,9 @@ class Trainer:
             self.optimizer.step()
         self._update_ema()
         self.step += 1
-        self.parts = {k: v / cfg.grad_accum for k, v in self._parts.items()}
-        return total / cfg.grad_accum
+        loss, self.parts = self._mean_over_ranks(total / cfg.grad_accum,
+                                                 {k: v / cfg.grad_accum for k, v in self._parts.items()})
+        return loss
 
     @torch.no_grad()
     def _update_ema(self):
@@ -687,7 +756,8 @@ class Trainer:
         last_ckpt = time.monotonic()
         log_path = self.run_dir / "train.log"
         tty = sys.stderr.isatty()
-        bar = tqdm(total=max_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+        bar = tqdm(total=max_steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
+                   dynamic_ncols=True,
                    mininterval=0.5 if tty else 60.0, desc="train")
         window_t, window_n = time.perf_counter(), 0
         ips = 0.0
@@ -707,14 +777,15 @@ class Trainer:
                     window_t, window_n = now, 0
                     self.loss_log.append((self.step, float(sum(losses[-cfg.log_every:]) /
                                                            len(losses[-cfg.log_every:]))))
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": self.step, "loss": self.loss_log[-1][1],
-                                            **{k: round(v, 6) for k, v in self.parts.items()},
-                                            "img_per_s": round(ips, 2), "lr": self._lr(self.step - 1),
-                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+                    if self.dist.is_main:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps({"step": self.step, "loss": self.loss_log[-1][1],
+                                                **{k: round(v, 6) for k, v in self.parts.items()},
+                                                "img_per_s": round(ips, 2), "lr": self._lr(self.step - 1),
+                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
                 bar.update(1)
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.dist.is_main:
                     self.write_pictures()
                 due_time = time.monotonic() - last_ckpt >= cfg.ckpt_every_minutes * 60
                 due_step = cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0
@@ -723,6 +794,7 @@ class Trainer:
                     last_ckpt = time.monotonic()
         finally:
             bar.close()
+        self.dist.barrier()  # the others wait for rank 0's last checkpoint and pictures
         return losses
 
 
