@@ -26,15 +26,31 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
+def _nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") or (os.path.join(cuda_home, "bin", "nvcc")
+                                    if os.path.exists(os.path.join(cuda_home, "bin", "nvcc")) else None)
+
+
+def _cuda_home() -> str:
+    """The toolkit folder when CUDA_HOME/CUDA_PATH are unset: /usr/local/cuda when it holds nvcc, else the folder
+    above the bin/ of the nvcc on PATH (a toolkit installed elsewhere, e.g. /usr/local/cuda-13.0)."""
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None and os.path.exists(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include",
+                                                        "cuda_runtime.h")):
+        return os.path.dirname(os.path.dirname(nvcc))
+    return "/usr/local/cuda"
+
+
 def _want_cuda() -> bool:
     import torch
 
     flag = os.environ.get("FASTDIFF_BUILD_CUDA", "auto").strip().lower()
     if flag in ("0", "false", "no", "off"):
         return False
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    nvcc = shutil.which("nvcc") or (os.path.join(cuda_home, "bin", "nvcc")
-                                    if os.path.exists(os.path.join(cuda_home, "bin", "nvcc")) else None)
+    nvcc = _nvcc()
     possible = torch.version.cuda is not None and nvcc is not None
     if flag in ("1", "true", "yes", "on"):
         if not possible:
@@ -70,7 +86,7 @@ def _extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         if not os.environ.get("CUDA_HOME"):
-            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+            os.environ["CUDA_HOME"] = os.environ.get("CUDA_PATH") or _cuda_home()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))

@@ -25,7 +25,8 @@ Budget: ``--budget-s`` (default 420 s, a build not counted) is split between the
 (``--tests-timeout-s``), the ops 30% of what is left, each measurement stops repeating when its share is spent,
 and a pipeline case that does not fit the time left is skipped with a line. Without a CUDA device the check
 exits with status 2 and the line "no CUDA device" (``--dry-run`` / ``--device cpu`` run the measuring code on the
-CPU at tiny sizes instead: a test of the code, no figure from it means anything).
+CPU at tiny sizes instead: a test of the code, no figure from it means anything). The JSON is rewritten after
+every step with ``"complete": false`` until the last, so a run stopped from outside still leaves what it measured.
 """
 from __future__ import annotations
 
@@ -174,8 +175,9 @@ def ensure_built(dev, argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "fastdiff.gpu_check", *argv, "--no-build"])
 
 
-def run_tests(dry: bool, timeout_s: float) -> dict:
-    """The CUDA test cases, through pytest in a child process; counts and failing ids."""
+def run_tests(dry: bool, timeout_s: float, log: Path | None = None) -> dict:
+    """The CUDA test cases, through pytest in a child process; counts and failing ids. ``log``: where pytest's
+    whole output goes (the short tracebacks of the failures), also when the time runs out."""
     tests = REPO / "tests"
     if not tests.is_dir():
         _say("tests: no tests/ folder next to the package (not a source checkout): skipped")
@@ -186,6 +188,15 @@ def run_tests(dry: bool, timeout_s: float) -> dict:
         files = [tests / f"test_{f}.py" for f in OP_TEST_FILES] + [tests / "test_gpu_pipelines.py",
                                                                     tests / "test_compile.py"]
         args = [str(f) for f in files] + ["-k", "on_cuda or test_gpu_pipelines or test_compile"]
+
+    def keep(out, err) -> dict:
+        if log is None:
+            return {}
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        log.write_text(text(out) + ("\n--- stderr ---\n" + text(err) if err else ""))
+        _say(f"tests: pytest's output is in {log}")
+        return {"log": str(log)}
+
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "-rfE",
@@ -197,12 +208,14 @@ def run_tests(dry: bool, timeout_s: float) -> dict:
         except subprocess.TimeoutExpired as e:
             _say(f"tests: stopped after {timeout_s:.0f} s (--tests-timeout-s)")
             out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            return {"timed_out_s": timeout_s, "output_tail": out[-3000:]}
+            return {"timed_out_s": timeout_s, "output_tail": out[-3000:]} | keep(e.stdout, e.stderr)
         tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]
         _say(f"tests: {tail[0]} ({time.perf_counter() - t0:.0f} s)")
+        kept = keep(proc.stdout, proc.stderr)
         if not xml.exists():
-            return {"error": proc.stderr[-2000:] or proc.stdout[-2000:]}
-        return _junit_counts(xml) | {"exit_status": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+            return {"error": proc.stderr[-2000:] or proc.stdout[-2000:]} | kept
+        return _junit_counts(xml) | {"exit_status": proc.returncode,
+                                     "seconds": round(time.perf_counter() - t0, 1)} | kept
 
 
 def _junit_counts(path: Path) -> dict:
@@ -653,15 +666,30 @@ def _check(args, argv, dry, dev, sz, start, deadline) -> int:
     if not args.no_build:
         ensure_built(dev, argv)
     result: dict = {"device": _device_info(dev), "dry_run": dry, "sizes": dataclasses.asdict(sz),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": False}
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu_{_slug(result['device']['name'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        # written after every step, so a run stopped from outside (a time limit) still leaves what it measured;
+        # "complete" turns true only at the end
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        tmp.replace(out)
+
+    save()
     if args.no_tests:
         result["tests"] = {"skipped": "--no-tests"}
     else:
-        result["tests"] = run_tests(dry, args.tests_timeout_s or 0.5 * args.budget_s)
+        result["tests"] = run_tests(dry, args.tests_timeout_s or 0.5 * args.budget_s,
+                                    out.with_name(out.stem + "_tests.log"))
+    save()
     result["peaks"] = measure_peaks(dev, sz)
     left = deadline - time.perf_counter()
     result["ops"] = measure_ops(dev, sz, result["peaks"], time.perf_counter() + 0.3 * left)
     result["errors"] = {}
+    save()
 
     def guarded(name, fn, empty):
         # one failing measurement is a finding to record, not a reason to lose the others
@@ -674,15 +702,15 @@ def _check(args, argv, dry, dev, sz, start, deadline) -> int:
 
     result["graph_loop"] = guarded("graph_loop", lambda: measure_graph_loop(dev, sz), {})
     result["pipelines"] = []
+    save()
     if args.no_pipelines:
         _say("pipelines: skipped (--no-pipelines)")
     else:
         result["pipelines"] += guarded("sd1", lambda: measure_sd1(dev, sz, deadline, sz.pipeline_case_s), [])
+        save()
         result["pipelines"] += guarded("sd3", lambda: measure_sd3(dev, sz, deadline, sz.pipeline_case_s), [])
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu_{_slug(result['device']['name'])}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["complete"] = True
+    save()
     print(_table(result))
     _say(f"wrote {out} ({result['seconds']:.0f} s)")
     tests = result["tests"]
