@@ -7,7 +7,8 @@ Steps, in order (each prints what it does):
 
 1. Build: nothing when ``fastdiff._C`` holds CUDA kernels; else ``pip install -e . --no-build-isolation --no-deps``
    in the repository against the torch that is installed (torch >= 2.6), for this GPU's architecture only
-   (``TORCH_CUDA_ARCH_LIST`` from the device unless set), then the check restarts itself.
+   (``TORCH_CUDA_ARCH_LIST`` from the device unless set), then the check restarts itself. A failed build is
+   recorded in the JSON ("build") and the check goes on without fastdiff's CUDA kernels.
 2. Tests: the device cases of the op tests (``-k on_cuda``), tests/test_gpu_pipelines.py and
    tests/test_compile.py; the counts and the failing ids go into the JSON.
 3. Measurements (CUDA events, median of repeated calls after a warm-up):
@@ -147,14 +148,21 @@ def _torch_version() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def ensure_built(dev, argv: list[str]) -> None:
-    """Nothing if fastdiff._C holds CUDA kernels; else build in the repository and restart this check."""
+_BUILT_ENV = "FASTDIFF_GPU_CHECK_BUILT_S"   # set for the restarted check: seconds the build took
+
+
+def ensure_built(dev, argv: list[str]) -> dict:
+    """Nothing if fastdiff._C holds CUDA kernels; else build in the repository and restart this check. A failed
+    build is recorded and the check goes on without the CUDA kernels (the Triton kernels, the tests' verdicts on
+    what is missing and the pipelines are still worth the GPU's time). Returns the JSON's "build" entry."""
     from fastdiff import _ext
 
+    if os.environ.get(_BUILT_ENV):
+        return {"built": True, "seconds": float(os.environ[_BUILT_ENV]), "cuda_kernels": _ext.has_cuda_kernels()}
     if dev.type != "cuda" or _ext.has_cuda_kernels():
         _say(f"build: fastdiff._C present ({'with' if _ext.has_cuda_kernels() else 'without'} CUDA kernels), "
              "nothing to build")
-        return
+        return {"built": False, "cuda_kernels": _ext.has_cuda_kernels()}
     import torch
 
     if _torch_version() < MIN_TORCH:
@@ -170,9 +178,17 @@ def ensure_built(dev, argv: list[str]) -> None:
     _say(f"build: fastdiff._C has no CUDA kernels ({_ext.IMPORT_ERROR or 'built without them'}); running "
          f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} FASTDIFF_BUILD_CUDA=1 {' '.join(cmd[2:])} in {REPO}")
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
-    _say(f"build: done in {time.perf_counter() - t0:.0f} s; restarting the check")
-    os.execv(sys.executable, [sys.executable, "-m", "fastdiff.gpu_check", *argv, "--no-build"])
+    rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    took = time.perf_counter() - t0
+    if rc != 0:
+        _say(f"build: FAILED (pip exit status {rc}, {took:.0f} s; its output is above); the check goes on without "
+             "fastdiff's CUDA kernels")
+        return {"built": False, "failed": f"pip exit status {rc}", "seconds": round(took, 1),
+                "cuda_kernels": _ext.has_cuda_kernels()}
+    _say(f"build: done in {took:.0f} s; restarting the check")
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fastdiff.gpu_check", *argv, "--no-build"],
+              dict(os.environ, **{_BUILT_ENV: f"{took:.1f}"}))
 
 
 def run_tests(dry: bool, timeout_s: float, log: Path | None = None) -> dict:
@@ -663,10 +679,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args, argv, dry, dev, sz, start, deadline) -> int:
-    if not args.no_build:
-        ensure_built(dev, argv)
+    build = ensure_built(dev, argv) if not args.no_build or os.environ.get(_BUILT_ENV) else {"skipped": "--no-build"}
     result: dict = {"device": _device_info(dev), "dry_run": dry, "sizes": dataclasses.asdict(sz),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": False}
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": False,
+                    "build": build}
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu_{_slug(result['device']['name'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -714,7 +730,7 @@ def _check(args, argv, dry, dev, sz, start, deadline) -> int:
     print(_table(result))
     _say(f"wrote {out} ({result['seconds']:.0f} s)")
     tests = result["tests"]
-    return 1 if tests.get("failed") or tests.get("error") or result["errors"] else 0
+    return 1 if tests.get("failed") or tests.get("error") or result["errors"] or build.get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -117,6 +117,51 @@ def test_the_tests_step_counts_and_keeps_pytest_output(tmp_path):
     assert r["log"] == str(log) and "skipped" in log.read_text()
 
 
+def _fake_gpu_without_kernels(monkeypatch, rc):
+    # a CUDA device (sm_90) whose fastdiff._C lacks CUDA kernels, and a pip that exits with `rc`
+    from fastdiff import _ext
+
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv(gpu_check._BUILT_ENV, raising=False)
+    calls = []
+
+    def run(cmd, cwd, env):
+        calls.append((cmd, cwd, env))
+        return subprocess.CompletedProcess(cmd, rc)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    return calls
+
+
+def test_a_failed_build_is_recorded_and_the_check_goes_on(monkeypatch, capsys):
+    calls = _fake_gpu_without_kernels(monkeypatch, rc=1)
+    r = gpu_check.ensure_built(torch.device("cuda"), ["--budget-s", "60"])
+    (cmd, cwd, env), = calls
+    assert cmd[1:] == ["-m", "pip", "install", "-e", ".", "--no-build-isolation", "--no-deps"]
+    assert cwd == gpu_check.REPO and env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["FASTDIFF_BUILD_CUDA"] == "1"
+    assert r["failed"] == "pip exit status 1" and r["built"] is False and r["cuda_kernels"] is False
+    assert "build: FAILED (pip exit status 1" in capsys.readouterr().out
+
+
+def test_a_build_restarts_the_check_with_its_time(monkeypatch):
+    _fake_gpu_without_kernels(monkeypatch, rc=0)
+    restarted = []
+
+    def execve(path, args, env):
+        restarted.append((args, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(gpu_check.os, "execve", execve)
+    with pytest.raises(SystemExit):
+        gpu_check.ensure_built(torch.device("cuda"), ["--budget-s", "60"])
+    (args, env), = restarted
+    assert args[1:] == ["-m", "fastdiff.gpu_check", "--budget-s", "60", "--no-build"]
+    monkeypatch.setenv(gpu_check._BUILT_ENV, env[gpu_check._BUILT_ENV])  # what the restarted check sees
+    assert gpu_check.ensure_built(torch.device("cuda"), [])["built"] is True
+
+
 def test_junit_counts(tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text("""<?xml version="1.0"?><testsuites><testsuite>
