@@ -16,6 +16,8 @@ import glob
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -26,23 +28,64 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
+def _cuda_home() -> str:
+    """CUDA_HOME, else CUDA_PATH, else /usr/local/cuda when it holds nvcc, else the folder above the bin/ of the
+    nvcc on PATH (a toolkit installed elsewhere, e.g. /usr/local/cuda-13.0): the toolkit torch will compile with."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None and os.path.exists(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include",
+                                                        "cuda_runtime.h")):
+        return os.path.dirname(os.path.dirname(nvcc))
+    return "/usr/local/cuda"
+
+
+def _nvcc() -> str | None:
+    nvcc = os.path.join(_cuda_home(), "bin", "nvcc")
+    return nvcc if os.path.exists(nvcc) else shutil.which("nvcc")
+
+
+def _nvcc_release(nvcc: str) -> str | None:
+    """"13.0" from ``nvcc --version`` ("Cuda compilation tools, release 13.0, V13.0.88"); None if unreadable."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
 def _want_cuda() -> bool:
+    """Whether to build the CUDA kernels. torch compiles an extension only with an nvcc of the CUDA major version
+    torch itself was built with (a CUDA 12 torch refuses nvcc 13): on a mismatch the default build makes the C++
+    CPU kernels alone and says why; FASTDIFF_BUILD_CUDA=1 turns every reason into an error."""
     import torch
 
     flag = os.environ.get("FASTDIFF_BUILD_CUDA", "auto").strip().lower()
     if flag in ("0", "false", "no", "off"):
         return False
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    nvcc = shutil.which("nvcc") or (os.path.join(cuda_home, "bin", "nvcc")
-                                    if os.path.exists(os.path.join(cuda_home, "bin", "nvcc")) else None)
-    possible = torch.version.cuda is not None and nvcc is not None
+    nvcc = _nvcc()
+    why = None
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is not a CUDA build"
+    elif nvcc is None:
+        why = "no nvcc (put it on PATH or set CUDA_HOME)"
+    else:
+        release = _nvcc_release(nvcc)
+        if release is not None and release.split(".")[0] != torch.version.cuda.split(".")[0]:
+            why = (f"{nvcc} is CUDA {release} but torch {torch.__version__} was built with CUDA {torch.version.cuda}, "
+                   f"and torch compiles extensions only with an nvcc of the same major version: set CUDA_HOME to a "
+                   f"CUDA {torch.version.cuda.split('.')[0]}.x toolkit")
     if flag in ("1", "true", "yes", "on"):
-        if not possible:
-            raise RuntimeError(
-                f"FASTDIFF_BUILD_CUDA=1 but CUDA kernels cannot be built: torch.version.cuda="
-                f"{torch.version.cuda!r}, nvcc={nvcc!r}. Install the CUDA build of torch and the CUDA toolkit.")
+        if why:
+            raise RuntimeError(f"FASTDIFF_BUILD_CUDA=1 but the CUDA kernels cannot be built: {why}")
         return True
-    return possible
+    if why and torch.version.cuda is not None and nvcc is not None:
+        print(f"fastdiff: building the C++ CPU kernels only: {why}", file=sys.stderr)
+    return why is None
 
 
 def _cuda_arch_flags() -> tuple[list[str], str, str]:
@@ -70,7 +113,7 @@ def _extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         if not os.environ.get("CUDA_HOME"):
-            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+            os.environ["CUDA_HOME"] = _cuda_home()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))

@@ -7,7 +7,8 @@ Steps, in order (each prints what it does):
 
 1. Build: nothing when ``fastdiff._C`` holds CUDA kernels; else ``pip install -e . --no-build-isolation --no-deps``
    in the repository against the torch that is installed (torch >= 2.6), for this GPU's architecture only
-   (``TORCH_CUDA_ARCH_LIST`` from the device unless set), then the check restarts itself.
+   (``TORCH_CUDA_ARCH_LIST`` from the device unless set), then the check restarts itself. A failed build is
+   recorded in the JSON ("build") and the check goes on without fastdiff's CUDA kernels.
 2. Tests: the device cases of the op tests (``-k on_cuda``), tests/test_gpu_pipelines.py and
    tests/test_compile.py; the counts and the failing ids go into the JSON.
 3. Measurements (CUDA events, median of repeated calls after a warm-up):
@@ -25,7 +26,8 @@ Budget: ``--budget-s`` (default 420 s, a build not counted) is split between the
 (``--tests-timeout-s``), the ops 30% of what is left, each measurement stops repeating when its share is spent,
 and a pipeline case that does not fit the time left is skipped with a line. Without a CUDA device the check
 exits with status 2 and the line "no CUDA device" (``--dry-run`` / ``--device cpu`` run the measuring code on the
-CPU at tiny sizes instead: a test of the code, no figure from it means anything).
+CPU at tiny sizes instead: a test of the code, no figure from it means anything). The JSON is rewritten after
+every step with ``"complete": false`` until the last, so a run stopped from outside still leaves what it measured.
 """
 from __future__ import annotations
 
@@ -146,14 +148,21 @@ def _torch_version() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def ensure_built(dev, argv: list[str]) -> None:
-    """Nothing if fastdiff._C holds CUDA kernels; else build in the repository and restart this check."""
+_BUILT_ENV = "FASTDIFF_GPU_CHECK_BUILT_S"   # set for the restarted check: seconds the build took
+
+
+def ensure_built(dev, argv: list[str]) -> dict:
+    """Nothing if fastdiff._C holds CUDA kernels; else build in the repository and restart this check. A failed
+    build is recorded and the check goes on without the CUDA kernels (the Triton kernels, the tests' verdicts on
+    what is missing and the pipelines are still worth the GPU's time). Returns the JSON's "build" entry."""
     from fastdiff import _ext
 
+    if os.environ.get(_BUILT_ENV):
+        return {"built": True, "seconds": float(os.environ[_BUILT_ENV]), "cuda_kernels": _ext.has_cuda_kernels()}
     if dev.type != "cuda" or _ext.has_cuda_kernels():
         _say(f"build: fastdiff._C present ({'with' if _ext.has_cuda_kernels() else 'without'} CUDA kernels), "
              "nothing to build")
-        return
+        return {"built": False, "cuda_kernels": _ext.has_cuda_kernels()}
     import torch
 
     if _torch_version() < MIN_TORCH:
@@ -169,13 +178,22 @@ def ensure_built(dev, argv: list[str]) -> None:
     _say(f"build: fastdiff._C has no CUDA kernels ({_ext.IMPORT_ERROR or 'built without them'}); running "
          f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} FASTDIFF_BUILD_CUDA=1 {' '.join(cmd[2:])} in {REPO}")
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
-    _say(f"build: done in {time.perf_counter() - t0:.0f} s; restarting the check")
-    os.execv(sys.executable, [sys.executable, "-m", "fastdiff.gpu_check", *argv, "--no-build"])
+    rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    took = time.perf_counter() - t0
+    if rc != 0:
+        _say(f"build: FAILED (pip exit status {rc}, {took:.0f} s; its output is above); the check goes on without "
+             "fastdiff's CUDA kernels")
+        return {"built": False, "failed": f"pip exit status {rc}", "seconds": round(took, 1),
+                "cuda_kernels": _ext.has_cuda_kernels()}
+    _say(f"build: done in {took:.0f} s; restarting the check")
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fastdiff.gpu_check", *argv, "--no-build"],
+              dict(os.environ, **{_BUILT_ENV: f"{took:.1f}"}))
 
 
-def run_tests(dry: bool, timeout_s: float) -> dict:
-    """The CUDA test cases, through pytest in a child process; counts and failing ids."""
+def run_tests(dry: bool, timeout_s: float, log: Path | None = None) -> dict:
+    """The CUDA test cases, through pytest in a child process; counts and failing ids. ``log``: where pytest's
+    whole output goes (the short tracebacks of the failures), also when the time runs out."""
     tests = REPO / "tests"
     if not tests.is_dir():
         _say("tests: no tests/ folder next to the package (not a source checkout): skipped")
@@ -186,6 +204,15 @@ def run_tests(dry: bool, timeout_s: float) -> dict:
         files = [tests / f"test_{f}.py" for f in OP_TEST_FILES] + [tests / "test_gpu_pipelines.py",
                                                                     tests / "test_compile.py"]
         args = [str(f) for f in files] + ["-k", "on_cuda or test_gpu_pipelines or test_compile"]
+
+    def keep(out, err) -> dict:
+        if log is None:
+            return {}
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        log.write_text(text(out) + ("\n--- stderr ---\n" + text(err) if err else ""))
+        _say(f"tests: pytest's output is in {log}")
+        return {"log": str(log)}
+
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "-rfE",
@@ -197,12 +224,14 @@ def run_tests(dry: bool, timeout_s: float) -> dict:
         except subprocess.TimeoutExpired as e:
             _say(f"tests: stopped after {timeout_s:.0f} s (--tests-timeout-s)")
             out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            return {"timed_out_s": timeout_s, "output_tail": out[-3000:]}
+            return {"timed_out_s": timeout_s, "output_tail": out[-3000:]} | keep(e.stdout, e.stderr)
         tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]
         _say(f"tests: {tail[0]} ({time.perf_counter() - t0:.0f} s)")
+        kept = keep(proc.stdout, proc.stderr)
         if not xml.exists():
-            return {"error": proc.stderr[-2000:] or proc.stdout[-2000:]}
-        return _junit_counts(xml) | {"exit_status": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+            return {"error": proc.stderr[-2000:] or proc.stdout[-2000:]} | kept
+        return _junit_counts(xml) | {"exit_status": proc.returncode,
+                                     "seconds": round(time.perf_counter() - t0, 1)} | kept
 
 
 def _junit_counts(path: Path) -> dict:
@@ -650,18 +679,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args, argv, dry, dev, sz, start, deadline) -> int:
-    if not args.no_build:
-        ensure_built(dev, argv)
+    build = ensure_built(dev, argv) if not args.no_build or os.environ.get(_BUILT_ENV) else {"skipped": "--no-build"}
     result: dict = {"device": _device_info(dev), "dry_run": dry, "sizes": dataclasses.asdict(sz),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": False,
+                    "build": build}
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu_{_slug(result['device']['name'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        # written after every step, so a run stopped from outside (a time limit) still leaves what it measured;
+        # "complete" turns true only at the end
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        tmp.replace(out)
+
+    save()
     if args.no_tests:
         result["tests"] = {"skipped": "--no-tests"}
     else:
-        result["tests"] = run_tests(dry, args.tests_timeout_s or 0.5 * args.budget_s)
+        result["tests"] = run_tests(dry, args.tests_timeout_s or 0.5 * args.budget_s,
+                                    out.with_name(out.stem + "_tests.log"))
+    save()
     result["peaks"] = measure_peaks(dev, sz)
     left = deadline - time.perf_counter()
     result["ops"] = measure_ops(dev, sz, result["peaks"], time.perf_counter() + 0.3 * left)
     result["errors"] = {}
+    save()
 
     def guarded(name, fn, empty):
         # one failing measurement is a finding to record, not a reason to lose the others
@@ -674,19 +718,19 @@ def _check(args, argv, dry, dev, sz, start, deadline) -> int:
 
     result["graph_loop"] = guarded("graph_loop", lambda: measure_graph_loop(dev, sz), {})
     result["pipelines"] = []
+    save()
     if args.no_pipelines:
         _say("pipelines: skipped (--no-pipelines)")
     else:
         result["pipelines"] += guarded("sd1", lambda: measure_sd1(dev, sz, deadline, sz.pipeline_case_s), [])
+        save()
         result["pipelines"] += guarded("sd3", lambda: measure_sd3(dev, sz, deadline, sz.pipeline_case_s), [])
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu_{_slug(result['device']['name'])}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["complete"] = True
+    save()
     print(_table(result))
     _say(f"wrote {out} ({result['seconds']:.0f} s)")
     tests = result["tests"]
-    return 1 if tests.get("failed") or tests.get("error") or result["errors"] else 0
+    return 1 if tests.get("failed") or tests.get("error") or result["errors"] or build.get("failed") else 0
 
 
 if __name__ == "__main__":
