@@ -65,6 +65,7 @@ from fastdiff.models.unet2d import PRESETS, UNet2D, UNet2DConfig
 from fastdiff.samplers import Denoiser, make_schedule, sample_ddim, sample_flow_euler
 from fastdiff.samplers.schedules import FlowSchedule, NoiseSchedule
 from fastdiff.train.captions import CaptionTable, TextConditionedUNet, caption
+from fastdiff.train import conditions as image_conditions
 from fastdiff.train.latents import LatentDataset, encode_dataset, load_autoencoder, prepare_latents
 from fastdiff.train.plots import loss_curve
 
@@ -73,7 +74,7 @@ __all__ = ["TrainConfig", "Trainer", "train", "sample_grid", "make_adamw", "ema_
 
 
 KINDS = ("diffusion", "autoencoder")
-CONDITIONINGS = ("class", "text")
+CONDITIONINGS = ("class", "text") + image_conditions.IMAGE_CONDITIONINGS
 SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")
 PREDICTIONS = ("eps", "v", "x0", "flow")
 RECON_LOSSES = ("l1", "l2")
@@ -94,7 +95,8 @@ class TrainConfig:
     kind: str = "diffusion"                # diffusion | autoencoder
     model: str = "fashion32"               # a preset of the kind's table (see model_presets)
     model_overrides: dict = field(default_factory=dict)  # config fields replacing the preset's
-    conditioning: str = "class"            # class (UNet2D, labels) | text (SD1-layout UNet + CLIP, captions)
+    conditioning: str = "class"            # class (UNet2D, labels) | text (SD1-layout UNet + CLIP, captions) |
+                                           # sketch | sketch+class | segmentation (fastdiff.train.conditions)
     text_encoder: str = "small"            # CLIP text preset of fastdiff.models.clip_text (conditioning="text")
     autoencoder: str = ""                  # an autoencoder run folder / AutoencoderKL folder: latent diffusion
     dataset: str = "fashion-mnist"         # see fastdiff.io.datasets.load_dataset
@@ -180,12 +182,14 @@ class TrainConfig:
             raise ValueError(f"autoencoder must be a folder path (str), got {self.autoencoder!r}")
         if self.autoencoder and self.kind != "diffusion":
             raise ValueError("autoencoder (latent diffusion) needs kind diffusion; an autoencoder run takes images")
+        if self.autoencoder and self.conditioning in image_conditions.IMAGE_CONDITIONINGS:
+            raise ValueError(f"conditioning {self.conditioning} trains in pixel space: it takes no autoencoder")
         if self.autoencoder and self.hflip:
             raise ValueError("hflip cannot be used with autoencoder: latents are cached unflipped (flip the "
                              "dataset instead)")
-        if self.grad_checkpointing and (self.kind != "diffusion" or self.conditioning != "class"):
-            raise ValueError("grad_checkpointing is available for the class-conditioned UNet2D only "
-                             f"(kind diffusion, conditioning class); got kind {self.kind!r}, conditioning "
+        if self.grad_checkpointing and (self.kind != "diffusion" or self.conditioning == "text"):
+            raise ValueError("grad_checkpointing is available for the UNet2D only (kind diffusion, conditioning "
+                             f"class or an image); got kind {self.kind!r}, conditioning "
                              f"{self.conditioning!r}")
 
     def to_dict(self) -> dict:
@@ -276,7 +280,12 @@ class Trainer:
         if not resume and latest_step(self.run_dir) is not None:
             raise CheckpointError(f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue "
                                   "it or choose another run folder")
-        self.images = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
+        self.conditions = None  # image conditioning: condition images aligned with the data
+        if cfg.conditioning in image_conditions.IMAGE_CONDITIONINGS:
+            self.conditions = image_conditions.prepare_conditions(cfg, dataset, self.run_dir)
+            self.images = self.conditions.targets
+        else:
+            self.images = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
         if self.images.image_shape[1:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"dataset {self.images.name!r} has images of {self.images.image_shape[1:]} pixels but "
                              f"the configuration wants {cfg.image_size}x{cfg.image_size} (image_size)")
@@ -330,6 +339,8 @@ class Trainer:
                 base = {**asdict(vae_models.PRESETS[cfg.model]), **overrides,
                         "in_channels": channels, "out_channels": channels, "sample_size": size}
                 return _plain({"kind": "autoencoder", "vae": asdict(vae_models.VAEConfig(**base))})
+            if self.conditions is not None:
+                return _plain(image_conditions.unet_arch(cfg, self.conditions))
             if cfg.conditioning == "text":
                 text = clip_text.PRESETS[cfg.text_encoder]
                 base = {**asdict(unet_sd.PRESETS[cfg.model]), **overrides, "in_channels": channels,
@@ -360,7 +371,7 @@ class Trainer:
         d, arch = self.data, self.arch
         if "unet" in arch:
             u = self.unet_config
-            channels, size, levels = u.in_channels, u.sample_size, len(u.block_out_channels)
+            channels, size, levels = u.out_channels, u.sample_size, len(u.block_out_channels)
             if u.num_classes and d.num_classes != u.num_classes:
                 raise ValueError(f"dataset {d.name!r} has {d.num_classes} classes but the model was built for "
                                  f"{u.num_classes} ({', '.join(u.class_names) or 'unnamed'})")
@@ -455,7 +466,8 @@ class Trainer:
         w = self.cfg.warmup_steps
         return self.cfg.lr * min(1.0, (step + 1) / w) if w > 0 else self.cfg.lr
 
-    def _diffusion_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _diffusion_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator,
+                        image: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         b = x0.shape[0]
         if self.flow:  # logit-normal noise levels (Esser et al. 2024, eq. 19), network timestep T * s
@@ -471,8 +483,12 @@ class Trainer:
         if self.captions is not None:
             template = torch.randint(0, self.captions.num_templates, (b,), generator=g)
             cond = self.captions.lookup(y, template, drop)
-        else:
+        elif self.unet_config.num_classes:
             cond = torch.where(drop, torch.full_like(y, self.unet_config.null_label), y)
+        else:  # an image-conditioned UNet without labels
+            cond = torch.zeros_like(y)
+        if image is not None:  # the condition image, dropped (zeros) with the label, enters as input channels
+            image = image_conditions.condition_input(image, drop, flip if cfg.hflip else None).to(self.device)
         x0, noise, t, cond = (v.to(self.device) for v in (x0, noise, t, cond))
         if self.flow:
             s = s.to(self.device)[:, None, None, None]
@@ -487,6 +503,9 @@ class Trainer:
                 target = a * noise - s * x0        # Salimans & Ho 2022: v = alpha eps - sigma x0
             else:
                 target = x0
+        if image is not None:
+            xt = torch.cat([xt, image], 1)
+            cond = cond if self.unet_config.num_classes else None
         with self._autocast():
             out = self.model(xt, t, cond)
         return F.mse_loss(out.float(), target)
@@ -521,11 +540,13 @@ class Trainer:
         total = 0.0
         self._parts = {}
         for micro in range(cfg.grad_accum):
-            x0, y = self.data.batch(self._batch_indices(step, micro))
+            idx = self._batch_indices(step, micro)
+            x0, y = self.data.batch(idx)
             if cfg.kind == "autoencoder":
                 loss = self._autoencoder_loss(x0, g)
             else:
-                loss = self._diffusion_loss(x0, y, g)
+                loss = self._diffusion_loss(x0, y, g, None if self.conditions is None else
+                                            self.conditions.condition(idx))
             total += loss.item()
             loss = loss / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -558,6 +579,8 @@ class Trainer:
             grid, psnr = self.reconstruction_grid()
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(json.dumps({"step": self.step, "recon_psnr_db": round(psnr, 3)}) + "\n")
+        elif self.conditions is not None:
+            grid = self.condition_grid()
         elif self.unet_config is not None and self.vae is None:
             grid = sample_grid(self.ema, self.schedule, cfg.prediction, per_class=cfg.samples_per_class,
                                steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed,
@@ -630,6 +653,35 @@ class Trainer:
         if self.vae is not None:
             out = self.vae.decode(self.vae.from_latents(out.float()))
         return image_grid(to_pil(out.float().cpu()), per_row, row_labels=labels)
+
+    @torch.no_grad()
+    def condition_grid(self, n: int = 8):
+        """Image-conditioned runs: a PIL grid of ``n`` training examples, rows condition / EMA sample (guided
+        DDIM) / training image."""
+        cfg = self.cfg
+        idx = torch.arange(0, len(self.data), max(1, len(self.data) // n))[:n]
+        x0, y = self.data.batch(idx)
+        image = self.conditions.condition(idx)
+        g = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn(x0.shape, generator=g)
+        labels = self.unet_config.num_classes
+        cond, uncond = (image, torch.zeros_like(image)) if not labels else \
+            ((y, image), (torch.full_like(y, self.unet_config.null_label), torch.zeros_like(image)))
+        dev_type = self.device.type
+
+        def net(xx, tt, cc):
+            yy, img = cc if labels else (None, cc)
+            with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                return self.ema(torch.cat([xx, img], 1).to(self.device), tt.to(self.device),
+                                None if yy is None else yy.to(self.device)).float().cpu()
+
+        guided = cfg.sample_guidance != 1.0
+        out = sample_ddim(Denoiser(net, cfg.prediction), x, self.schedule, steps=cfg.sample_steps, cond=cond,
+                          uncond=uncond if guided else None, guidance=cfg.sample_guidance if guided else None,
+                          generator=g, clip=1.0, spacing="trailing")
+        rows = [image.expand(-1, x0.shape[1], -1, -1) if image.shape[1] != x0.shape[1] else image, out, x0]
+        return image_grid(to_pil(torch.cat(rows).clamp(-1, 1)), len(idx),
+                          row_labels=["condition", "sample", "training image"])
 
     def run(self, max_steps: int | None = None) -> list[float]:
         """Train until ``max_steps``; returns the losses of the steps run by this call."""
