@@ -132,6 +132,11 @@ def test_segmentation_config_errors(tmp_path):
                 progress=False)
     with pytest.raises(ValueError, match="takes no autoencoder"):
         TrainConfig(conditioning="sketch", autoencoder=str(tmp_path)).check()
+    small = ImageDataset(shapes_dataset(8, size=8)[0], torch.zeros(8, dtype=torch.int64), ("scene",), "small")
+    with pytest.raises(ValueError, match=r"images of \(8, 8\) pixels but the configuration wants 16x16"):
+        Trainer(TrainConfig(run_dir=str(tmp_path / "y"), conditioning="sketch", **BASE), dataset=small,
+                progress=False)
+    assert not (tmp_path / "y").exists()  # no sketch map drawn or cached
 
 
 # ---------------------------------------------------------------------------------------------------------------

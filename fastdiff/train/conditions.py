@@ -175,6 +175,9 @@ def prepare_conditions(cfg, dataset, run_dir: str | Path) -> ConditionedData:
                                f"shapes:{spec[0]}:{spec[1]}")
         return ConditionedData(targets, images, "segmentation")
     images = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
+    if images.image_shape[1:] != (cfg.image_size, cfg.image_size):  # before any map is drawn or cached
+        raise ValueError(f"dataset {images.name!r} has images of {images.image_shape[1:]} pixels but the "
+                         f"configuration wants {cfg.image_size}x{cfg.image_size} (image_size)")
     return ConditionedData(images, _cached_sketches(images, run_dir), "sketch")
 
 
