@@ -212,6 +212,12 @@ def test_generate_with_a_sketch_run_and_its_exported_folder(sketch_run, tmp_path
     assert exported.condition == load_pixel_pipeline(run).condition
     same = fastdiff.generate(model=str(folder), sketch=s, n=4, seed=0, steps=3, progress=False)
     assert [im.tobytes() for im in ims] == [im.tobytes() for im in same]
+    # the trainer's export (model card + folder) keeps the condition record too
+    from fastdiff.train.export import export_run
+
+    card = export_run(run, tmp_path / "card", dtype=torch.float32)
+    assert load_pixel_pipeline(card).condition == exported.condition
+    assert "sketch-conditional" in (card / "README.md").read_text()
     # a batch of sketches: one image each
     batch = fastdiff.sketch(images[:3].float())
     assert len(fastdiff.generate(model=str(run), sketch=batch, seed=0, steps=2, progress=False)) == 3
