@@ -163,7 +163,8 @@ _GOOD = dict(COMMON, max_steps=2)
 
 @pytest.mark.parametrize("field,value,message", [
     ("kind", "vae", "kind must be one of diffusion, autoencoder; got 'vae'"),
-    ("conditioning", "caption", "conditioning must be one of class, text; got 'caption'"),
+    ("conditioning", "caption", "conditioning must be one of class, text, sketch, sketch\\+class, segmentation; got "
+                                "'caption'"),
     ("model", "fashion_f4", "model must be a class-conditioned UNet preset, one of"),
     ("text_encoder", "huge", "text_encoder must be one of"),
     ("recon_loss", "l3", "recon_loss must be one of l1, l2; got 'l3'"),

@@ -19,9 +19,12 @@ def add_generate_parser(sub) -> None:
 
     p = sub.add_parser("generate", help="sample a model and write a PNG (default: a labelled grid of every class "
                        "from the bundled model)")
-    p.add_argument("--model", default=None, type=existing_path(), help="Stable Diffusion 1.x / 3 diffusers folder or .safetensors/.ckpt file "
-                   "(with --prompt), pipeline folder, UNet2DModel folder or training run folder (default: the bundled "
-                   "Fashion-MNIST model)")
+    p.add_argument("--model", default=None, type=_model_path, help="Stable Diffusion 1.x / 3 diffusers folder or .safetensors/.ckpt file "
+                   "(with --prompt), pipeline folder, UNet2DModel folder, training run folder or a bundled model's "
+                   "name (fashion32, fashion-sketch with --sketch) (default: the bundled Fashion-MNIST model)")
+    p.add_argument("--sketch", default=None, type=existing_path("file"), help="sketch-to-image: the edge map to "
+                   "follow (an image, edges white on black, e.g. from fastdiff.sketch), for a sketch-conditioned "
+                   "--model such as fashion-sketch")
     p.add_argument("--prompt", default=None, help="text prompt (Stable Diffusion --model)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (Stable Diffusion)")
     p.add_argument("--height", type=multiple_of(8, 8), default=None, help="image height, a multiple of 8 (Stable "
@@ -65,6 +68,13 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=run_generate)
 
 
+def _model_path(text: str) -> str:
+    """argparse type of ``--model``: a bundled model's name or a path that exists."""
+    from fastdiff.pipelines.pixel import BUNDLED_MODELS
+
+    return text if text in BUNDLED_MODELS else existing_path()(text)
+
+
 def _suffixed(out: Path, suffix: str) -> Path:
     return out.with_name(f"{out.stem}-{suffix}{out.suffix or '.png'}")
 
@@ -92,6 +102,14 @@ def run_generate(args: argparse.Namespace) -> int:
         if given is not None and need is None:
             print(f"fastdiff generate: error: argument {opt}: needs {what}", file=sys.stderr)
             return 2
+    if args.sketch is not None and (args.prompt is not None or args.init_image is not None):
+        print("fastdiff generate: error: argument --sketch: goes with a sketch-conditioned --model, not with "
+              "--prompt / --init-image", file=sys.stderr)
+        return 2
+    if args.model == "fashion-sketch" and args.sketch is None:
+        print("fastdiff generate: error: argument --sketch: the fashion-sketch model needs --sketch IMG (an edge "
+              "map, e.g. from fastdiff.sketch)", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     if args.prompt is not None or args.init_image is not None or args.mask is not None:
         return _run_prompt(args, out, t0)
@@ -107,7 +125,13 @@ def run_generate(args: argparse.Namespace) -> int:
                 "seed": args.seed}
         if args.quantize is not None:
             info["quantize"] = args.quantize
-        if args.label is None and pipe.class_names:
+        if args.sketch is not None or pipe.condition is not None:
+            n = args.n or 16
+            ims = generate(model=pipe, sketch=args.sketch, label=args.label, n=n, seed=args.seed,
+                           sampler=args.sampler, steps=steps, guidance=guidance, progress=not args.quiet)
+            img = image_grid(ims, min(n, 8), row_labels=None)
+            info.update(sketch=args.sketch, labels=args.label)
+        elif args.label is None and pipe.class_names:
             img = class_grid(pipe, per_class=args.n or 4, seed=args.seed, sampler=args.sampler, steps=steps,
                              guidance=guidance, progress=not args.quiet)
             info["labels"] = "all classes"

@@ -49,7 +49,7 @@ def _pipeline(model) -> PixelPipeline:
 
 
 def _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, progress, negative_prompt, height,
-                     width, init_image, strength, mask, quantize=None) -> None:
+                     width, init_image, strength, mask, quantize=None, sketch=None) -> None:
     """The checks of :func:`generate` that need no model: one line naming the argument, before anything loads."""
     from fastdiff.samplers import SAMPLERS
 
@@ -81,6 +81,17 @@ def _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, pr
         raise InvalidArgument("mask", "needs init_image, the picture to repaint")
     if quantize is not None:
         check_quantize("quantize", quantize)
+    if sketch is not None:
+        if not isinstance(sketch, (str, os.PathLike, Image.Image, torch.Tensor)) and \
+                type(sketch).__module__ != "numpy":
+            raise InvalidArgument("sketch", f"must be an edge map (fastdiff.sketch(image)): a tensor, numpy array, "
+                                            f"PIL image or image path, got {type(sketch).__name__}")
+        if prompt is not None or init_image is not None:
+            raise InvalidArgument("sketch", "goes with a sketch-conditioned pixel model (model='fashion-sketch' or a "
+                                            "sketch run), not with a prompt or init_image")
+    elif model == "fashion-sketch":
+        raise InvalidArgument("sketch", "the fashion-sketch model draws garments along a sketch: give "
+                                        "sketch=fastdiff.sketch(image) (edges 1 on 0), a PIL edge image or its path")
 
 
 def generate(prompt: str | None = None, *, model=None,
@@ -88,7 +99,7 @@ def generate(prompt: str | None = None, *, model=None,
              sampler: str | None = None, steps: int | None = None, guidance: float | str | None = "model",
              progress: bool = True, negative_prompt: str | None = None, height: int | None = None,
              width: int | None = None, init_image=None, strength: float | None = None,
-             mask=None, quantize: str | None = None) -> list[Image.Image]:
+             mask=None, quantize: str | None = None, sketch=None) -> list[Image.Image]:
     """``n`` images as PIL images. The same arguments and seed give the same images. Every argument is checked
     before a model loads or a step runs; an error is one line naming the argument (:class:`InvalidArgument`,
     a ValueError and TypeError).
@@ -106,17 +117,26 @@ def generate(prompt: str | None = None, *, model=None,
 
     ``quantize="int8"`` runs the denoiser's convolutions and linears in int8 (``pipe.quantize``; a pipeline given
     as ``model`` is quantised in place).
+
+    Sketch-to-image (``model="fashion-sketch"``, or the run folder / exported folder of a ``conditioning="sketch"``
+    run): ``sketch`` is the edge map the garments follow, as ``fastdiff.sketch(image)`` returns it (edges 1 on 0;
+    a PIL image, numpy array, tensor (H, W), (1, H, W) or (B, 1, H, W), or an image path), square, resized to the
+    model's size when it differs; ``n`` images of one sketch (default 16), or one per sketch of a batch.
+    ``guidance`` contrasts the sketch with the model's dropped (empty) condition.
     """
     _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, progress, negative_prompt, height,
-                     width, init_image, strength, mask, quantize)
+                     width, init_image, strength, mask, quantize, sketch)
     if prompt is not None or init_image is not None or mask is not None:
         return _generate_sd(prompt, model=model, n=n or 1, seed=seed, sampler=sampler, steps=steps,
                             guidance=guidance, progress=progress, negative_prompt=negative_prompt, height=height,
                             width=width, init_image=init_image, strength=strength, mask=mask, quantize=quantize)
-    n = 16 if n is None else n
     pipe = _pipeline(model)
     if quantize is not None:
         pipe.quantize(quantize)
+    if sketch is not None or pipe.condition is not None:
+        return _generate_sketch(pipe, sketch, label=label, n=n, seed=seed, sampler=sampler, steps=steps,
+                                guidance=guidance, progress=progress)
+    n = 16 if n is None else n
     sampler = sampler or pipe.defaults.sampler
     names = pipe.class_names
     if not names:
@@ -129,6 +149,40 @@ def generate(prompt: str | None = None, *, model=None,
         labels = [pipe.label_index(label)] * n
     return to_pil(_sample(pipe, labels, progress, n=n, seed=seed, sampler=sampler, steps=steps,
                           guidance=guidance) * 2 - 1)
+
+
+def _generate_sketch(pipe: PixelPipeline, sketch, *, label, n, seed, sampler, steps, guidance,
+                     progress) -> list[Image.Image]:
+    """:func:`generate` with a sketch-conditioned pixel model: ``n`` images following ``sketch``."""
+    if pipe.condition_argument != "sketch":
+        what = "takes no sketch" if pipe.condition is None else f"is {pipe.condition['kind']}-conditioned"
+        raise InvalidArgument("sketch", f"model {pipe.source or 'given'} {what}; use a sketch-conditioned model "
+                                        "(model='fashion-sketch' or a conditioning='sketch' run)")
+    if sketch is None:
+        raise InvalidArgument("sketch", "this model is sketch-conditioned: give sketch=fastdiff.sketch(image) (edges 1 "
+                                        "on 0), a PIL edge image or its path")
+    s = torch.from_numpy(sketch.copy()) if type(sketch).__module__ == "numpy" else _open_image(sketch, "sketch", "L")
+    batch = s.shape[0] if isinstance(s, torch.Tensor) and s.dim() == 4 else 1
+    if batch > 1 and n is not None and n != batch:
+        raise InvalidArgument("n", f"{n} images for a batch of {batch} sketches: one image per sketch (n={batch} or "
+                                   "None)")
+    n = batch if batch > 1 else (16 if n is None else n)
+    labels = None
+    if pipe.class_names:
+        if label is None:
+            labels = [i % len(pipe.class_names) for i in range(n)]
+        elif isinstance(label, (list, tuple)):
+            labels = [pipe.label_index(lab) for lab in label]
+            if len(labels) != n:
+                raise InvalidArgument("label", f"{len(labels)} labels for {n} images")
+        else:
+            labels = [pipe.label_index(label)] * n
+    elif label is not None:
+        raise InvalidArgument("label", "this sketch model takes no class label")
+    sampler = sampler or pipe.defaults.sampler
+    x = _sample(pipe, labels, progress, n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+                condition=s)
+    return to_pil(x * 2 - 1)
 
 
 def _sample(pipe: PixelPipeline, labels, progress: bool, *, sampler: str, steps: int | None, **kw) -> torch.Tensor:

@@ -45,13 +45,16 @@ _HELP = {
     "model_overrides": "JSON object of the model config's fields overriding the preset, e.g. "
                        "'{\"block_out_channels\": [32, 64, 128]}'",
     "conditioning": "class (labels, UNet2D) | text (captions made from the labels; SD-layout UNet + CLIP text "
-                    "encoder trained with it)",
+                    "encoder trained with it) | sketch (edge maps of the images as extra input channels) | "
+                    "sketch+class | segmentation (generate the mask of a shapes scene from its image; "
+                    "--dataset shapes[:N[:SEED]])",
     "text_encoder": "CLIP text encoder preset for --conditioning text (small, tiny, sd15)",
     "autoencoder": "latent diffusion: an autoencoder run folder (or an AutoencoderKL folder); the dataset is "
                    "encoded once and cached in the run folder",
     "recon_loss": "autoencoder reconstruction loss: l1 | l2",
     "kl_weight": "autoencoder KL weight (LDM's scale: 1e-6)",
-    "dataset": "fashion-mnist | fashion-mnist:DIR | mnist:DIR | mnist5k | digits | folder:DIR | npz:FILE",
+    "dataset": "fashion-mnist | fashion-mnist:DIR | mnist:DIR | mnist5k | digits | folder:DIR | npz:FILE | "
+               "shapes[:N[:SEED]] (synthetic segmentation scenes, --conditioning segmentation)",
     "image_size": "model resolution (28x28 sources are padded to 32)",
     "schedule": "noise schedule: linear | scaled_linear | cosine | flow (rectified flow)",
     "prediction": "network target: eps | v | x0 | flow (with --schedule flow)",
@@ -65,7 +68,8 @@ _HELP = {
     "optimizer": "adamw | adamw8bit (AdamW with block-wise 8-bit moments: ~2 bytes of state a parameter, not 8)",
     "grad_clip": "max gradient norm (0: off)",
     "ema_decay": "EMA decay of the weights used for sampling",
-    "class_dropout": "probability of replacing the label by the null class / the caption by \"\" (for guidance)",
+    "class_dropout": "probability of replacing the label by the null class / the caption by \"\" / the condition "
+                     "image by zeros (for guidance)",
     "hflip": "random horizontal flips",
     "grad_checkpointing": "recompute ResBlocks and attention in the backward pass (less memory, ~1 more forward)",
     "precision": "bf16 (autocast) | fp32 | fp16 (CUDA, GradScaler)",
@@ -94,7 +98,7 @@ _HELP = {
 _CHOICES = {
     "kind": ("diffusion", "autoencoder", "lora", "controlnet"),
     "control": ("canny",),
-    "conditioning": ("class", "text"),
+    "conditioning": ("class", "text", "sketch", "sketch+class", "segmentation"),
     "recon_loss": ("l1", "l2"),
     "schedule": ("linear", "scaled_linear", "cosine", "flow"),
     "prediction": ("eps", "v", "x0", "flow"),

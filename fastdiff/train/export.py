@@ -38,7 +38,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: tor
     state = json.loads((Path(run_dir) / f"ckpt-{run.step:07d}.json").read_text())
     c = run.unet.config
     t = run.train
-    card = f"""# fastdiff {t['model']} ({t['dataset']}, class-conditional)
+    card = f"""# fastdiff {t['model']} ({t['dataset']}, {t.get('conditioning', 'class')}-conditional)
 
 - Architecture: UNet2D, channels {list(c.block_out_channels)}, {c.layers_per_block} ResBlocks per level,
   blocks down {list(c.down_block_types)}, {c.num_classes} classes + null class (classifier-free guidance),
@@ -58,7 +58,14 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: tor
     # (fastdiff eval), kept in its folder
     c = PixelComponents(run.unet, pixel_schedule(run.schedule, clip), run.prediction,
                         DEFAULT_GUIDANCE if default_guidance is None else default_guidance)
-    return save_pixel_folder(c, out, dtype=dtype, card=card)
+    folder = save_pixel_folder(c, out, dtype=dtype, card=card)
+    condition = (state.get("arch") or {}).get("condition")
+    if condition is not None:  # an image-conditioned run: the pipeline rebuilds its condition from this record
+        cfg_path = folder / "unet" / "config.json"
+        d = json.loads(cfg_path.read_text())
+        d.setdefault("_fastdiff", {})["condition"] = condition
+        cfg_path.write_text(json.dumps(d, indent=2))
+    return folder
 
 
 def load_exported(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> RunModel:

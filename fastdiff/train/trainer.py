@@ -74,6 +74,7 @@ from fastdiff.train.adapters import ADAPTER_KINDS, AdapterRun, check_adapter_con
 from fastdiff.train.captions import CaptionTable, TextConditionedUNet, caption
 from fastdiff.train.distributed import ForwardThrough, setup as setup_distributed, shard_slice
 from fastdiff.train.optim import AdamW8bit
+from fastdiff.train import conditions as image_conditions
 from fastdiff.train.latents import LatentDataset, encode_dataset, load_autoencoder, prepare_latents
 from fastdiff.train.plots import loss_curve
 
@@ -82,7 +83,7 @@ __all__ = ["TrainConfig", "Trainer", "train", "sample_grid", "make_adamw", "ema_
 
 
 KINDS = ("diffusion", "autoencoder", *ADAPTER_KINDS)
-CONDITIONINGS = ("class", "text")
+CONDITIONINGS = ("class", "text") + image_conditions.IMAGE_CONDITIONINGS
 SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")
 PREDICTIONS = ("eps", "v", "x0", "flow")
 RECON_LOSSES = ("l1", "l2")
@@ -103,7 +104,8 @@ class TrainConfig:
     kind: str = "diffusion"                # diffusion | autoencoder
     model: str = "fashion32"               # a preset of the kind's table (see model_presets)
     model_overrides: dict = field(default_factory=dict)  # config fields replacing the preset's
-    conditioning: str = "class"            # class (UNet2D, labels) | text (SD1-layout UNet + CLIP, captions)
+    conditioning: str = "class"            # class (UNet2D, labels) | text (SD1-layout UNet + CLIP, captions) |
+                                           # sketch | sketch+class | segmentation (fastdiff.train.conditions)
     text_encoder: str = "small"            # CLIP text preset of fastdiff.models.clip_text (conditioning="text")
     autoencoder: str = ""                  # an autoencoder run folder / AutoencoderKL folder: latent diffusion
     dataset: str = "fashion-mnist"         # see fastdiff.io.datasets.load_dataset
@@ -199,13 +201,15 @@ class TrainConfig:
             raise ValueError(f"autoencoder must be a folder path (str), got {self.autoencoder!r}")
         if self.autoencoder and self.kind != "diffusion":
             raise ValueError("autoencoder (latent diffusion) needs kind diffusion; an autoencoder run takes images")
+        if self.autoencoder and self.conditioning in image_conditions.IMAGE_CONDITIONINGS:
+            raise ValueError(f"conditioning {self.conditioning} trains in pixel space: it takes no autoencoder")
         if self.autoencoder and self.hflip:
             raise ValueError("hflip cannot be used with autoencoder: latents are cached unflipped (flip the "
                              "dataset instead)")
         if self.grad_checkpointing and self.kind not in ADAPTER_KINDS and (
-                self.kind != "diffusion" or self.conditioning != "class"):
-            raise ValueError("grad_checkpointing is available for lora, controlnet and the class-conditioned UNet2D only "
-                             f"(kind diffusion, conditioning class); got kind {self.kind!r}, conditioning "
+                self.kind != "diffusion" or self.conditioning == "text"):
+            raise ValueError("grad_checkpointing is available for lora, controlnet and the UNet2D (kind diffusion, "
+                             f"conditioning class or an image); got kind {self.kind!r}, conditioning "
                              f"{self.conditioning!r}")
 
     def to_dict(self) -> dict:
@@ -301,7 +305,12 @@ class Trainer:
         if cfg.kind in ADAPTER_KINDS:
             self._init_adapter_run(resume, progress)
             return
-        self.images = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
+        self.conditions = None  # image conditioning: condition images aligned with the data
+        if cfg.conditioning in image_conditions.IMAGE_CONDITIONINGS:
+            self.conditions = image_conditions.prepare_conditions(cfg, dataset, self.run_dir)
+            self.images = self.conditions.targets
+        else:
+            self.images = dataset if dataset is not None else load_dataset(cfg.dataset, "train", size=cfg.image_size)
         if self.images.image_shape[1:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"dataset {self.images.name!r} has images of {self.images.image_shape[1:]} pixels but "
                              f"the configuration wants {cfg.image_size}x{cfg.image_size} (image_size)")
@@ -381,6 +390,8 @@ class Trainer:
                 base = {**asdict(vae_models.PRESETS[cfg.model]), **overrides,
                         "in_channels": channels, "out_channels": channels, "sample_size": size}
                 return _plain({"kind": "autoencoder", "vae": asdict(vae_models.VAEConfig(**base))})
+            if self.conditions is not None:
+                return _plain(image_conditions.unet_arch(cfg, self.conditions))
             if cfg.conditioning == "text":
                 text = clip_text.PRESETS[cfg.text_encoder]
                 base = {**asdict(unet_sd.PRESETS[cfg.model]), **overrides, "in_channels": channels,
@@ -411,7 +422,7 @@ class Trainer:
         d, arch = self.data, self.arch
         if "unet" in arch:
             u = self.unet_config
-            channels, size, levels = u.in_channels, u.sample_size, len(u.block_out_channels)
+            channels, size, levels = u.out_channels, u.sample_size, len(u.block_out_channels)
             if u.num_classes and d.num_classes != u.num_classes:
                 raise ValueError(f"dataset {d.name!r} has {d.num_classes} classes but the model was built for "
                                  f"{u.num_classes} ({', '.join(u.class_names) or 'unnamed'})")
@@ -464,14 +475,15 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(ForwardThrough(self.model), device_ids=ids)
 
-    def _micro_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator, *, sync: bool) -> torch.Tensor:
+    def _micro_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator, image: torch.Tensor | None = None,
+                    *, sync: bool) -> torch.Tensor:
         """The loss of this process's rows of one micro-batch. Under DDP the forward runs through the wrapper and,
         but for the last micro-batch of a step, inside ``no_sync`` (gradients accumulate locally; the last
         backward all-reduces the sum)."""
         if self.cfg.kind == "autoencoder":
             fn = lambda: self._autoencoder_loss(x0, g)  # noqa: E731
         else:
-            fn = lambda: self._diffusion_loss(x0, y, g)  # noqa: E731
+            fn = lambda: self._diffusion_loss(x0, y, g, image)  # noqa: E731
         if self._ddp is None:
             return fn()
         with contextlib.nullcontext() if sync else self._ddp.no_sync():
@@ -563,7 +575,8 @@ class Trainer:
         w = self.cfg.warmup_steps
         return self.cfg.lr * min(1.0, (step + 1) / w) if w > 0 else self.cfg.lr
 
-    def _diffusion_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _diffusion_loss(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator,
+                        image: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         b = x0.shape[0] * self.dist.world_size  # draws for the global micro-batch; this rank keeps its rows
         if self.flow:  # logit-normal noise levels (Esser et al. 2024, eq. 19), network timestep T * s
@@ -581,8 +594,12 @@ class Trainer:
         if self.captions is not None:
             template = torch.randint(0, self.captions.num_templates, (b,), generator=g)[rows]
             cond = self.captions.lookup(y, template, drop)
-        else:
+        elif self.unet_config.num_classes:
             cond = torch.where(drop, torch.full_like(y, self.unet_config.null_label), y)
+        else:  # an image-conditioned UNet without labels
+            cond = torch.zeros_like(y)
+        if image is not None:  # the condition image, dropped (zeros) with the label, enters as input channels
+            image = image_conditions.condition_input(image, drop, flip if cfg.hflip else None).to(self.device)
         x0, noise, t, cond = (v.to(self.device) for v in (x0, noise, t, cond))
         if self.flow:
             s = s[rows].to(self.device)[:, None, None, None]
@@ -597,6 +614,9 @@ class Trainer:
                 target = a * noise - s * x0        # Salimans & Ho 2022: v = alpha eps - sigma x0
             else:
                 target = x0
+        if image is not None:
+            xt = torch.cat([xt, image], 1)
+            cond = cond if self.unet_config.num_classes else None
         with self._autocast():
             out = self.model(xt, t, cond)
         return F.mse_loss(out.float(), target)
@@ -635,8 +655,10 @@ class Trainer:
             if self.adapter is not None:
                 loss = self.adapter.loss(self._batch_indices(step, micro), g)
             else:
-                x0, y = self.data.batch(self._rank_indices(step, micro))
-                loss = self._micro_loss(x0, y, g, sync=micro == cfg.grad_accum - 1)
+                idx = self._rank_indices(step, micro)
+                x0, y = self.data.batch(idx)
+                image = None if self.conditions is None else self.conditions.condition(idx)
+                loss = self._micro_loss(x0, y, g, image, sync=micro == cfg.grad_accum - 1)
             total += loss.item()
             loss = loss / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -674,6 +696,8 @@ class Trainer:
             grid, psnr = self.reconstruction_grid()
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(json.dumps({"step": self.step, "recon_psnr_db": round(psnr, 3)}) + "\n")
+        elif self.conditions is not None:
+            grid = self.condition_grid()
         elif self.unet_config is not None and self.vae is None:
             grid = sample_grid(self.ema, self.schedule, cfg.prediction, per_class=cfg.samples_per_class,
                                steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed,
@@ -747,6 +771,35 @@ class Trainer:
         if self.vae is not None:
             out = self.vae.decode(self.vae.from_latents(out.float()))
         return image_grid(to_pil(out.float().cpu()), per_row, row_labels=labels)
+
+    @torch.no_grad()
+    def condition_grid(self, n: int = 8):
+        """Image-conditioned runs: a PIL grid of ``n`` training examples, rows condition / EMA sample (guided
+        DDIM) / training image."""
+        cfg = self.cfg
+        idx = torch.arange(0, len(self.data), max(1, len(self.data) // n))[:n]
+        x0, y = self.data.batch(idx)
+        image = self.conditions.condition(idx)
+        g = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn(x0.shape, generator=g)
+        labels = self.unet_config.num_classes
+        cond, uncond = (image, torch.zeros_like(image)) if not labels else \
+            ((y, image), (torch.full_like(y, self.unet_config.null_label), torch.zeros_like(image)))
+        dev_type = self.device.type
+
+        def net(xx, tt, cc):
+            yy, img = cc if labels else (None, cc)
+            with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                return self.ema(torch.cat([xx, img], 1).to(self.device), tt.to(self.device),
+                                None if yy is None else yy.to(self.device)).float().cpu()
+
+        guided = cfg.sample_guidance != 1.0
+        out = sample_ddim(Denoiser(net, cfg.prediction), x, self.schedule, steps=cfg.sample_steps, cond=cond,
+                          uncond=uncond if guided else None, guidance=cfg.sample_guidance if guided else None,
+                          generator=g, clip=1.0, spacing="trailing")
+        rows = [image.expand(-1, x0.shape[1], -1, -1) if image.shape[1] != x0.shape[1] else image, out, x0]
+        return image_grid(to_pil(torch.cat(rows).clamp(-1, 1)), len(idx),
+                          row_labels=["condition", "sample", "training image"])
 
     def run(self, max_steps: int | None = None) -> list[float]:
         """Train until ``max_steps``; returns the losses of the steps run by this call."""
