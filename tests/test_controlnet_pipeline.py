@@ -4,7 +4,9 @@ weights, control images, scheduler and seed.
 Oracle: diffusers. The ControlNets are ``ControlNetModel.from_unet`` of the reference UNet with every weight
 re-drawn (:mod:`sd1_builders`), saved with ``save_pretrained`` and loaded by ``fastdiff.load_controlnet``.
 fastdiff's images must equal diffusers' within 1/255 per pixel (the SD1 pipeline parity rule) with one
-ControlNet, two ControlNets, a ``[control_start, control_end]`` window, and scale 0 must be the plain pipeline.
+ControlNet, two ControlNets, a ``[control_start, control_end]`` window, and scale 0 must be the plain pipeline;
+img2img and inpainting with a ControlNet against StableDiffusionControlNetImg2ImgPipeline and
+StableDiffusionControlNetInpaintPipeline likewise.
 """
 from __future__ import annotations
 
@@ -123,6 +125,67 @@ def test_scale_zero_is_the_plain_pipeline(ref_folder, controlnets):
     zero2 = pipe.txt2img("a cat", seed=2, control=[_control(1, 7), _control(1, 8)], controlnet=[cn, cn2],
                          control_scale=0, **kw)
     assert torch.equal(plain, zero2)
+
+
+def _image(seed: int) -> torch.Tensor:
+    """A smooth init image with a little noise (random pixels would make the VAE's latents meaningless)."""
+    g = torch.Generator().manual_seed(seed)
+    image = (0.5 + 0.4 * torch.sin(torch.linspace(0, 9, 3 * 64 * 48) + seed).reshape(1, 3, 64, 48)).clamp(0, 1)
+    return (image + 0.05 * torch.rand(image.shape, generator=g)).clamp(0, 1)
+
+
+def _pipeline(cls: str, ref, nets, sampler):
+    pipe = getattr(diffusers, cls)(
+        **{**{k: v for k, v in ref.components.items() if k != "image_encoder"}, "controlnet": nets,
+           "scheduler": getattr(diffusers, _SCHEDULERS[sampler]).from_config(ref.scheduler.config)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_img2img_with_a_controlnet_matches_diffusers(ref_folder, controlnets, sampler):
+    """img2img + ControlNet against StableDiffusionControlNetImg2ImgPipeline: strength 0.75 of 8 steps (6 run),
+    guided, 2 prompts x 2 images, the ControlNet in [0.2, 1.0] of the steps that run (steps 2..5 of 6: a window
+    counted over all 8 steps would start a step earlier)."""
+    d, ref = ref_folder
+    (ref_cn, _), (cn, _) = controlnets
+    pipe = load_sd1(d / "sd")
+    image, control = _image(5), _control(1, 13)
+    kw = dict(negative_prompt=["blurry", "low quality"], guidance=5.0, num_images_per_prompt=2)
+    ours = pipe.img2img(PROMPTS, image, strength=0.75, steps=8, sampler=sampler, control=control, controlnet=cn,
+                        control_scale=0.9, control_start=0.2, generator=torch.Generator().manual_seed(7), **kw)
+    theirs = _pipeline("StableDiffusionControlNetImg2ImgPipeline", ref, ref_cn, sampler)(
+        PROMPTS, image=image, control_image=control, strength=0.75, num_inference_steps=8, guidance_scale=5.0,
+        negative_prompt=kw["negative_prompt"], height=64, width=48, num_images_per_prompt=2,
+        controlnet_conditioning_scale=0.9, control_guidance_start=0.2, generator=torch.Generator().manual_seed(7),
+        output_type="pt").images
+    _assert_parity(ours, theirs, (4, 3, 64, 48))
+    plain = pipe.img2img(PROMPTS, image, strength=0.75, steps=8, sampler=sampler,
+                         generator=torch.Generator().manual_seed(7), **kw)
+    assert (plain - ours).abs().max() > 0.05  # the ControlNet matters
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_inpaint_with_a_controlnet_matches_diffusers(ref_folder, controlnets, sampler):
+    """Inpainting by mask blending (4-channel UNet) + ControlNet against StableDiffusionControlNetInpaintPipeline
+    at strength 1, guided, 2 prompts, one control image per prompt."""
+    d, ref = ref_folder
+    (ref_cn, _), (cn, _) = controlnets
+    pipe = load_sd1(d / "sd")
+    image, control = _image(6), _control(2, 14)
+    mask = torch.zeros(1, 1, 64, 48)
+    mask[..., 16:48, 8:40] = 1.0
+    prompts = ["a red ball", "a dog"]
+    ours = pipe.inpaint(prompts, image, mask, steps=4, sampler=sampler, guidance=5.0, control=control,
+                        controlnet=cn, control_scale=1.1, generator=torch.Generator().manual_seed(11))
+    theirs = _pipeline("StableDiffusionControlNetInpaintPipeline", ref, ref_cn, sampler)(
+        prompts, image=image, mask_image=mask, control_image=control, num_inference_steps=4, guidance_scale=5.0,
+        height=64, width=48, controlnet_conditioning_scale=1.1, generator=torch.Generator().manual_seed(11),
+        output_type="pt").images
+    _assert_parity(ours, theirs, (2, 3, 64, 48))
+    plain = pipe.inpaint(prompts, image, mask, steps=4, sampler=sampler, guidance=5.0,
+                         generator=torch.Generator().manual_seed(11))
+    assert (plain - ours).abs().max() > 0.05
 
 
 def test_img2img_and_inpaint_take_a_controlnet(ref_folder, controlnets):

@@ -1,7 +1,12 @@
 """LoRA on fastdiff models: a low-rank side path beside each Linear / Conv2d, several LoRAs at once, scales that
 change without a reload, fuse / unfuse with the base weights restored bit-exactly.
 
-Unfused, a LoRA'd layer computes (``s`` = the user's scale times alpha / r)::
+Unfused, a LoRA'd Linear in inference computes (``s`` = the user's scale times alpha / r)::
+
+    y = base(x, residual)                             # exactly the base layer's call, as without the LoRA
+    for each LoRA:  y += (s * x @ down^T) @ up^T      # rank-r GEMMs, the second accumulated into y in place
+
+and with autograd (or an activation to apply after the sum), and for a LoRA'd Conv2d::
 
     side = residual                                   # the caller's fused residual, if any
     for each LoRA:  side = up(down(x) * s) + side     # the add is the up-projection's fused residual post-op
@@ -9,7 +14,7 @@ Unfused, a LoRA'd layer computes (``s`` = the user's scale times alpha / r)::
 
 through fastdiff's public :func:`~fastdiff.ops.linear` / :func:`~fastdiff.ops.conv2d` (a conv LoRA's ``down``
 has the base kernel, stride and padding, ``up`` is 1x1). Nothing copies a weight per step: the cost is two
-rank-r matmuls per layer. The scale is a 0-d buffer filled in place, so :meth:`LoraSet.set_scale` takes effect
+rank-r matmuls per layer (benchmarks/bench_lora.py measures the step against the base step). The scale is a 0-d buffer filled in place, so :meth:`LoraSet.set_scale` takes effect
 on the next call (no reload, no recompile under ``torch.compile``).
 
 Fused, ``W <- W + sum(s * up @ down)`` is computed in fp32 and rounded once; the base tensor is kept aside and
@@ -32,6 +37,7 @@ from torch import nn
 from fastdiff.adapters.lora_keys import LoraError, LoraPair, convert_lora_state_dict
 from fastdiff.io.checkpoint import read_state_dict
 from fastdiff.ops import Conv2d, Linear, conv2d, linear
+from fastdiff.ops._onednn import onednn_math_dtype
 
 __all__ = ["LoraError", "LoraLinear", "LoraConv2d", "LoraSet", "LoraMixin", "read_lora_file"]
 
@@ -108,15 +114,57 @@ class _LoraLayer:
         self.__dict__.pop("_fd_pack", None)  # the pre-packed weight belongs to the old tensor
 
 
+def _tracks_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class LoraLinear(Linear, _LoraLayer):
     """A fastdiff :class:`~fastdiff.ops.Linear` with LoRA side paths (same parameters and state_dict)."""
 
     def forward(self, input: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None):
+        active = self._active()
+        if not active:
+            return super().forward(input, activation=activation, residual=residual)
+        if activation is None and not _tracks_grad(input, self.weight, residual, *(a.down for a in active),
+                                                   *(a.up for a in active)):
+            # Inference: the base layer runs exactly as without the LoRA, then each rank-r side path is
+            # accumulated into its output in place (``y += (s * x @ down^T) @ up^T``: one GEMM with beta = 1,
+            # no separate add, no second output-sized tensor).
+            y = super().forward(input, residual=residual)
+            _accumulate(y, input, active)
+            return y
+        # autograd (or an activation after the sum): the side path as the base layer's fused residual
         side = residual
-        for a in self._active():
+        for a in active:
             h = linear(input, a.down) * a.scale.to(input.dtype)
             side = linear(h, a.up, residual=side)
         return super().forward(input, activation=activation, residual=side)
+
+
+def _accumulate(y: torch.Tensor, x: torch.Tensor, adapters) -> None:
+    """``y += sum_a (s_a * x @ down_a^T) @ up_a^T`` in place (y is the base output, just allocated).
+
+    The two matmuls run in the dtype the base layer computes in (:func:`~fastdiff.ops._onednn.onednn_math_dtype`:
+    fp32 for bf16 tensors on CPUs without fast bf16 dot products, where torch's bf16 matmul is ~10x slower);
+    the rank-r intermediate is tiny, so scaling it costs nothing.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = y.view(-1, y.shape[-1])
+    math = onednn_math_dtype(y.dtype) if y.device.type == "cpu" else y.dtype
+    if math == y.dtype:
+        for a in adapters:
+            h = torch.mm(x2, a.down.t())
+            h.mul_(a.scale)
+            y2.addmm_(h, a.up.t())
+        return
+    xm = x2.to(math)
+    side = None
+    for a in adapters:
+        h = torch.mm(xm, a.down.t().to(math))
+        h.mul_(a.scale)
+        up = a.up.t().to(math)
+        side = torch.mm(h, up) if side is None else side.addmm_(h, up)
+    y2.add_(side)  # fp32 side into the rounded base output: one more rounding, as the residual path had
 
 
 class LoraConv2d(Conv2d, _LoraLayer):
