@@ -10,7 +10,6 @@ diffusers model) and the peak increase of malloc's in-use bytes during the timed
 stand-in for torch.cuda.max_memory_allocated)."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -51,13 +50,10 @@ def time_pair(fast, slow, rounds: int = ROUNDS) -> tuple[float, float, float, fl
 def models():
     from fastdiff.models import unet_sd, vae
 
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from test_sd1_models import SD15_UNET_JSON, SD15_VAE_JSON
-
+    # the SD1.5 configurations in diffusers' terms (tests/test_sd1_models.py checks them against the release's)
     torch.manual_seed(0)
-    ref_u = diffusers.UNet2DConditionModel(**SD15_UNET_JSON).eval()
-    ref_v = diffusers.AutoencoderKL(**SD15_VAE_JSON).eval()
+    ref_u = diffusers.UNet2DConditionModel(**unet_sd.SD15.to_diffusers()).eval()
+    ref_v = diffusers.AutoencoderKL(**vae.SD15.to_diffusers()).eval()
     ours_u = unet_sd.UNetSD(unet_sd.SD15).eval()
     ours_u.load_state_dict(ref_u.state_dict())
     ours_v = vae.AutoencoderKL(vae.SD15).eval()
