@@ -29,16 +29,27 @@ def _inputs(cfg, b):
             torch.randint(0, 1000, (b,), generator=g), torch.randint(0, cfg.num_class_embeds, (b,), generator=g))
 
 
+def _is_python_scalar(v):
+    """Whether ``v`` is a Python number autograd saved as a 0-dim tensor (``0.5 * x`` keeps 0.5 for the backward
+    of mul): such a "wrapped number" is float64/int64/complex128 and ranks below a 0-dim tensor of a narrower
+    dtype of its category in type promotion, which a real 0-dim tensor does not."""
+    low = {torch.float64: torch.float16, torch.int64: torch.int8, torch.complex128: torch.complex64}.get(v.dtype)
+    return v.dim() == 0 and low is not None and torch.result_type(torch.zeros((), dtype=low), v) == low
+
+
 def _graph_saved_bytes(model, b, bf16, forward=None):
     """Bytes of the unique non-parameter storages held by the autograd graph of one forward pass, found by
-    visiting every node's ``_saved_*`` attributes (and ``saved_tensors`` of custom functions)."""
+    visiting every node's ``_saved_*`` attributes (and ``saved_tensors`` of custom functions).
+
+    Python scalar operands saved by a node are left out: they are host-side 0-dim tensors even when the pass runs
+    on a GPU, so they take no device memory (8 bytes each on the host)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = forward(b) if forward is not None else model(*_inputs(model.config, b))
     seen, stack, found = set(), [out.grad_fn], {}
 
     def add(v):
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and not _is_python_scalar(v):
             st = v.untyped_storage()
             if st.data_ptr() not in params:
                 found[st.data_ptr()] = st.nbytes()
@@ -57,6 +68,15 @@ def _graph_saved_bytes(model, b, bf16, forward=None):
             add(v)
         stack.extend(f for f, _ in node.next_functions)
     return sum(found.values())
+
+
+def test_graph_walk_tells_python_scalars_from_tensors():
+    x = torch.randn(3, requires_grad=True)
+    assert _is_python_scalar((0.5 * x).grad_fn._saved_other)
+    assert _is_python_scalar((x * 3).grad_fn._saved_other)
+    assert not _is_python_scalar((x * torch.tensor(0.5, dtype=torch.float64)).grad_fn._saved_other)
+    assert not _is_python_scalar((x * torch.tensor(3)).grad_fn._saved_other)
+    assert not _is_python_scalar(x.exp().grad_fn._saved_result)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -151,7 +151,11 @@ def _saved_bytes(model: torch.nn.Module, batch: int, precision: str, captions: C
     hold: list[torch.Tensor] = []
 
     def pack(tensor):
-        holder = _Saved(tensor)
+        # The holder keeps a detached alias (same storage): holding the tensor itself would, for a tensor saved
+        # as its own node's output (exp, sigmoid, ...), close a cycle tensor -> grad_fn -> holder -> tensor that
+        # no garbage collection breaks, and keep alive a side graph a real pass frees as soon as it is dropped
+        # (an autoencoder posterior's unused std, say).
+        holder = _Saved(tensor.detach())
         ptr, nbytes = _storage_key(tensor)
         if ptr not in params:
             saves.append((weakref.ref(holder), ptr, nbytes, active[-1] if active else None))
@@ -194,7 +198,9 @@ def _saved_bytes(model: torch.nn.Module, batch: int, precision: str, captions: C
 
 
 class _Saved:
-    """What autograd stores for a saved tensor while the plan measures (weak-referenceable)."""
+    """What autograd stores for a saved tensor while the plan measures (weak-referenceable). Python scalar
+    operands that autograd saves (``0.5 * x`` keeps 0.5 as a host-side 0-dim tensor) never reach the hooks:
+    they live in host memory, not on the device, and the plan rightly leaves them out."""
 
     __slots__ = ("tensor", "__weakref__")
 
