@@ -1,9 +1,11 @@
 """Memory plan (fastdiff train --plan) and gradient checkpointing.
 
 Oracles: the saved tensors found by walking the autograd graph node by node (``grad_fn._saved_*``: independent
-of the saved_tensors_hooks the plan uses), the real optimizer state of torch's AdamW and fastdiff's AdamW8bit
-after a step, the published parameter count of the CIFAR-10 DDPM, the plain (non-checkpointed) pass, and the
-peak resident memory of a real training step on the CPU for every model kind.
+of the saved_tensors_hooks the plan uses), the CPU allocator's peak during a forward pass (the profiler's
+allocation events: independent of the dispatch mode the plan follows storages with), the real optimizer state
+of torch's AdamW and fastdiff's AdamW8bit after a step, the published parameter count of the CIFAR-10 DDPM, the
+plain (non-checkpointed) pass, and the peak resident memory of a real training step on the CPU for every model
+kind.
 """
 import dataclasses
 import json
@@ -29,16 +31,27 @@ def _inputs(cfg, b):
             torch.randint(0, 1000, (b,), generator=g), torch.randint(0, cfg.num_class_embeds, (b,), generator=g))
 
 
+def _is_python_scalar(v):
+    """Whether ``v`` is a Python number autograd saved as a 0-dim tensor (``0.5 * x`` keeps 0.5 for the backward
+    of mul): such a "wrapped number" is float64/int64/complex128 and ranks below a 0-dim tensor of a narrower
+    dtype of its category in type promotion, which a real 0-dim tensor does not."""
+    low = {torch.float64: torch.float16, torch.int64: torch.int8, torch.complex128: torch.complex64}.get(v.dtype)
+    return v.dim() == 0 and low is not None and torch.result_type(torch.zeros((), dtype=low), v) == low
+
+
 def _graph_saved_bytes(model, b, bf16, forward=None):
     """Bytes of the unique non-parameter storages held by the autograd graph of one forward pass, found by
-    visiting every node's ``_saved_*`` attributes (and ``saved_tensors`` of custom functions)."""
+    visiting every node's ``_saved_*`` attributes (and ``saved_tensors`` of custom functions).
+
+    Python scalar operands saved by a node are left out: they are host-side 0-dim tensors even when the pass runs
+    on a GPU, so they take no device memory (8 bytes each on the host)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = forward(b) if forward is not None else model(*_inputs(model.config, b))
     seen, stack, found = set(), [out.grad_fn], {}
 
     def add(v):
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and not _is_python_scalar(v):
             st = v.untyped_storage()
             if st.data_ptr() not in params:
                 found[st.data_ptr()] = st.nbytes()
@@ -59,6 +72,15 @@ def _graph_saved_bytes(model, b, bf16, forward=None):
     return sum(found.values())
 
 
+def test_graph_walk_tells_python_scalars_from_tensors():
+    x = torch.randn(3, requires_grad=True)
+    assert _is_python_scalar((0.5 * x).grad_fn._saved_other)
+    assert _is_python_scalar((x * 3).grad_fn._saved_other)
+    assert not _is_python_scalar((x * torch.tensor(0.5, dtype=torch.float64)).grad_fn._saved_other)
+    assert not _is_python_scalar((x * torch.tensor(3)).grad_fn._saved_other)
+    assert not _is_python_scalar(x.exp().grad_fn._saved_result)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_activations_linear_in_batch_and_match_graph_walk(precision):
     torch.manual_seed(0)
@@ -70,6 +92,32 @@ def test_activations_linear_in_batch_and_match_graph_walk(precision):
     assert walk[4] - walk[2] == walk[6] - walk[4] == 2 * act.per_sample
     assert act.at(2) == walk[2] and act.at(4) == walk[4]
     assert act.per_sample > 0
+
+
+def _allocator_forward_peak(model, b):
+    """The most bytes the CPU allocator holds at once during one training forward pass, from the profiler's
+    allocation and free events (independent of the dispatch mode the plan follows storages with)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = training_forward(model, b)
+    del out
+    now = peak = 0
+    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                       if e.name() == "[memory]"):
+        now += n
+        peak = max(peak, now)
+    return peak
+
+
+def test_forward_working_set_matches_the_allocator_peak():
+    torch.manual_seed(0)
+    model = UNet2D(TINY).train()
+    act = measure_activations(TINY, "fp32", batches=(2, 4), model=model)
+    # a UNet's forward peaks at its last up block, where not-saved temporaries sit next to the saved tensors
+    assert act.transient_per_sample > 0
+    for b in (2, 4, 8):  # 8: the linear fit extrapolated
+        assert act.peak(b) == _allocator_forward_peak(model, b), b
 
 
 def test_bf16_halves_the_per_sample_activations(use_settings):

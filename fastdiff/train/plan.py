@@ -22,6 +22,7 @@ What a training step holds on the device, P = number of trained parameters, B = 
     frozen autoencoder 4 P_vae      latent diffusion: the autoencoder that decodes sample grids (fp32, no grads;
                                     the cached latents stay in host memory)
     activations        A0 + a B     the saved-for-backward tensors of the forward pass (measured, see below)
+    working set        W0 + w B     the not-saved tensors alive at the forward's peak, on top of the saved ones
     batch tensors      diffusion: 5 x C H W x 4 B (x0, noise, x_t, target, output in fp32, C H W the latent's
                        in latent runs) + 77 x 8 B token ids for captions; autoencoder: 3 x C H W x 4 B (input,
                        fp32 reconstruction, error) + 2 x c h w x 4 B (noise, z at the latent size)
@@ -31,8 +32,12 @@ Activations are measured, not guessed: the network runs one real forward pass on
 records every tensor autograd keeps for the backward pass; unique storages are counted once and parameters
 are left out (they are the weights above). The bytes are linear in the batch, S(B) = A0 + a B, so the two
 probes give the per-sample cost a and the batch-independent rest A0 (under autocast: the bf16 copies of the
-weights, which autocast caches for the pass). bf16 and fp16 autocast both store 2-byte activations; fp16 is
-probed with bf16 on the CPU (fp16 arithmetic is extremely slow there, and the sizes are the same).
+weights, which autocast caches for the pass). The same passes run under a dispatch mode that follows every
+storage the ops create until it is freed; the most bytes alive at once, less the saved bytes, is the forward's
+working set (the concatenated skips and residual sums of a UNet's last block, alive next to nearly all the
+saved tensors), fitted the same way and added to the activations. bf16 and fp16 autocast both store 2-byte
+activations; fp16 is probed with bf16 on the CPU (fp16 arithmetic is extremely slow there, and the sizes are the
+same).
 
 With gradient checkpointing (every ResBlock and attention block recomputed in the backward pass) the pass
 keeps only what runs outside those blocks plus each block's inputs; during backward one block at a time is
@@ -51,6 +56,8 @@ import weakref
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fastdiff.models import clip_text, unet_sd, vae as vae_models
 from fastdiff.models.unet2d import UNet2D, UNet2DConfig, _Checkpointable
@@ -92,9 +99,18 @@ class ActivationBytes:
     per_sample: int
     fixed: int
     probes: tuple[tuple[int, int], ...]  # (batch, bytes) as measured
+    # the forward's working set on top of the saved bytes: the most bytes of not-saved tensors alive at once
+    # during the pass (the up path's concatenations and residual sums at the end of a UNet, say)
+    transient_per_sample: int = 0
+    transient_fixed: int = 0
 
     def at(self, batch: int) -> int:
+        """Saved-for-backward bytes at ``batch``."""
         return self.fixed + self.per_sample * batch
+
+    def peak(self, batch: int) -> int:
+        """Saved bytes plus the forward's working set at ``batch``: what the activations take at their peak."""
+        return self.at(batch) + self.transient_fixed + self.transient_per_sample * batch
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
@@ -137,11 +153,37 @@ def training_forward(model: torch.nn.Module, batch: int, *, captions: CaptionTab
     raise TypeError(f"no training forward for {type(model).__name__}")
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages the ops of a pass create that are alive at once (a storage counts from the op
+    that returns it until it is freed; ``skip``: storage pointers left out, the parameters). Only tensors ops
+    return are seen, not a backend's private workspaces (the reserve covers cuDNN's and cuBLAS's)."""
+
+    def __init__(self, skip):
+        super().__init__()
+        self.skip, self.live, self.now, self.peak = skip, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr and ptr not in self.skip and ptr not in self.live:
+                    self.live[ptr] = st.nbytes()
+                    self.now += self.live[ptr]
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(st, self._free, ptr)  # a storage's Python object lives as long as it does
+        return out
+
+    def _free(self, ptr):
+        self.now -= self.live.pop(ptr, 0)
+
+
 def _saved_bytes(model: torch.nn.Module, batch: int, precision: str, captions: CaptionTable | None = None
-                 ) -> tuple[int, int]:
+                 ) -> tuple[int, int, int]:
     """(bytes kept for backward by one forward pass at ``batch``, largest bytes one checkpointable block keeps
-    inside itself). With checkpointing on, block inputs (held by the checkpoint for the recomputation) count
-    as kept."""
+    inside itself, the most bytes of not-kept tensors alive at one time during the pass). With checkpointing
+    on, block inputs (held by the checkpoint for the recomputation) count as kept."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     # Every save goes through a holder; only holders still alive after the pass count. A graph that dies
     # during the forward (a side computation whose result is dropped) frees its holders at once.
@@ -151,7 +193,11 @@ def _saved_bytes(model: torch.nn.Module, batch: int, precision: str, captions: C
     hold: list[torch.Tensor] = []
 
     def pack(tensor):
-        holder = _Saved(tensor)
+        # The holder keeps a detached alias (same storage): holding the tensor itself would, for a tensor saved
+        # as its own node's output (exp, sigmoid, ...), close a cycle tensor -> grad_fn -> holder -> tensor that
+        # no garbage collection breaks, and keep alive a side graph a real pass frees as soon as it is dropped
+        # (an autoencoder posterior's unused std, say).
+        holder = _Saved(tensor.detach())
         ptr, nbytes = _storage_key(tensor)
         if ptr not in params:
             saves.append((weakref.ref(holder), ptr, nbytes, active[-1] if active else None))
@@ -176,8 +222,9 @@ def _saved_bytes(model: torch.nn.Module, batch: int, precision: str, captions: C
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision in ("bf16", "fp16")
                 else contextlib.nullcontext())
+    live = _LiveBytes(params)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor), autocast:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor), autocast, live:
             out = training_forward(model, batch, captions=captions)
         per_block: dict[int, dict[int, int]] = {}
         for ref, ptr, nbytes, block in saves:
@@ -190,11 +237,13 @@ def _saved_bytes(model: torch.nn.Module, batch: int, precision: str, captions: C
         for h in handles:
             h.remove()
     largest_block = max((sum(d.values()) for d in per_block.values()), default=0)
-    return sum(kept.values()), largest_block
+    return sum(kept.values()), largest_block, max(0, live.peak - sum(kept.values()))
 
 
 class _Saved:
-    """What autograd stores for a saved tensor while the plan measures (weak-referenceable)."""
+    """What autograd stores for a saved tensor while the plan measures (weak-referenceable). Python scalar
+    operands that autograd saves (``0.5 * x`` keeps 0.5 as a host-side 0-dim tensor) never reach the hooks:
+    they live in host memory, not on the device, and the plan rightly leaves them out."""
 
     __slots__ = ("tensor", "__weakref__")
 
@@ -221,27 +270,32 @@ def measure_activations(unet_config: UNet2DConfig | None, precision: str = "bf16
         raise ValueError("grad_checkpointing is available for the class-conditioned UNet2D only")
     was_training, was_ckpt = model.training, getattr(model, "grad_checkpointing", False)
     model.train()
-    probes = []
+    probes, transients = [], []
     try:
         with torch.enable_grad():
             for b in (b1, b2):
                 if grad_checkpointing:
                     model.set_grad_checkpointing(False)
-                    _, transient = _saved_bytes(model, b, precision)  # one block recomputed at a time
+                    _, block, _ = _saved_bytes(model, b, precision)  # one block recomputed at a time
                     model.set_grad_checkpointing(True)
-                    kept, _ = _saved_bytes(model, b, precision)
-                    probes.append((b, kept + transient))
+                    kept, _, working = _saved_bytes(model, b, precision)
+                    probes.append((b, kept + block))
                 else:
                     if isinstance(model, UNet2D):
                         model.set_grad_checkpointing(False)
-                    probes.append((b, _saved_bytes(model, b, precision, captions)[0]))
+                    kept, _, working = _saved_bytes(model, b, precision, captions)
+                    probes.append((b, kept))
+                transients.append(working)
     finally:
         if isinstance(model, UNet2D):
             model.set_grad_checkpointing(was_ckpt)
         model.train(was_training)
     (_, s1), (_, s2) = probes
     per_sample = (s2 - s1) // (b2 - b1)
-    return ActivationBytes(per_sample=per_sample, fixed=max(0, s1 - per_sample * b1), probes=tuple(probes))
+    t1, t2 = transients
+    t_per = max(0, -(-(t2 - t1) // (b2 - b1)))  # rounded up: the plan bounds the peak from above
+    return ActivationBytes(per_sample=per_sample, fixed=max(0, s1 - per_sample * b1), probes=tuple(probes),
+                           transient_per_sample=t_per, transient_fixed=max(0, t1 - t_per * b1, t2 - t_per * b2))
 
 
 @dataclass
@@ -280,13 +334,13 @@ class MemoryPlan:
         return self.activations_checkpointed
 
     def total(self, batch: int, *, grad_checkpointing: bool = False) -> int:
-        return self.fixed + self._act(grad_checkpointing).at(batch) + self.batch_tensors_per_sample * batch
+        return self.fixed + self._act(grad_checkpointing).peak(batch) + self.batch_tensors_per_sample * batch
 
     def max_batch(self, *, grad_checkpointing: bool = False) -> int:
         """The largest micro-batch whose total fits in the memory left after the reserve (0: none fits)."""
         act = self._act(grad_checkpointing)
-        free = self.gpu_memory - self.reserve - self.fixed - act.fixed
-        per = act.per_sample + self.batch_tensors_per_sample
+        free = self.gpu_memory - self.reserve - self.fixed - act.fixed - act.transient_fixed
+        per = act.per_sample + act.transient_per_sample + self.batch_tensors_per_sample
         return max(0, free // per) if per > 0 else 0
 
     def to_dict(self) -> dict:
@@ -319,6 +373,8 @@ class MemoryPlan:
         lines += [
             f"  activations per sample    {mb(a.per_sample)}   (+{mb(a.fixed).strip()} fixed; measured at batch "
             f"{a.probes[0][0]} and {a.probes[1][0]})",
+            f"  forward working set       {mb(a.transient_per_sample)}   (+{mb(a.transient_fixed).strip()} fixed; "
+            "not-saved tensors alive at the forward's peak)",
             (f"    with grad checkpointing {mb(ac.per_sample)}   (+{mb(ac.fixed).strip()} fixed)" if ac is not None
              else "    with grad checkpointing: not available for this model kind"),
             f"  batch tensors per sample  {mb(self.batch_tensors_per_sample)}",
