@@ -94,7 +94,9 @@ def _saved_bytes(run, batch: int, blocks: list[nn.Module], checkpointed: bool) -
     hold: list[torch.Tensor] = []
 
     def pack(tensor):
-        holder = _Saved(tensor)
+        # a detached alias (same storage), as fastdiff.train.plan holds it: the tensor itself would close a
+        # tensor -> grad_fn -> holder cycle and keep alive side graphs a real pass frees
+        holder = _Saved(tensor.detach())
         k = _key(tensor)
         if k not in params:
             saves.append((weakref.ref(holder), k, tensor.untyped_storage().nbytes(), active[-1] if active else None))
