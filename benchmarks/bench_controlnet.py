@@ -23,7 +23,7 @@ import time
 import pytest
 import torch
 
-from conftest import FULL_SIZE, add_row
+from conftest import FULL_SIZE, add_row, time_once
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -61,11 +61,6 @@ def _fastdiff_models(ref_unet, ref_cn):
     return unet.eval(), cn.eval()
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
 
 @pytest.mark.parametrize("dname", list(DTYPES))
 @pytest.mark.parametrize("res", RES)
@@ -102,7 +97,7 @@ def test_controlnet_unet_step(benchmark, reference, res, dname):
         times = {k: [] for k in sides}
         for r in range(ROUNDS + 1):  # round 0 warms each side up
             for k, fn in sides.items():
-                s = _time(fn)
+                s = time_once(fn)
                 if r:
                     times[k].append(s)
     best = {k: min(v) for k, v in times.items()}

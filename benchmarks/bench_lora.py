@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import FULL_SIZE, add_row
+from conftest import FULL_SIZE, add_row, time_once
 
 RES = [128, 512] if FULL_SIZE else [128]
 ROUNDS = 3 if FULL_SIZE else 2
@@ -52,11 +52,6 @@ def _lora_copy(base: torch.nn.Module, dtype: torch.dtype):
     return m, loras, len(sd) // 2
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
 
 @pytest.mark.parametrize("dname", list(DTYPES))
 @pytest.mark.parametrize("res", RES)
@@ -75,9 +70,9 @@ def test_lora_unet_step(benchmark, base_unet, res, dname):
         # the LoRA must change the output (or the timing would measure nothing)
         assert not torch.equal(run_base(), run_lora())
         for r in range(ROUNDS + 1):  # round 0 warms each side up
-            times_r = {"base": _time(run_base), "unfused": _time(run_lora)}
+            times_r = {"base": time_once(run_base), "unfused": time_once(run_lora)}
             loras.fuse()
-            times_r["fused"] = _time(run_lora)
+            times_r["fused"] = time_once(run_lora)
             loras.unfuse()
             if r:
                 for k, v in times_r.items():

@@ -89,7 +89,7 @@ def time_pair(fast, eager, *, rounds: int = 7, min_time: float = 0.02, warmup: i
     (seconds-long calls, such as torch's native bf16 convolutions on a CPU without bf16 dot products, would
     otherwise take minutes per case)."""
     if first is None:
-        first = (_once(fast), _once(eager))
+        first = (time_once(fast), time_once(eager))
     slowest = max(first)
     if slowest > 1.0:
         rounds, warmup, min_time = 1, 0, 0.0
@@ -100,12 +100,13 @@ def time_pair(fast, eager, *, rounds: int = 7, min_time: float = 0.02, warmup: i
         eager()
     tf, te = [], []
     for _ in range(rounds):
-        tf.append(timeit(fast, rounds=1, min_time=min_time) if min_time else _once(fast))
-        te.append(timeit(eager, rounds=1, min_time=min_time) if min_time else _once(eager))
+        tf.append(timeit(fast, rounds=1, min_time=min_time) if min_time else time_once(fast))
+        te.append(timeit(eager, rounds=1, min_time=min_time) if min_time else time_once(eager))
     return statistics.median(tf), statistics.median(te)
 
 
-def _once(fn) -> float:
+def time_once(fn) -> float:
+    """Seconds of one call of ``fn``."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0

@@ -16,11 +16,10 @@ import fastdiff
 from fastdiff.control import canny
 from fastdiff.models.controlnet import controlled_unet
 from fastdiff.pipelines.sd1 import load_sd1
-from fastdiff.train import TrainConfig, Trainer
 from fastdiff.train.adapters import CONTROLNET_DIR
 
 from lowp import assert_close_fp32
-from test_lora_train import write_images
+from test_lora_train import _fixed_loss, _trainer as lora_trainer, write_images
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -34,15 +33,7 @@ def data(tmp_path_factory):
 
 
 def _trainer(tmp_path, ref_folder, data, name="run", resume=False, **kw):
-    d, _ = ref_folder
-    cfg = TrainConfig(run_dir=str(tmp_path / name), base=str(d / "sd"), data=str(data), **{**BASE, **kw})
-    return Trainer(cfg, resume=resume, progress=False)
-
-
-def _fixed_loss(tr, seed=11, draws=4):
-    with torch.no_grad():
-        idx = torch.arange(len(tr.data))
-        return sum(tr.adapter.loss(idx, torch.Generator().manual_seed(seed + k)).item() for k in range(draws)) / draws
+    return lora_trainer(tmp_path, ref_folder, data, name, resume, base=BASE, **kw)
 
 
 def _inputs(tr, b=2):

@@ -57,9 +57,10 @@ BASE = dict(kind="lora", image_size=32, batch_size=3, lr=1e-2, warmup_steps=0, c
             rank=4, alpha=2.0, sample_every=0, log_every=1, ckpt_every_steps=0, max_steps=8, ema_decay=0.9, seed=3, threads=1)
 
 
-def _trainer(tmp_path, ref_folder, data, name="run", resume=False, **kw):
+def _trainer(tmp_path, ref_folder, data, name="run", resume=False, base=None, **kw):
+    """A Trainer of the run ``name`` on the tiny random SD1 folder; ``base``: the kind's settings (BASE here)."""
     d, _ = ref_folder
-    cfg = TrainConfig(run_dir=str(tmp_path / name), base=str(d / "sd"), data=str(data), **{**BASE, **kw})
+    cfg = TrainConfig(run_dir=str(tmp_path / name), base=str(d / "sd"), data=str(data), **{**(base or BASE), **kw})
     return Trainer(cfg, resume=resume, progress=False)
 
 
