@@ -162,7 +162,7 @@ _GOOD = dict(COMMON, max_steps=2)
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("kind", "vae", "kind must be one of diffusion, autoencoder; got 'vae'"),
+    ("kind", "vae", "kind must be one of diffusion, autoencoder, lora, controlnet; got 'vae'"),
     ("conditioning", "caption", "conditioning must be one of class, text, sketch, sketch\\+class, segmentation; got "
                                 "'caption'"),
     ("model", "fashion_f4", "model must be a class-conditioned UNet preset, one of"),
@@ -213,7 +213,7 @@ def test_missing_autoencoder_is_one_line(tmp_path, digits):
     (["--conditioning", "caption"], "argument --conditioning: invalid choice"),
     (["--kl-weight", "-1"], "argument --kl-weight"),
     (["--kind", "autoencoder", "--model", "fashion32"], "model must be an autoencoder preset, one of"),
-    (["--conditioning", "text", "--model", "tiny", "--plan"], "--plan measures pixel-space class-conditioned"),
+    (["--kind", "controlnet", "--plan"], "--plan covers the diffusion, autoencoder and lora kinds"),
 ])
 def test_cli_rejects_bad_arguments_in_one_line(tmp_path, args, message):
     run = tmp_path / "run"
