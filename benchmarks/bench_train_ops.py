@@ -182,6 +182,7 @@ LINEAR_CASES = {
 ATTN_CASES = {
     "fashion32-b32h4x64d32": (32, 4, 64, 32),
     "cifar10-b8h1x256d256": (8, 1, 256, 256),
+    "sd-b1h8x1024d80": (1, 8, 1024, 80),  # SD1's 32x32 latent level (LoRA / ControlNet training at 256px)
 }
 
 

@@ -44,7 +44,7 @@ DEVICE_BACKENDS = ("cuda", "triton", "flash_attn")
 LOWP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Ops whose cpu path follows the routing table, and the columns of the table each one reads.
-ROUTED_OPS = {"linear": ("bf16_math", "linear_activation"), "conv2d": ("bf16_math",), "attention": ("bf16_math",)}
+ROUTED_OPS = {"linear": ("bf16_math", "linear_activation"), "conv2d": ("bf16_math",), "attention": ("bf16_math", "train_sdpa_bf16_min_keys")}
 
 
 def _route_choices(columns=("bf16_math", "linear_activation")) -> tuple[str, ...]:

@@ -67,8 +67,10 @@ def test_bf16_within_2x_torch(backend, lowp_dtype, shape):
     assert_close_lowp(out, ref, eager_bf16, f"attention {backend} {lowp_dtype} {shape}")
 
 
-def test_bf16_grads_within_2x_torch(backend, lowp_dtype):
-    q, k, v = _qkv(1, 2, 64, 77, 40, lowp_dtype)
+# The second shape has enough keys that a routing row with train_sdpa_bf16_min_keys runs torch SDPA for it in bf16.
+@pytest.mark.parametrize("shape", [(1, 2, 64, 77, 40), (1, 2, 96, 300, 80)], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_grads_within_2x_torch(backend, lowp_dtype, shape):
+    q, k, v = _qkv(*shape, lowp_dtype)
     leaves32 = [t.float().requires_grad_(True) for t in (q, k, v)]
     ref = attention_ref(*leaves32)
     do = torch.randn(ref.shape).to(lowp_dtype)

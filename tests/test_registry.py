@@ -289,3 +289,34 @@ def test_training_follows_the_rows_train_ref(row):
                 assert (why is not None and f"routing row {row!r}" in why and "training" in why) == listed
                 with torch.no_grad():
                     assert op.select(*args) == infer, (row, name, dname)
+
+
+def test_train_sdpa_rule_sends_long_bf16_training_attention_to_sdpa():
+    """A row with train_sdpa_bf16_min_keys runs torch SDPA for bf16 training calls with that many keys, and
+    fastdiff's kernel for everything else (fewer keys, fp32, no grad, a row without the setting)."""
+    from fastdiff import _ext
+    from fastdiff.ops.attention import kernel_loses
+
+    rows = [name for name, r in routing.ROUTES.items() if r.train_sdpa_bf16_min_keys]
+    assert rows, "no routing row sets train_sdpa_bf16_min_keys"
+    plain = next(name for name, r in routing.ROUTES.items() if r.train_sdpa_bf16_min_keys is None)
+
+    def qk(keys, dtype=torch.bfloat16, grad=True):
+        q = torch.zeros(1, 1, 4, 8, dtype=dtype, requires_grad=grad)
+        return q, torch.zeros(1, 1, keys, 8, dtype=dtype, requires_grad=grad)
+
+    for name in rows:
+        n = routing.ROUTES[name].train_sdpa_bf16_min_keys
+        with settings.override(cpu_route=name):
+            q, k = qk(n)
+            why = routing.train_sdpa_reason(q, k)
+            assert why and f"routing row {name!r}" in why and "test_attention_train" in why
+            if _ext.has_cpu_kernels():   # else kernel_loses names the missing extension first
+                assert kernel_loses(q, k, k) == why
+            assert routing.train_sdpa_reason(*qk(n - 1)) is None
+            assert routing.train_sdpa_reason(*qk(n, torch.float32)) is None
+            assert routing.train_sdpa_reason(*qk(n, grad=False)) is None
+            with torch.no_grad():
+                assert routing.train_sdpa_reason(*qk(n)) is None
+    with settings.override(cpu_route=plain):
+        assert routing.train_sdpa_reason(*qk(100_000)) is None

@@ -32,7 +32,7 @@ from fastdiff import _ext
 from fastdiff.ops._backends import tensor_reasons
 from fastdiff.ops._onednn import bf16_math_dtype
 from fastdiff.ops.registry import Op
-from fastdiff.ops.routing import train_ref_reason
+from fastdiff.ops.routing import train_ref_reason, train_sdpa_reason
 
 __all__ = ["attention", "attention_ref", "cpu_flash_attention", "kernel_loses"]
 
@@ -208,7 +208,7 @@ def kernel_loses(q, k, v, attn_mask=None, scale=None) -> str | None:
         return f"the compiled extension fastdiff._C did not import ({_ext.IMPORT_ERROR})"
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         return "attn_mask requires grad: the kernel computes no mask gradient"
-    return None
+    return train_sdpa_reason(q, k)
 
 
 def _cpu_attention(q, k, v, attn_mask=None, scale=None):

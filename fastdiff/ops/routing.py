@@ -44,6 +44,7 @@ __all__ = [
     "missing_features",
     "route_name",
     "train_ref_reason",
+    "train_sdpa_reason",
 ]
 
 _BENCH = "benchmarks/bench_conv_block.py::"
@@ -81,15 +82,32 @@ class CpuRoute:
     # beat ref on this class; automatic choice runs ref for them. Empty: the inference choice (not measured).
     train_ref: tuple[str, ...] = ()
     train_evidence: tuple[str, ...] = ()  # the benchmarks behind train_ref
+    # Training in bf16: from this many keys on, the ``cpu`` attention backend runs torch SDPA (forward and its
+    # backward) instead of fastdiff's kernel, whose backward lost to it on this class. None: the kernel runs.
+    train_sdpa_bf16_min_keys: int | None = None
 
 
 ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
     CpuRoute(
         "amx", "AVX-512 with AMX tiles",
         bf16_math="native", linear_activation="fused",
-        # AMX multiplies bf16 tiles at 8x the fp32 FMA rate; no AMX CPU has run these benchmarks yet, so the row
-        # takes the native bf16 kernels of the AVX512-BF16 row whose bf16 dot products are faster than fp32.
-        evidence=(_BENCH + "test_resblock[bf16-native_bf16_math]", _BENCH + "test_resblock[bf16-nchw]")),
+        # AMX multiplies bf16 tiles at 8x the fp32 FMA rate: the native bf16 kernels, as on the AVX512-BF16 row
+        # whose bf16 dot products are faster than fp32.
+        evidence=(_BENCH + "test_resblock[bf16-native_bf16_math]", _BENCH + "test_resblock[bf16-nchw]"),
+        # Training, forward + backward, one thread, a 2-core Xeon with AMX (ref time / cpu time, same run): convolutions
+        # 0.84-1.04 (median 0.97: the same oneDNN kernels, torch's backward either way; bf16 at 300-820 GFLOP/s on the
+        # tiles), linears 0.89-1.02, GroupNorm (+ SiLU) 1.1-3.5 except at 8x8 maps in fp32. fastdiff's attention
+        # kernel (vdpbf16ps, no tiles) fwd+bwd in bf16 took 2.4x torch SDPA's time at 256 keys d256, 1.6-2.1x at
+        # 1024-4096 keys (d40-d80), but 0.26x at 64 keys d32 and 0.85x at 77 keys d40.
+        train_ref=("conv2d:fp32", "conv2d:bf16", "linear:fp32", "linear:bf16"),
+        train_evidence=(_TRAIN + "test_conv2d_train[cifar10-128to128x32-time-bf16]",
+                        _TRAIN + "test_conv2d_train[cifar10-256to256x16-skip-fp32]",
+                        _TRAIN + "test_linear_train[fashion32-b32x64x128-bf16]",
+                        _TRAIN + "test_linear_train[cifar10-b8x256x256-fp32]",
+                        _TRAIN + "test_attention_train[cifar10-b8h1x256d256-bf16]",
+                        _TRAIN + "test_attention_train[sd-b1h8x1024d80-bf16]",
+                        _TRAIN + "test_attention_train[fashion32-b32h4x64d32-bf16]"),
+        train_sdpa_bf16_min_keys=256),
     CpuRoute(
         "avx512_bf16_2x", "AVX-512 + AVX512-BF16 whose bf16 dot products run at twice the fp32 FMA rate (AMD)",
         bf16_math="native", linear_activation="fused",
@@ -160,6 +178,21 @@ def train_ref_reason(op: str, *tensors) -> str | None:
     cited = [e for e in route.train_evidence if f"test_{op}_train" in e] or list(route.train_evidence)
     return (f"training in {dtype}: {op}'s cpu forward + backward did not beat ref on {route.capability} CPUs "
             f"(routing row {route.name!r}, {cited[0]})")
+
+
+def train_sdpa_reason(q, k) -> str | None:
+    """Why the ``cpu`` attention backend runs torch SDPA instead of fastdiff's kernel for this training call (None:
+    the kernel runs). Only bf16 inputs that require grad, with grad enabled, on a row that sets
+    ``train_sdpa_bf16_min_keys``, with at least that many keys."""
+    route = current_route()
+    n = route.train_sdpa_bf16_min_keys
+    if n is None or q.dtype != torch.bfloat16 or not torch.is_grad_enabled() or k.shape[-2] < n:
+        return None
+    if not (q.requires_grad or k.requires_grad):
+        return None
+    cited = [e for e in route.train_evidence if "test_attention_train" in e]
+    return (f"training in bf16 with {k.shape[-2]} keys (>= {n}): torch SDPA's forward + backward beat fastdiff's "
+            f"kernel on {route.capability} CPUs (routing row {route.name!r}, {cited[0]})")
 
 
 def route_name(caps: CpuCaps) -> str:
