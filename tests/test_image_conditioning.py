@@ -247,3 +247,81 @@ def test_cli_generate_sketch(sketch_run, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastdiff", "generate", "--model", "fashion-sketch", "--out",
                         str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "--sketch" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluating a sketch-to-image model (fastdiff eval --checkpoint of a sketch run)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_outline_f1_closed_form():
+    from fastdiff.eval.sketch_eval import outline_f1
+
+    true = torch.zeros(3, 1, 12, 12)
+    true[:, :, 3, 2:10] = 1                      # a horizontal edge of 8 pixels
+    pred = torch.zeros(3, 1, 12, 12)
+    pred[0, :, 4, 2:10] = 1                      # one row off: inside the tolerance
+    pred[1, :, 6, 2:10] = 1                      # three rows off: nothing matches
+    pred[2, :, 3, 2:6] = 1                       # half the edge, exactly on it...
+    pred[2, :, 9, 0:4] = 1                       # ...and 4 stray pixels
+    s = outline_f1(pred, true)
+    torch.testing.assert_close(s[0], torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(s[1], torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64))
+    # precision 4/8 on the edge; recall: the sketch's pixels within one pixel of a generated one: columns 2..6 = 5/8
+    p, r = 4 / 8, 5 / 8
+    torch.testing.assert_close(s[2], torch.tensor([2 * p * r / (p + r), p, r], dtype=torch.float64))
+    with pytest.raises(ValueError, match="must be"):
+        outline_f1(pred[:, 0], true[:, 0])
+
+
+@pytest.fixture(scope="module")
+def fashion_sketch_run(tmp_path_factory):
+    from fastdiff.eval.data import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    u8 = ((images[:64] + 1) * 127.5).round().to(torch.uint8)
+    data = ImageDataset(u8, labels[:64], tuple(str(i) for i in range(10)), "fashion-test-64")
+    run = tmp_path_factory.mktemp("fsketch") / "run"
+    Trainer(TrainConfig(run_dir=str(run), conditioning="sketch", max_steps=2,
+                        **{**BASE, "image_size": 32}), dataset=data, progress=False).run()
+    return run
+
+
+def test_sketch_eval_scores_one_image_per_test_sketch(fashion_sketch_run, tmp_path):
+    import json
+
+    from fastdiff.eval.data import load_fashion_mnist
+    from fastdiff.eval.sketch_eval import evaluate_sketch_model, outline_f1, sketch_test_set
+
+    images, labels, sketches = sketch_test_set(2)
+    all_images, all_labels = load_fashion_mnist("test")
+    for c in range(10):   # the first two test images of each class, in file order, and fastdiff.sketch of each
+        first = torch.nonzero(all_labels == c).flatten()[:2]
+        torch.testing.assert_close(images[2 * c:2 * c + 2], all_images[first])
+        assert labels[2 * c:2 * c + 2].tolist() == [c, c]
+    u8 = ((images + 1) * 127.5).round().to(torch.uint8)
+    want = torch.stack([fastdiff.sketch(u8[i]) for i in range(len(u8))]).mul(255).to(torch.uint8)
+    assert torch.equal(sketches, want.reshape(sketches.shape))
+
+    report, outline, generated, used = evaluate_sketch_model(fashion_sketch_run, per_class=2, steps=2, batch=8)
+    assert torch.equal(used, sketches) and generated.shape == (20, 1, 32, 32) and report.n == 20
+    # the samples are what generate() draws for those sketches with the same seeds (one call per batch of 8)
+    expected = fastdiff.generate(model=str(fashion_sketch_run), sketch=sketches[8:16].float() / 255, n=8, seed=8,
+                                 steps=2, progress=False)
+    exp = torch.stack([torch.from_numpy(__import__("numpy").asarray(im.convert("L"))) for im in expected])
+    torch.testing.assert_close(generated[8:16, 0], exp.float() * (2 / 255) - 1)
+    gen_u8 = ((generated + 1) * 127.5).round().to(torch.uint8)
+    f1 = outline_f1(sketch_maps(gen_u8), sketches).mean(0)
+    assert outline.f1 == pytest.approx(float(f1[0])) and outline.n == 20
+    assert 0.0 < outline.chance_f1 < 1.0 and report.accuracy is not None
+
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--checkpoint", str(fashion_sketch_run),
+                        "--per-class", "2", "--steps", "2", "--batch", "8", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "outline F1" in r.stderr
+    row = json.loads(out.read_text())[0]
+    assert row["n"] == 20 and row["outline"]["f1"] == pytest.approx(outline.f1)
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "eval", "--checkpoint", str(fashion_sketch_run),
+                        "--per-class", "2", "--sampler", "ddim:2", "--sampler", "ddpm:2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--sampler" in r.stderr

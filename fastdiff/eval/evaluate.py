@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,7 @@ class EvalReport:
     inception_fid: float | None = None
     inception_real_n: int | None = None
     seconds: float | None = None  # time to produce the images (sampling), when known
+    outline: Any = None  # sketch-to-image models: fastdiff.eval.sketch_eval.OutlineReport
 
     @property
     def accuracy_ratio(self) -> float | None:
