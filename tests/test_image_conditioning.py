@@ -217,7 +217,9 @@ def test_generate_with_a_sketch_run_and_its_exported_folder(sketch_run, tmp_path
 
     card = export_run(run, tmp_path / "card", dtype=torch.float32)
     assert load_pixel_pipeline(card).condition == exported.condition
-    assert "sketch-conditional" in (card / "README.md").read_text()
+    text = (card / "README.md").read_text()
+    assert "sketch-conditional" in text and "no class labels" in text
+    assert "- Condition: the sketch image as extra input channels (`fastdiff.sketch(image, high=0.3, low=0.15" in text
     # a batch of sketches: one image each
     batch = fastdiff.sketch(images[:3].float())
     assert len(fastdiff.generate(model=str(run), sketch=batch, seed=0, steps=2, progress=False)) == 3

@@ -38,14 +38,25 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: tor
     state = json.loads((Path(run_dir) / f"ckpt-{run.step:07d}.json").read_text())
     c = run.unet.config
     t = run.train
+    condition = (state.get("arch") or {}).get("condition")
+    labels = (f"{c.num_classes} classes + null class (classifier-free guidance)" if c.num_classes
+              else "no class labels")
+    lines = [f"- Classes: {', '.join(f'{i}={n}' for i, n in enumerate(c.class_names))}"] if c.num_classes else []
+    if condition is not None:
+        params = ", ".join(f"{k}={v}" for k, v in (condition.get(condition["kind"]) or {}).items())
+        lines.append(f"- Condition: the {condition['kind']} image as extra input channels"
+                     + (f" (`fastdiff.sketch(image, {params})`)" if condition["kind"] == "sketch" else "")
+                     + f", dropped to zeros for {t['class_dropout']:.0%} of the training images (classifier-free "
+                       "guidance contrasts it with zeros).")
+    extra = "\n".join(lines)
     card = f"""# fastdiff {t['model']} ({t['dataset']}, {t.get('conditioning', 'class')}-conditional)
 
 - Architecture: UNet2D, channels {list(c.block_out_channels)}, {c.layers_per_block} ResBlocks per level,
-  blocks down {list(c.down_block_types)}, {c.num_classes} classes + null class (classifier-free guidance),
-  {run.unet.num_parameters() / 1e6:.2f}M parameters, {c.in_channels}x{c.sample_size}x{c.sample_size}.
-- Classes: {', '.join(f'{i}={n}' for i, n in enumerate(c.class_names))}
+  blocks down {list(c.down_block_types)}, {labels},
+  {run.unet.num_parameters() / 1e6:.2f}M parameters, {c.in_channels}x{c.sample_size}x{c.sample_size} input.
+{extra}
 - Objective: {t['prediction']}-prediction, {t['schedule']} schedule, T={t['num_train_timesteps']},
-  class dropout {t['class_dropout']}.
+  condition dropout {t['class_dropout']}.
 - Training: {run.step} steps x batch {t['batch_size'] * t['grad_accum']} = {run.step * t['batch_size'] * t['grad_accum']:,}
   images, AdamW lr {t['lr']} (warm-up {t['warmup_steps']}), grad clip {t['grad_clip']}, EMA {t['ema_decay']},
   precision {t['precision']}, {state.get('train_seconds', 0) / 3600:.2f} h of training on CPU
@@ -59,7 +70,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: tor
     c = PixelComponents(run.unet, pixel_schedule(run.schedule, clip), run.prediction,
                         DEFAULT_GUIDANCE if default_guidance is None else default_guidance)
     folder = save_pixel_folder(c, out, dtype=dtype, card=card)
-    condition = (state.get("arch") or {}).get("condition")
     if condition is not None:  # an image-conditioned run: the pipeline rebuilds its condition from this record
         cfg_path = folder / "unet" / "config.json"
         d = json.loads(cfg_path.read_text())
