@@ -127,10 +127,10 @@ def test_txt2img(benchmark, models, tmp_path):
 
     from fastdiff.io import sd_checkpoint as ck
     from fastdiff.models.clip_tokenizer import CLIPTokenizer
+    from fastdiff.models import clip_text
     from fastdiff.pipelines.sd1 import load_sd1
-    from test_sd1_models import SD15_TEXT_JSON
 
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT_JSON)).eval()
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip_text.SD15.to_transformers())).eval()
     CLIPTokenizer.from_bundled().save_pretrained(tmp_path / "_tok")
     tok = transformers.CLIPTokenizer.from_pretrained(tmp_path / "_tok", local_files_only=True)
     ref = diffusers.StableDiffusionPipeline(vae=ref_v, text_encoder=text, tokenizer=tok, unet=ref_u,
