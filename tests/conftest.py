@@ -44,7 +44,8 @@ DEVICE_BACKENDS = ("cuda", "triton", "flash_attn")
 LOWP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Ops whose cpu path follows the routing table, and the columns of the table each one reads.
-ROUTED_OPS = {"linear": ("bf16_math", "linear_activation"), "conv2d": ("bf16_math",), "attention": ("bf16_math", "train_sdpa_bf16_min_keys")}
+ROUTED_OPS = {"linear": ("bf16_math", "linear_activation"), "conv2d": ("bf16_math",), "attention": ("bf16_math", "sdpa_bf16_min_keys", "train_sdpa_bf16_min_keys",
+                                     "sdpa_bf16_upcast_min_scores")}
 
 
 def _route_choices(columns=("bf16_math", "linear_activation")) -> tuple[str, ...]:

@@ -291,32 +291,46 @@ def test_training_follows_the_rows_train_ref(row):
                     assert op.select(*args) == infer, (row, name, dname)
 
 
-def test_train_sdpa_rule_sends_long_bf16_training_attention_to_sdpa():
-    """A row with train_sdpa_bf16_min_keys runs torch SDPA for bf16 training calls with that many keys, and
-    fastdiff's kernel for everything else (fewer keys, fp32, no grad, a row without the setting)."""
+def test_sdpa_rule_sends_bf16_attention_to_sdpa_by_row():
+    """A row with sdpa_bf16_min_keys / train_sdpa_bf16_min_keys runs torch SDPA for bf16 inference / training calls
+    with that many keys, and fastdiff's kernel for everything else (fewer keys, fp32, a row without the setting)."""
     from fastdiff import _ext
     from fastdiff.ops.attention import kernel_loses
-
-    rows = [name for name, r in routing.ROUTES.items() if r.train_sdpa_bf16_min_keys]
-    assert rows, "no routing row sets train_sdpa_bf16_min_keys"
-    plain = next(name for name, r in routing.ROUTES.items() if r.train_sdpa_bf16_min_keys is None)
 
     def qk(keys, dtype=torch.bfloat16, grad=True):
         q = torch.zeros(1, 1, 4, 8, dtype=dtype, requires_grad=grad)
         return q, torch.zeros(1, 1, keys, 8, dtype=dtype, requires_grad=grad)
 
-    for name in rows:
-        n = routing.ROUTES[name].train_sdpa_bf16_min_keys
+    checked = set()
+    for name, route in routing.ROUTES.items():
         with settings.override(cpu_route=name):
-            q, k = qk(n)
-            why = routing.train_sdpa_reason(q, k)
-            assert why and f"routing row {name!r}" in why and "test_attention_train" in why
-            if _ext.has_cpu_kernels():   # else kernel_loses names the missing extension first
-                assert kernel_loses(q, k, k) == why
-            assert routing.train_sdpa_reason(*qk(n - 1)) is None
-            assert routing.train_sdpa_reason(*qk(n, torch.float32)) is None
-            assert routing.train_sdpa_reason(*qk(n, grad=False)) is None
+            for training, n in ((True, route.train_sdpa_bf16_min_keys), (False, route.sdpa_bf16_min_keys)):
+                if n is None:
+                    assert routing.sdpa_reason(*qk(100_000, grad=training)) is None
+                    continue
+                checked.add(training)
+                q, k = qk(n, grad=training)
+                why = routing.sdpa_reason(q, k)
+                assert why and f"routing row {name!r}" in why and ("training" if training else "inference") in why
+                if _ext.has_cpu_kernels():   # else kernel_loses names the missing extension first
+                    assert kernel_loses(q, k, k) == why
+                assert routing.sdpa_reason(*qk(n, torch.float32, grad=training)) is None
+                if n > 1:
+                    assert routing.sdpa_reason(*qk(n - 1, grad=training)) is None
+            # a call that requires grad under no_grad is inference
             with torch.no_grad():
-                assert routing.train_sdpa_reason(*qk(n)) is None
-    with settings.override(cpu_route=plain):
-        assert routing.train_sdpa_reason(*qk(100_000)) is None
+                want = route.sdpa_bf16_min_keys is not None and 300 >= route.sdpa_bf16_min_keys
+                assert (routing.sdpa_reason(*qk(300)) is not None) == want
+    assert checked == {True, False}, "no routing row sends bf16 attention to SDPA in training and in inference"
+
+
+def test_sdpa_bf16_upcast_threshold_follows_the_row():
+    """Inference bf16 SDPA upcasts to fp32 from the row's score-matrix size on (never where it is None)."""
+    import importlib
+
+    attn = importlib.import_module("fastdiff.ops.attention")
+    q = torch.zeros(1, 1, 2048, 8, dtype=torch.bfloat16)
+    for name, route in routing.ROUTES.items():
+        with settings.override(cpu_route=name), torch.no_grad():
+            n = route.sdpa_bf16_upcast_min_scores
+            assert attn._sdpa_bf16_upcast(q, q, q) == (n is not None and 2048 * 2048 >= n), name

@@ -32,7 +32,7 @@ from fastdiff import _ext
 from fastdiff.ops._backends import tensor_reasons
 from fastdiff.ops._onednn import bf16_math_dtype
 from fastdiff.ops.registry import Op
-from fastdiff.ops.routing import train_ref_reason, train_sdpa_reason
+from fastdiff.ops.routing import current_route, sdpa_reason, train_ref_reason
 
 __all__ = ["attention", "attention_ref", "cpu_flash_attention", "kernel_loses"]
 
@@ -166,23 +166,16 @@ def cpu_flash_attention(q, k, v, attn_mask=None, scale=None, *, pair_dot: int = 
 def _sdpa_bf16_upcast(q, k, v) -> bool:
     """Whether a bf16 attention sent to torch SDPA runs faster upcast to fp32 (compute, round once).
 
-    Measured with benchmarks/bench_attention.py on a 2-core Zen 5: torch's bf16 CPU flash kernel is slower than
-    its fp32 one on long self-attention (SD1 64x64 d40, SD3 joint 1178 d64), where the upcast pays for its
-    copies; on short sequences (cross-attention Lk=77, 16x16 d160) the bf16 kernel wins. The upcast is also more
-    exact (fp32 softmax and accumulation; one rounding at the end).
+    The inference threshold is the routing row's ``sdpa_bf16_upcast_min_scores`` (the measurements are there).
+    The upcast is also more exact (fp32 softmax and accumulation; one rounding at the end).
     """
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        # training: the bf16 backward is the slow part (see _UPCAST_MIN_SCORES), unless this CPU has fast bf16
-        # dot products or FASTDIFF_CPU_BF16_MATH=native asks for the native kernels (fastdiff.ops._onednn)
+        # training: the bf16 backward is the slow part (upcast fwd+bwd 0.50-0.61 of the bf16 SDPA time, 1 thread,
+        # Zen 5), unless this CPU has fast bf16 dot products or FASTDIFF_CPU_BF16_MATH=native asks for the native
+        # kernels (fastdiff.ops._onednn)
         return bf16_math_dtype() == torch.float32
-    return q.shape[-2] * k.shape[-2] >= _UPCAST_MIN_SCORES
-
-
-# Score-matrix size (Lq * Lk per head) from which the fp32 upcast wins in bf16 (see _sdpa_bf16_upcast). Measured
-# (upcast time / bf16 SDPA time, same run): 4096^2 d40 0.61, 2048^2 d40 0.82, 1178^2 d64 0.89, 1024^2 d80 1.04,
-# 512^2 d80 1.41, 256^2 d160 1.27, 4096x77 d40 1.92. With gradients the upcast wins everywhere measured
-# (fwd+bwd, 1 thread, same run): 1024^2 d80 0.55, 256^2 d160 0.61, 4096^2 d40 0.50 of the bf16 SDPA time.
-_UPCAST_MIN_SCORES = 1_200_000
+    n = current_route().sdpa_bf16_upcast_min_scores
+    return n is not None and q.shape[-2] * k.shape[-2] >= n
 
 
 def _sdpa(q, k, v, attn_mask, scale):
@@ -208,7 +201,7 @@ def kernel_loses(q, k, v, attn_mask=None, scale=None) -> str | None:
         return f"the compiled extension fastdiff._C did not import ({_ext.IMPORT_ERROR})"
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         return "attn_mask requires grad: the kernel computes no mask gradient"
-    return train_sdpa_reason(q, k)
+    return sdpa_reason(q, k, v)
 
 
 def _cpu_attention(q, k, v, attn_mask=None, scale=None):

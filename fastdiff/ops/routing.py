@@ -43,8 +43,8 @@ __all__ = [
     "detected_isa",
     "missing_features",
     "route_name",
+    "sdpa_reason",
     "train_ref_reason",
-    "train_sdpa_reason",
 ]
 
 _BENCH = "benchmarks/bench_conv_block.py::"
@@ -82,9 +82,16 @@ class CpuRoute:
     # beat ref on this class; automatic choice runs ref for them. Empty: the inference choice (not measured).
     train_ref: tuple[str, ...] = ()
     train_evidence: tuple[str, ...] = ()  # the benchmarks behind train_ref
-    # Training in bf16: from this many keys on, the ``cpu`` attention backend runs torch SDPA (forward and its
-    # backward) instead of fastdiff's kernel, whose backward lost to it on this class. None: the kernel runs.
+    # bf16 attention of the ``cpu`` backend: from this many keys on it runs torch SDPA instead of fastdiff's kernel,
+    # in inference (``sdpa_bf16_min_keys``) and in training (``train_sdpa_bf16_min_keys``: forward and backward).
+    # None: the kernel runs.
+    sdpa_bf16_min_keys: int | None = None
     train_sdpa_bf16_min_keys: int | None = None
+    # bf16 inference sent to torch SDPA computes in fp32 (upcast, round once) from this score-matrix size (Lq * Lk
+    # per head) on; None: never (torch's bf16 kernel is the faster one on this class). The default was measured with
+    # benchmarks/bench_attention.py on a 2-core Zen 5 (upcast time / bf16 SDPA time, same run): 4096^2 d40 0.61,
+    # 2048^2 d40 0.82, 1178^2 d64 0.89, 1024^2 d80 1.04, 512^2 d80 1.41, 256^2 d160 1.27, 4096x77 d40 1.92.
+    sdpa_bf16_upcast_min_scores: int | None = 1_200_000
 
 
 ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
@@ -98,7 +105,11 @@ ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
         # 0.84-1.04 (median 0.97: the same oneDNN kernels, torch's backward either way; bf16 at 300-820 GFLOP/s on the
         # tiles), linears 0.89-1.02, GroupNorm (+ SiLU) 1.1-3.5 except at 8x8 maps in fp32. fastdiff's attention
         # kernel (vdpbf16ps, no tiles) fwd+bwd in bf16 took 2.4x torch SDPA's time at 256 keys d256, 1.6-2.1x at
-        # 1024-4096 keys (d40-d80), but 0.26x at 64 keys d32 and 0.85x at 77 keys d40.
+        # 1024-4096 keys (d40-d80), but 0.26x at 64 keys d32 and 0.85x at 77 keys d40. In inference torch's bf16
+        # SDPA (AMX tiles) beat the kernel at every SD1/SD3 shape (kernel 0.12-0.21x of SDPA's speed on self-
+        # attention, 0.54-0.60x on 77-key cross-attention) and beat its own fp32 upcast (86 ms vs 201 ms at SD1's
+        # 64x64 self-attention).
+        sdpa_bf16_min_keys=1, sdpa_bf16_upcast_min_scores=None,
         train_ref=("conv2d:fp32", "conv2d:bf16", "linear:fp32", "linear:bf16"),
         train_evidence=(_TRAIN + "test_conv2d_train[cifar10-128to128x32-time-bf16]",
                         _TRAIN + "test_conv2d_train[cifar10-256to256x16-skip-fp32]",
@@ -106,7 +117,9 @@ ROUTES: dict[str, CpuRoute] = {r.name: r for r in (
                         _TRAIN + "test_linear_train[cifar10-b8x256x256-fp32]",
                         _TRAIN + "test_attention_train[cifar10-b8h1x256d256-bf16]",
                         _TRAIN + "test_attention_train[sd-b1h8x1024d80-bf16]",
-                        _TRAIN + "test_attention_train[fashion32-b32h4x64d32-bf16]"),
+                        _TRAIN + "test_attention_train[fashion32-b32h4x64d32-bf16]",
+                        "benchmarks/bench_attention.py::test_attention_fwd_vs_sdpa[sd1-64x64-self-bf16-cpu kernel]",
+                        "benchmarks/bench_attention.py::test_attention_fwd_vs_sdpa[sd1-64x64-cross-bf16-cpu kernel]"),
         train_sdpa_bf16_min_keys=256),
     CpuRoute(
         "avx512_bf16_2x", "AVX-512 + AVX512-BF16 whose bf16 dot products run at twice the fp32 FMA rate (AMD)",
@@ -180,19 +193,21 @@ def train_ref_reason(op: str, *tensors) -> str | None:
             f"(routing row {route.name!r}, {cited[0]})")
 
 
-def train_sdpa_reason(q, k) -> str | None:
-    """Why the ``cpu`` attention backend runs torch SDPA instead of fastdiff's kernel for this training call (None:
-    the kernel runs). Only bf16 inputs that require grad, with grad enabled, on a row that sets
-    ``train_sdpa_bf16_min_keys``, with at least that many keys."""
+def sdpa_reason(q, k, v=None) -> str | None:
+    """Why the ``cpu`` attention backend runs torch SDPA instead of fastdiff's kernel for these bf16 inputs (None:
+    the kernel runs): the row's ``train_sdpa_bf16_min_keys`` for a training call (grad enabled and an input that
+    requires grad), its ``sdpa_bf16_min_keys`` otherwise, and at least that many keys."""
+    if q.dtype != torch.bfloat16:
+        return None
     route = current_route()
-    n = route.train_sdpa_bf16_min_keys
-    if n is None or q.dtype != torch.bfloat16 or not torch.is_grad_enabled() or k.shape[-2] < n:
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+    n = route.train_sdpa_bf16_min_keys if training else route.sdpa_bf16_min_keys
+    if n is None or k.shape[-2] < n:
         return None
-    if not (q.requires_grad or k.requires_grad):
-        return None
-    cited = [e for e in route.train_evidence if "test_attention_train" in e]
-    return (f"training in bf16 with {k.shape[-2]} keys (>= {n}): torch SDPA's forward + backward beat fastdiff's "
-            f"kernel on {route.capability} CPUs (routing row {route.name!r}, {cited[0]})")
+    what, test = ("training", "test_attention_train") if training else ("inference", "test_attention_fwd_vs_sdpa")
+    cited = [e for e in route.train_evidence if test in e] or list(route.train_evidence)
+    return (f"bf16 {what} with {k.shape[-2]} keys (>= {n}): torch SDPA beat fastdiff's kernel on "
+            f"{route.capability} CPUs (routing row {route.name!r}, {cited[0]})")
 
 
 def route_name(caps: CpuCaps) -> str:
