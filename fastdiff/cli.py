@@ -34,6 +34,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def sketch_model(path):
+    """``fastdiff eval``'s hook for sketch-to-image models: ``(draw, sketch thresholds)`` when ``path`` is a
+    sketch-conditioned run or pipeline folder (None otherwise); ``draw(sketches, seed=, sampler=, steps=,
+    guidance=)`` is :func:`fastdiff.generate` on the loaded pipeline, one image per sketch."""
+    from pathlib import Path
+
+    from fastdiff.pipelines.generate import generate
+    from fastdiff.pipelines.pixel import load_pixel_pipeline, read_condition
+
+    cond = read_condition(path) if Path(path).is_dir() else None
+    if not cond or cond.get("kind") != "sketch":
+        return None
+    pipe = load_pixel_pipeline(path)
+
+    def draw(sketches, *, seed, sampler=None, steps=None, guidance="model"):
+        return generate(model=pipe, sketch=sketches, n=len(sketches), seed=seed, sampler=sampler, steps=steps,
+                        guidance=guidance, progress=False)
+
+    return draw, dict(cond["sketch"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -44,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="with --kernels: the bf16 configurations only")
     p.add_argument("--roofline", action="store_true", help="only the RTX 4080 roofline estimates (no compile)")
     p.set_defaults(func=_info)
-    for module, adder in _SUBCOMMANDS.values():
-        getattr(importlib.import_module(module), adder)(sub)
+    for name, (module, adder) in _SUBCOMMANDS.items():
+        p = getattr(importlib.import_module(module), adder)(sub)
+        if name == "eval":
+            p.set_defaults(sketch_model=sketch_model)
     return parser
 
 

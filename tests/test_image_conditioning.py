@@ -291,10 +291,15 @@ def fashion_sketch_run(tmp_path_factory):
 def test_sketch_eval_scores_one_image_per_test_sketch(fashion_sketch_run, tmp_path):
     import json
 
+    from fastdiff.cli import sketch_model
     from fastdiff.eval.data import load_fashion_mnist
     from fastdiff.eval.sketch_eval import evaluate_sketch_model, outline_f1, sketch_test_set
+    from fastdiff.train.conditions import SKETCH_PARAMS
 
-    images, labels, sketches = sketch_test_set(2)
+    draw, params = sketch_model(fashion_sketch_run)
+    assert params == SKETCH_PARAMS   # the thresholds the trainer drew its conditions with
+    assert sketch_model(tmp_path) is None
+    images, labels, sketches = sketch_test_set(2, params)
     all_images, all_labels = load_fashion_mnist("test")
     for c in range(10):   # the first two test images of each class, in file order, and fastdiff.sketch of each
         first = torch.nonzero(all_labels == c).flatten()[:2]
@@ -304,7 +309,8 @@ def test_sketch_eval_scores_one_image_per_test_sketch(fashion_sketch_run, tmp_pa
     want = torch.stack([fastdiff.sketch(u8[i]) for i in range(len(u8))]).mul(255).to(torch.uint8)
     assert torch.equal(sketches, want.reshape(sketches.shape))
 
-    report, outline, generated, used = evaluate_sketch_model(fashion_sketch_run, per_class=2, steps=2, batch=8)
+    report, outline, generated, used = evaluate_sketch_model(lambda sk, seed: draw(sk, seed=seed, steps=2), params,
+                                                             per_class=2, batch=8)
     assert torch.equal(used, sketches) and generated.shape == (20, 1, 32, 32) and report.n == 20
     # the samples are what generate() draws for those sketches with the same seeds (one call per batch of 8)
     expected = fastdiff.generate(model=str(fashion_sketch_run), sketch=sketches[8:16].float() / 255, n=8, seed=8,
@@ -337,7 +343,7 @@ def test_bundled_fashion_sketch_follows_test_sketches():
 
     pipe = load_pixel_pipeline("fashion-sketch")
     assert pipe.condition["kind"] == "sketch" and pipe.default_guidance == 1.5 and pipe.clip is None
-    images, labels, sketches = sketch_test_set(2)
+    images, labels, sketches = sketch_test_set(2, pipe.condition["sketch"])
     first, second = sketches[0::2], sketches[1::2]
     ims = fastdiff.generate(model=pipe, sketch=first.float() / 255, seed=0, progress=False)
     gen = torch.stack([torch.from_numpy(__import__("numpy").array(im.convert("L"))) for im in ims])[:, None]

@@ -424,3 +424,46 @@ def test_cli_lora_gives_the_python_image(ref_folder, tmp_path):
     ours.set_lora_scale("style", 0.0)
     base = fastdiff.generate("a cat", model=ours, steps=2, height=32, width=32, seed=5, progress=False)[0]
     assert not np.array_equal(np.asarray(base), np.asarray(want)), "the LoRA did not change the image"
+
+
+def _rms(a, b):
+    return ((a - b).square().mean().sqrt() / b.square().mean().sqrt()).item()
+
+
+def test_lora_on_an_int8_unet_switches_without_reload(ref_folder, tmp_path):
+    """A LoRA on a UNet quantised to int8: its side path runs in float beside the int8 layers, so the output is the
+    fp32 model's with the same LoRA up to the int8 error (relative RMS < 0.1, the bound of the int8 quantisation
+    test in tests/test_int8.py), while the int8 model without it is far off; a scale change, a second LoRA and an
+    unload take effect on the next call, with no reload or re-quantisation."""
+    d, _ = ref_folder
+    f32, q = load_sd1(d / "sd"), load_sd1(d / "sd")
+    q.quantize("int8")
+    a = _save(tmp_path, "a", _kohya(f32, seed=31, std=0.3))
+    b = _save(tmp_path, "b", *_peft(f32, seed=32, std=0.3))
+    base8 = _unet_out(q)
+    assert _rms(base8, _unet_out(f32)) < 0.1
+    for step, (load, scales) in enumerate([(a, {"a": 0.8}), (None, {"a": 0.4}), (b, {"a": 0.8, "b": 0.5})]):
+        for pipe in (f32, q):
+            if load is not None:
+                pipe.load_lora(load, scale=scales[load.stem])
+            for name, sc in scales.items():
+                pipe.set_lora_scale(name, sc)
+        want, got = _unet_out(f32), _unet_out(q)
+        assert _rms(got, want) < 0.1, f"step {step}: int8 + LoRA vs fp32 + LoRA {_rms(got, want):.4f}"
+        assert _rms(base8, want) > 0.3, f"step {step}: the LoRA barely moves the output"
+        if step == 0:
+            first = got
+    q.set_lora_scale("b", 0.0)
+    assert torch.equal(_unet_out(q), first)  # b at scale 0 and a back at 0.8: the first output again
+    q.set_lora_scale("b", 0.5)
+    both = _unet_out(q)
+    with pytest.raises(LoraError, match="^fuse_lora: LoRA 'a' is on .* int8-quantised layer"):
+        q.fuse_lora()
+    assert torch.equal(_unet_out(q), both)  # the refused fuse changed nothing
+    q.unload_lora()
+    torch.testing.assert_close(_unet_out(q), base8, rtol=0, atol=1e-6 * base8.abs().max().item())
+    # quantising a model that carries a LoRA is refused before any layer changes
+    before = _unet_out(f32)
+    with pytest.raises(ValueError, match="^quantize_int8: .* carry LoRA side paths"):
+        f32.quantize("int8")
+    assert torch.equal(_unet_out(f32), before)

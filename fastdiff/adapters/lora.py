@@ -38,6 +38,7 @@ from fastdiff.adapters.lora_keys import LoraError, LoraPair, convert_lora_state_
 from fastdiff.io.checkpoint import read_state_dict
 from fastdiff.ops import Conv2d, Linear, conv2d, linear
 from fastdiff.ops._onednn import onednn_math_dtype
+from fastdiff.quant.int8 import Int8Conv2d, Int8Linear
 
 __all__ = ["LoraError", "LoraLinear", "LoraConv2d", "LoraSet", "LoraMixin", "read_lora_file"]
 
@@ -92,6 +93,7 @@ class _LoraLayer:
     """What LoRA'd Linear and Conv2d share: the adapter dict, fusing and restoring."""
 
     lora_adapters: nn.ModuleDict
+    lora_fusable = True  # int8 layers: False (their weight is int8; the LoRA stays a float side path)
 
     def _active(self):
         return [a for a in self.lora_adapters.values() if not a.handle.fused]
@@ -178,7 +180,38 @@ class LoraConv2d(Conv2d, _LoraLayer):
         return super().forward(input, residual=side, silu=silu)
 
 
-_LORA_CLASS = {Linear: LoraLinear, Conv2d: LoraConv2d}
+class _LoraInt8:
+    """What the LoRA'd int8 layers share: nothing to fuse into (the int8 weight is left as it is)."""
+
+    lora_fusable = False
+
+    def _refresh_weight(self) -> None:
+        pass  # LoraSet.fuse refuses int8 layers before anything is marked fused
+
+
+class LoraInt8Linear(_LoraInt8, Int8Linear, _LoraLayer):
+    """An :class:`~fastdiff.quant.int8.Int8Linear` with LoRA side paths in float, added before the activation."""
+
+    def forward(self, input: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None):
+        side = residual
+        for a in self._active():
+            h = linear(input, a.down) * a.scale.to(input.dtype)
+            side = linear(h, a.up, residual=side)
+        return super().forward(input, activation=activation, residual=side)
+
+
+class LoraInt8Conv2d(_LoraInt8, Int8Conv2d, _LoraLayer):
+    """An :class:`~fastdiff.quant.int8.Int8Conv2d` with LoRA (LoCon) side paths in float."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, silu: bool = False):
+        side = residual
+        for a in self._active():
+            h = conv2d(input, a.down, None, self.stride, self.padding, self.dilation) * a.scale.to(input.dtype)
+            side = conv2d(h, a.up, residual=side)
+        return super().forward(input, residual=side, silu=silu)
+
+
+_LORA_CLASS = {Linear: LoraLinear, Conv2d: LoraConv2d, Int8Linear: LoraInt8Linear, Int8Conv2d: LoraInt8Conv2d}
 _BASE_CLASS = {v: k for k, v in _LORA_CLASS.items()}
 
 
@@ -189,8 +222,10 @@ def _attach(module: nn.Module, pair: LoraPair, handle: _Handle) -> _Adapter:
     elif type(module) not in _BASE_CLASS:
         raise LoraError(f"{pair.component}.{pair.module} is a {type(module).__name__}; LoRA applies to fastdiff "
                         "Linear and Conv2d layers")
-    w = module.weight
-    a = _Adapter(pair.down.to(w.device, w.dtype), pair.up.to(w.device, w.dtype), pair.scale, handle)
+    # the side path's dtype: the layer's weight's (an int8 layer's float dtype, on its int8 weight's device)
+    device, dtype = ((module.weight_int8.device, module.dtype) if isinstance(module, (Int8Linear, Int8Conv2d))
+                     else (module.weight.device, module.weight.dtype))
+    a = _Adapter(pair.down.to(device, dtype), pair.up.to(device, dtype), pair.scale, handle)
     module.lora_adapters[handle.name] = a
     return a
 
@@ -270,8 +305,14 @@ class LoraSet:
 
     def fuse(self, names: Iterable[str] | None = None) -> None:
         """Fold the LoRAs (all, or ``names``) into the weights: ``W + s * up @ down`` in fp32, rounded once."""
-        for n in (list(self.loras) if names is None else _names(names)):
-            h = self._get(n)
+        todo = [self._get(n) for n in (list(self.loras) if names is None else _names(names))]
+        for h in todo:
+            int8 = [m for m in self._modules_of[h.name] if not m.lora_fusable]
+            if int8 and not h.fused:
+                raise LoraError(f"fuse_lora: LoRA {h.name!r} is on {len(int8)} int8-quantised layer(s), whose int8 "
+                                "weights are not refolded; it runs as a float side path (fuse before quantize())")
+        for h in todo:
+            n = h.name
             if not h.fused:
                 h.fused = True
                 for m in self._modules_of[n]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fastdiff.io.checkpoint import CheckpointError, format_keys
+from fastdiff.quant.int8 import Int8Conv2d, Int8Linear
 
 __all__ = ["LoraError", "LoraPair", "convert_lora_state_dict"]
 
@@ -111,8 +112,9 @@ def _shape_architecture(component: str, module: str, want_in: int, got_in: int) 
 
 # ------------------------------------------------------------------------------------------- name tables
 def _lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear / Conv2d of ``model`` by its module path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n}
+    """Every Linear / Conv2d (float or int8) of ``model`` by its module path."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, Int8Linear, Int8Conv2d)) and n}
 
 
 def _underscore_table(component: str, model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, str]:
@@ -340,7 +342,7 @@ def _peft_metadata(metadata: Mapping | None) -> dict[str, dict]:
 
 def _fit_shapes(comp: str, module: str, target: nn.Module, down: torch.Tensor, up: torch.Tensor, key: str):
     """Check the pair against the layer (and reshape 1x1-conv pairs of linear layers and back)."""
-    is_conv = isinstance(target, nn.Conv2d)
+    is_conv = isinstance(target, (nn.Conv2d, Int8Conv2d))
     if is_conv:
         want_in, want_out = target.in_channels, target.out_channels
         kh, kw = target.kernel_size

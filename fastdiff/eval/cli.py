@@ -121,17 +121,10 @@ def _sampling_runs(args, reference, inception):
                               inception_real=args.inception_real, seconds=seconds)
 
 
-def _sketch_kind(path) -> bool:
-    """Whether ``path`` (a run or model folder) is a sketch-to-image model."""
-    from fastdiff.pipelines.pixel import read_condition
-
-    cond = read_condition(path) if Path(path).is_dir() else None
-    return bool(cond) and cond.get("kind") == "sketch"
-
-
-def _sketch_eval(args, reference):
-    """A sketch-to-image model: one image per sketch of --per-class test images of each class
-    (:mod:`fastdiff.eval.sketch_eval`); the outline scores are printed and go into the JSON."""
+def _sketch_eval(args, reference, model):
+    """A sketch-to-image model, ``(draw, params)`` from the ``fastdiff`` command's ``sketch_model`` hook: one image
+    per sketch of --per-class test images of each class (:mod:`fastdiff.eval.sketch_eval`); the outline scores
+    are printed and go into the JSON."""
     from fastdiff.eval.sketch_eval import evaluate_sketch_model
 
     if args.inception is not None or args.raw_weights or args.save_samples is not None:
@@ -140,14 +133,22 @@ def _sketch_eval(args, reference):
         raise ValueError("--sampler: a sketch-conditioned model is evaluated with one sampler")
     name, steps = parse_run(args.sampler[0], args.steps) if args.sampler else (None, args.steps)
     guidance = "model" if args.guidance is None else args.guidance
+    draw_model, params = model
     print(f"sampling one image per sketch of {args.per_class} test images x 10 classes ...", file=sys.stderr,
           flush=True)
-    report, outline, _, _ = evaluate_sketch_model(args.checkpoint, per_class=args.per_class, sampler=name,
-                                                  steps=steps, guidance=guidance, seed=args.seed,
-                                                  reference=reference, root=args.data, batch=args.batch)
+    report, outline, _, _ = evaluate_sketch_model(
+        lambda sketches, seed: draw_model(sketches, seed=seed, sampler=name, steps=steps, guidance=guidance),
+        params, per_class=args.per_class, seed=args.seed, reference=reference, root=args.data, batch=args.batch)
     print(f"  {outline.format()}", file=sys.stderr, flush=True)
     report.outline = outline
     return report
+
+
+def _sketch_model(args):
+    """``(draw, params)`` when --checkpoint is a sketch-to-image model (the ``sketch_model`` hook the ``fastdiff``
+    command sets: drawing goes through the pipelines, a layer this one does not import), else None."""
+    hook = getattr(args, "sketch_model", None)
+    return None if hook is None else hook(args.checkpoint)
 
 
 def _checkpoint_errors() -> tuple[type[BaseException], ...]:
@@ -223,8 +224,8 @@ def run_eval(args: argparse.Namespace) -> int:
             images, labels = load_image_set(args.images)
             reports = [evaluate_images(images, labels, name=args.images.name, reference=reference,
                                        inception=inception, inception_real=args.inception_real)]
-        elif _sketch_kind(args.checkpoint):
-            reports = [_sketch_eval(args, reference)]
+        elif (sketch := _sketch_model(args)) is not None:
+            reports = [_sketch_eval(args, reference, sketch)]
         else:
             reports = []
             for r in _sampling_runs(args, reference, inception):

@@ -2,8 +2,9 @@
 ``conditioning="sketch"`` run or folder, and the bundled ``fashion-sketch`` model).
 
 The sketches are those of real Fashion-MNIST test images (``per_class`` of each class, the first ones in file
-order), drawn the way the trainer draws its conditions (:func:`fastdiff.train.conditions.sketch_maps`). One
-image is generated per sketch, then:
+order), drawn with :func:`fastdiff.sketch` and the thresholds stored in the model's condition record (those its
+trainer drew its conditions with). One image is generated per sketch by ``draw`` (the caller's: the ``fastdiff``
+command passes one built on :func:`fastdiff.generate`), then:
 
 - **class accuracy**: the shipped classifier's label of each generated image against the label of the test
   image whose sketch it followed (a sketch carries the class only through its outline), and the
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OutlineReport", "outline_f1", "sketch_test_set", "evaluate_sketch_model"]
+__all__ = ["OutlineReport", "edge_maps", "outline_f1", "sketch_test_set", "evaluate_sketch_model"]
 
 
 @dataclass
@@ -59,46 +60,50 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def sketch_test_set(per_class: int, root=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def edge_maps(images_u8: torch.Tensor, params: dict) -> torch.Tensor:
+    """uint8 (N, 1, H, W) edge maps, 255 on edges, of uint8 images: :func:`fastdiff.sketch` with ``params``."""
+    from fastdiff.sketch import sketch
+
+    return sketch(images_u8, **params).mul_(255).to(torch.uint8)
+
+
+def sketch_test_set(per_class: int, params: dict, root=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images in [-1, 1] (N, 1, 32, 32), labels, sketches uint8 0/255 (N, 1, 32, 32)): the first ``per_class``
-    test images of each class, class by class, and their sketches as the trainer draws them."""
+    test images of each class, class by class, and their sketches (``fastdiff.sketch(image, **params)``)."""
     from fastdiff.eval.data import load_fashion_mnist
-    from fastdiff.train.conditions import sketch_maps
 
     if not isinstance(per_class, int) or isinstance(per_class, bool) or per_class < 1:
         raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
     images, labels = load_fashion_mnist("test", root)
     idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
     images, labels = images[idx], labels[idx]
-    return images, labels, sketch_maps(_to_uint8(images))
+    return images, labels, edge_maps(_to_uint8(images), params)
 
 
-def evaluate_sketch_model(model, *, per_class: int = 20, sampler: str | None = None, steps: int | None = None,
-                          guidance="model", seed: int = 0, reference=None, root=None, batch: int = 100):
-    """(EvalReport, OutlineReport) of a sketch-conditioned pixel model (a bundled name, run or exported folder,
-    or a loaded pipeline): one image per sketch of ``per_class`` test images of each class (module doc)."""
+def evaluate_sketch_model(draw, params: dict, *, per_class: int = 20, seed: int = 0, reference=None, root=None,
+                          batch: int = 100):
+    """(EvalReport, OutlineReport, generated images, sketches) of a sketch-to-image model (module doc).
+
+    ``draw(sketches, seed)`` returns one image per sketch (float (B, 1, H, W) in [0, 1], edges 1) as PIL images;
+    it is called once per ``batch`` sketches with ``seed + index of the first``. ``params``: the model's sketch
+    thresholds (its condition record's ``sketch`` entry)."""
     import time
 
     import numpy as np
 
     from fastdiff.eval.evaluate import evaluate_images
-    from fastdiff.pipelines.generate import generate
 
-    images, labels, sketches = sketch_test_set(per_class, root)
+    images, labels, sketches = sketch_test_set(per_class, params, root)
     out, t0 = [], time.perf_counter()
     for s in range(0, len(sketches), batch):
-        chunk = (sketches[s:s + batch].float() / 255.0)
-        pil = generate(model=model, sketch=chunk, n=len(chunk), seed=seed + s, sampler=sampler, steps=steps,
-                       guidance=guidance, progress=False)
+        pil = draw(sketches[s:s + batch].float() / 255.0, seed + s)
         out.append(torch.from_numpy(np.stack([np.asarray(im.convert("L")) for im in pil]))[:, None])
     seconds = time.perf_counter() - t0
     gen_u8 = torch.cat(out)
     generated = gen_u8.float().mul_(2.0 / 255.0).sub_(1.0)
     report = evaluate_images(generated, labels, name=f"sketch {per_class}/class", reference=reference,
                              seconds=seconds)
-    from fastdiff.train.conditions import sketch_maps
-
-    scores = outline_f1(sketch_maps(gen_u8), sketches)
+    scores = outline_f1(edge_maps(gen_u8, params), sketches)
     # chance: each sketch against the next test image's sketch of the same class (a rotation within the class)
     other = torch.cat([torch.roll(torch.arange(c * per_class, (c + 1) * per_class), 1) for c in range(10)])
     chance = outline_f1(sketches[other], sketches) if per_class > 1 else torch.full_like(scores, float("nan"))

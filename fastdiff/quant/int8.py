@@ -75,11 +75,12 @@ def quantize_weight(w: torch.Tensor, qmax: int | None = None) -> tuple[torch.Ten
     """(int8 weight, fp32 scale per output channel): symmetric, ``q = round(w / scale)`` in ``[-qmax, qmax]``,
     ``scale = max|w[c]| / qmax`` (1 for an all-zero channel)."""
     qmax = WEIGHT_QMAX if qmax is None else qmax
-    wf = w.detach().float()
-    amax = wf.flatten(1).abs().amax(1)
+    # fp64 once per weight: w / scale in fp32 can land on the other side of a .5 tie (full 8-bit range)
+    wd = w.detach().double()
+    amax = wd.flatten(1).abs().amax(1)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    q = torch.round(wf / scale.view(-1, *([1] * (w.dim() - 1)))).clamp_(-qmax, qmax).to(torch.int8)
-    return q, scale
+    q = torch.round(wd / scale.view(-1, *([1] * (w.dim() - 1)))).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale.float()
 
 
 def activation_qparams(x: torch.Tensor) -> tuple[float, int]:
@@ -150,6 +151,8 @@ class Int8Conv2d(_Int8Base):
     """An int8 stand-in for :class:`fastdiff.ops.Conv2d` / ``nn.Conv2d`` (zero padding, groups 1):
     ``forward(input, residual=None, silu=False)`` computes ``silu?(conv(x, w) + bias + residual?)`` with the
     weight and the input quantised as the module docstring says."""
+
+    groups, padding_mode = 1, "zeros"  # the only ones it takes (nn.Conv2d's attributes, for code that checks them)
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -243,6 +246,10 @@ def quantize_int8(model: nn.Module, *, skip=DEFAULT_SKIP) -> nn.Module:
         raise TypeError(f"quantize_int8: model must be an nn.Module, got {type(model).__name__}")
     todo = [(name, m) for name, m in model.named_modules()
             if name and _convertible(m) and not _skipped(name, skip)]
+    with_lora = [name for name, m in todo if len(getattr(m, "lora_adapters", ()))]
+    if with_lora:  # checked before any layer is replaced: the model is left as it was
+        raise ValueError(f"quantize_int8: {len(with_lora)} layer(s) carry LoRA side paths ({with_lora[0]}, ...); "
+                         "quantise first, then load the LoRA (it runs as a float side path beside the int8 layers)")
     for name, m in todo:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
