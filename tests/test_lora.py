@@ -467,3 +467,39 @@ def test_lora_on_an_int8_unet_switches_without_reload(ref_folder, tmp_path):
     with pytest.raises(ValueError, match="^quantize_int8: .* carry LoRA side paths"):
         f32.quantize("int8")
     assert torch.equal(_unet_out(f32), before)
+
+
+def test_lora_scale_change_under_torch_compile_needs_no_recompile(ref_folder, tmp_path):
+    """A compiled LoRA'd UNet follows scale changes on the next call without recompiling (each LoRA's scale is a
+    0-d buffer the graph reads, not a constant it bakes in): outputs equal the eager LoRA'd UNet at every scale."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from fastdiff.ops._packed import PackedWeightMixin
+
+    d, _ = ref_folder
+    eager, comp = load_sd1(d / "sd"), load_sd1(d / "sd")
+    path = _save(tmp_path, "a", _kohya(eager, seed=41, std=0.3))
+    for pipe in (eager, comp):
+        pipe.load_lora(path, scale=0.8)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(comp.unet, backend=counter)
+    x, t, ctx = _inputs(comp)
+    # warm-up: the layers pack their weights on the pack_after-th call (fastdiff.ops._packed), a path of its own
+    with torch.no_grad():
+        for _ in range(PackedWeightMixin.pack_after + 1):
+            compiled(x, t, ctx)
+    base = None
+    for step, scale in enumerate((0.8, 0.3, 0.0, 1.2)):
+        eager.set_lora_scale("a", scale)
+        comp.set_lora_scale("a", scale)
+        with torch.no_grad():
+            got = compiled(x, t, ctx)
+        want = _unet_out(eager)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        if step == 0:
+            frames = counter.frame_count
+            base = want
+        assert counter.frame_count == frames, f"scale {scale}: recompiled ({counter.frame_count} frames)"
+    assert frames > 0 and not torch.allclose(want, base)
