@@ -136,11 +136,26 @@ class LoraLinear(Linear, _LoraLayer):
             _accumulate(y, input, active)
             return y
         # autograd (or an activation after the sum): the side path as the base layer's fused residual
-        side = residual
-        for a in active:
-            h = linear(input, a.down) * a.scale.to(input.dtype)
-            side = linear(h, a.up, residual=side)
-        return super().forward(input, activation=activation, residual=side)
+        return super().forward(input, activation=activation, residual=_linear_side(input, active, residual))
+
+
+def _linear_side(x: torch.Tensor, adapters, residual: torch.Tensor | None) -> torch.Tensor | None:
+    """``residual + sum_a s_a * up_a(down_a(x))`` over ``adapters`` (a layer's unfused LoRAs), through fastdiff's
+    linear (each up projection adds onto the running sum as its fused residual)."""
+    side = residual
+    for a in adapters:
+        h = linear(x, a.down) * a.scale.to(x.dtype)
+        side = linear(h, a.up, residual=side)
+    return side
+
+
+def _conv_side(layer, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+    """The LoCon side sum of a convolution (as :func:`_linear_side`), with the layer's stride/padding/dilation."""
+    side = residual
+    for a in layer._active():
+        h = conv2d(x, a.down, None, layer.stride, layer.padding, layer.dilation) * a.scale.to(x.dtype)
+        side = conv2d(h, a.up, residual=side)
+    return side
 
 
 def _accumulate(y: torch.Tensor, x: torch.Tensor, adapters) -> None:
@@ -173,11 +188,7 @@ class LoraConv2d(Conv2d, _LoraLayer):
     """A fastdiff :class:`~fastdiff.ops.Conv2d` with LoRA side paths (LoCon; same parameters and state_dict)."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, silu: bool = False):
-        side = residual
-        for a in self._active():
-            h = conv2d(input, a.down, None, self.stride, self.padding, self.dilation) * a.scale.to(input.dtype)
-            side = conv2d(h, a.up, residual=side)
-        return super().forward(input, residual=side, silu=silu)
+        return super().forward(input, residual=_conv_side(self, input, residual), silu=silu)
 
 
 class _LoraInt8:
@@ -193,10 +204,7 @@ class LoraInt8Linear(_LoraInt8, Int8Linear, _LoraLayer):
     """An :class:`~fastdiff.quant.int8.Int8Linear` with LoRA side paths in float, added before the activation."""
 
     def forward(self, input: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None):
-        side = residual
-        for a in self._active():
-            h = linear(input, a.down) * a.scale.to(input.dtype)
-            side = linear(h, a.up, residual=side)
+        side = _linear_side(input, self._active(), residual)
         return super().forward(input, activation=activation, residual=side)
 
 
@@ -204,11 +212,7 @@ class LoraInt8Conv2d(_LoraInt8, Int8Conv2d, _LoraLayer):
     """An :class:`~fastdiff.quant.int8.Int8Conv2d` with LoRA (LoCon) side paths in float."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, silu: bool = False):
-        side = residual
-        for a in self._active():
-            h = conv2d(input, a.down, None, self.stride, self.padding, self.dilation) * a.scale.to(input.dtype)
-            side = conv2d(h, a.up, residual=side)
-        return super().forward(input, residual=side, silu=silu)
+        return super().forward(input, residual=_conv_side(self, input, residual), silu=silu)
 
 
 _LORA_CLASS = {Linear: LoraLinear, Conv2d: LoraConv2d, Int8Linear: LoraInt8Linear, Int8Conv2d: LoraInt8Conv2d}

@@ -39,7 +39,7 @@ from torch import nn
 
 from fastdiff.models import clip_text, unet_sd, vae as vae_models
 from fastdiff.train.adapters import LoraWeights, attach_lora, lora_target_modules, set_block_checkpointing
-from fastdiff.train.plan import GiB, ActivationBytes, optimizer_state_bytes, reserve_bytes
+from fastdiff.train.plan import GiB, ActivationBytes, optimizer_state_bytes, reserve_bytes, tally_saved
 
 __all__ = ["LoraMemoryPlan", "lora_plan", "measure_lora_activations"]
 
@@ -119,17 +119,12 @@ def _saved_bytes(run, batch: int, blocks: list[nn.Module], checkpointed: bool) -
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor):
             out = run(batch)
-        per_block: dict[int, dict[int, int]] = {}
-        for ref, k, nbytes, block in saves:
-            if ref() is not None:
-                kept[k] = nbytes
-                if block is not None:
-                    per_block.setdefault(block, {})[k] = nbytes
+        largest_block = tally_saved(saves, kept)
         del out
     finally:
         for h in handles:
             h.remove()
-    return sum(kept.values()), max((sum(d.values()) for d in per_block.values()), default=0)
+    return sum(kept.values()), largest_block
 
 
 class _LoraProbe:

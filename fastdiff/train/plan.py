@@ -226,18 +226,24 @@ def _saved_bytes(model: torch.nn.Module, batch: int, precision: str, captions: C
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor), autocast, live:
             out = training_forward(model, batch, captions=captions)
-        per_block: dict[int, dict[int, int]] = {}
-        for ref, ptr, nbytes, block in saves:
-            if ref() is not None:
-                kept[ptr] = nbytes
-                if block is not None:
-                    per_block.setdefault(block, {})[ptr] = nbytes
+        largest_block = tally_saved(saves, kept)
         del out  # the graph (and what it saved) is freed without a backward pass
     finally:
         for h in handles:
             h.remove()
-    largest_block = max((sum(d.values()) for d in per_block.values()), default=0)
     return sum(kept.values()), largest_block, max(0, live.peak - sum(kept.values()))
+
+
+def tally_saved(saves, kept: dict) -> int:
+    """Add the saved tensors still alive (``saves``: (weakref, storage key, bytes, block index or None)) to ``kept``
+    (storage key -> bytes, one entry per storage) and return the bytes saved inside the largest block."""
+    per_block: dict[int, dict] = {}
+    for ref, key, nbytes, block in saves:
+        if ref() is not None:
+            kept[key] = nbytes
+            if block is not None:
+                per_block.setdefault(block, {})[key] = nbytes
+    return max((sum(d.values()) for d in per_block.values()), default=0)
 
 
 class _Saved:
