@@ -20,7 +20,8 @@ OPS = ["group_norm+silu", "geglu", "layer_norm", "rms_norm", "layer_norm_modulat
        "sampler_step+cfg", "attention", "conv2d", "linear+gelu", "timestep_embedding"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only dry run, where every device case "
+                    "skips; with a CUDA device those cases run (tests/test_gpu_pipelines.py and the op tests)")
 def test_without_cuda_it_says_so_and_exits_2(capsys):
     assert gpu_check.main([]) == 2
     err = capsys.readouterr().err.strip()
@@ -107,7 +108,8 @@ exec {sys.executable} "$@"
     assert (site / "fdprobe.py").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only dry run, where every device case "
+                    "skips; with a CUDA device those cases run (tests/test_gpu_pipelines.py and the op tests)")
 def test_the_tests_step_counts_and_keeps_pytest_output(tmp_path):
     # the dry run's test step: one op file's device cases, each skipped here with the reason the JSON records
     log = tmp_path / "tests.log"
