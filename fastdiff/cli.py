@@ -55,6 +55,45 @@ def sketch_model(path):
     return draw, dict(cond["sketch"])
 
 
+def text_model(path):
+    """``fastdiff eval``'s hook for text-to-image models: ``(draw, prompts)`` when ``path`` is a Stable Diffusion 1
+    layout folder (an exported or bundled model such as ``fashion-tiny-sd``) or a latent text-conditioned training
+    run (None otherwise). ``prompts[c]`` is the caption of Fashion-MNIST class ``c`` the model was trained with
+    (``"a photo of a sneaker"``); ``draw(prompt, n=, seed=, sampler=, steps=, guidance=)`` returns (n, C, H, W)
+    images in [-1, 1] from the pipeline's ``txt2img`` (None settings: the folder's defaults)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from fastdiff.pipelines.load import load_pipeline
+    from fastdiff.train.captions import caption
+    from fastdiff.io.datasets import FASHION_MNIST_CLASSES
+
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if (p / "model_index.json").is_file():
+        if json.loads((p / "model_index.json").read_text()).get("_class_name") != "StableDiffusionPipeline":
+            return None
+        pipe = load_pipeline(p)
+    elif (p / "latest.json").is_file():
+        arch = json.loads((p / "config.json").read_text()).get("arch") or {}
+        if "unet_sd" not in arch:
+            return None
+        from fastdiff.train.export import export_sd1
+
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = load_pipeline(export_sd1(p, Path(tmp) / "pipeline", dtype=None))
+    else:
+        return None
+
+    def draw(prompt, *, n, seed, sampler=None, steps=None, guidance=None):
+        return pipe.txt2img(prompt, num_images_per_prompt=n, seed=seed, sampler=sampler, steps=steps,
+                            guidance=guidance) * 2 - 1
+
+    return draw, [caption(name, 0) for name in FASHION_MNIST_CLASSES]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -68,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, adder) in _SUBCOMMANDS.items():
         p = getattr(importlib.import_module(module), adder)(sub)
         if name == "eval":
-            p.set_defaults(sketch_model=sketch_model)
+            p.set_defaults(sketch_model=sketch_model, text_model=text_model)
     return parser
 
 

@@ -90,9 +90,9 @@ BAD = [
     ("sd1.txt2img", "negative_prompt", [3, [1]], "string"),
     ("sd1.txt2img", "height", [30, 0, -8, 32.0, "32"], "positive multiple of 8"),
     ("sd1.txt2img", "width", [12], "positive multiple of 8"),
-    ("sd1.txt2img", "steps", [0, -1, 1.5, None], "integer >= 1"),
+    ("sd1.txt2img", "steps", [0, -1, 1.5, "20"], "integer >= 1"),  # None: the pipeline's default
     ("sd1.txt2img", "guidance", [-1.0, math.inf, "7"], "[0, inf)"),
-    ("sd1.txt2img", "sampler", ["plms", None], "choose one of"),
+    ("sd1.txt2img", "sampler", ["plms", "", 3], "choose one of"),
     ("sd1.txt2img", "sampler", ["flow_euler"], "choose one of ddpm"),
     ("sd1.txt2img", "seed", [-1, 2.5, "7"], "integer >= 0"),
     ("sd1.txt2img", "generator", [7], "torch.Generator"),

@@ -158,6 +158,64 @@ def test_sd1_export_opens_in_diffusers(tmp_path, digits, ae_run):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
+
+def test_exported_pipeline_keeps_its_size_and_stored_defaults(tmp_path, digits, ae_run):
+    """Size defaults as diffusers' StableDiffusionPipeline (UNet sample size x VAE downscale); the settings stored
+    at export are what txt2img uses when not told, survive save_pretrained, and bad ones are refused by name."""
+    from fastdiff.io.checkpoint import CheckpointError
+    from fastdiff.pipelines.load import load_pipeline
+    from fastdiff.train.export import export_sd1
+
+    run = tmp_path / "ldm"
+    _run(run, digits, autoencoder=str(ae_run), max_steps=1, **LDM).run()
+    out = export_sd1(run, tmp_path / "sd1", defaults={"sampler": "ddim", "steps": 3, "guidance": 2.0})
+    pipe = load_pipeline(out)
+    side = pipe.unet.config.sample_size * pipe.vae.downscale
+    assert side != 512 and (pipe.defaults.height, pipe.defaults.width) == (side, side)
+    assert (pipe.defaults.sampler, pipe.defaults.steps, pipe.defaults.guidance) == ("ddim", 3, 2.0)
+    calls = []
+    x = pipe.txt2img(caption("sneaker"), seed=0, callback=lambda i, t, z: calls.append(i))
+    assert x.shape == (1, 1, side, side) and len(calls) == 3
+    told = pipe.txt2img(caption("sneaker"), seed=0, sampler="ddim", steps=3, guidance=2.0, height=side, width=side)
+    assert torch.equal(x, told)
+    pipe.save_pretrained(tmp_path / "again")
+    assert load_pipeline(tmp_path / "again").defaults == pipe.defaults
+    index = json.loads((out / "model_index.json").read_text())
+    index["_fastdiff"]["defaults"]["steps"] = "many"
+    (out / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="_fastdiff.defaults.steps has the wrong type: 'many'"):
+        load_pipeline(out)
+
+
+def test_eval_of_a_text_model_scores_its_caption_images(tmp_path, ae_run):
+    """``fastdiff eval --checkpoint`` of an exported text-to-image folder and of the latent run itself: the images
+    of each class's caption, scored as evaluate_images scores the pipeline's own txt2img output."""
+    from fastdiff.cli import main
+    from fastdiff.eval.evaluate import RealReference, evaluate_images
+    from fastdiff.io.datasets import FASHION_MNIST_CLASSES
+    from fastdiff.pipelines.load import load_pipeline
+    from fastdiff.train.export import export_sd1
+
+    digits32 = load_sklearn_digits(size=32)
+    run = tmp_path / "ldm"
+    _run(run, digits32, autoencoder=str(ae_run), max_steps=1, **{**LDM, "image_size": 32}).run()
+    out = export_sd1(run, tmp_path / "sd1", dtype=None)  # the run's sample-grid settings: DDIM, 2 steps
+    assert json.loads((out / "model_index.json").read_text())["_fastdiff"]["defaults"] == {
+        "sampler": "ddim", "steps": LDM["sample_steps"], "guidance": 3.0}
+    pipe = load_pipeline(out)
+    per_class = 2
+    images = torch.cat([pipe.txt2img(caption(name), num_images_per_prompt=per_class, seed=1_000_003 * c) * 2 - 1
+                        for c, name in enumerate(FASHION_MNIST_CLASSES)])
+    labels = torch.arange(10).repeat_interleave(per_class)
+    want = evaluate_images(images, labels, reference=RealReference.build())
+    for src in (out, run):
+        assert main(["eval", "--checkpoint", str(src), "--per-class", str(per_class), "--json",
+                     str(tmp_path / "e.json")]) == 0
+        got = json.loads((tmp_path / "e.json").read_text())[0]
+        assert got["n"] == 10 * per_class
+        assert got["accuracy"] == pytest.approx(want.accuracy) and got["fid"] == pytest.approx(want.fid, rel=1e-6)
+
+
 _GOOD = dict(COMMON, max_steps=2)
 
 

@@ -61,7 +61,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=lambda t: Path(existing_path()(t)), help=".npz (images, optional labels) or folder (class subfolders) to evaluate")
-    src.add_argument("--checkpoint", type=lambda t: Path(existing_path()(t)), help="a fastdiff training run / checkpoint to sample from")
+    src.add_argument("--checkpoint", type=lambda t: Path(existing_path()(t)), help="a fastdiff training run / checkpoint, or a text-to-image pipeline folder (an exported latent text run, fastdiff/assets/fashion-tiny-sd), to sample from")
     src.add_argument("--autoencoder", type=lambda t: Path(existing_path("folder")(t)),
                      help="a VQModel / AutoencoderKL folder: reconstruct --per-class test images of each class and "
                           "report PSNR, SSIM, reconstruction FID, class accuracy of the reconstructions, codebook usage")
@@ -142,6 +142,49 @@ def _sketch_eval(args, reference, model):
     print(f"  {outline.format()}", file=sys.stderr, flush=True)
     report.outline = outline
     return report
+
+
+def _text_eval(args, reference, model):
+    """A text-to-image model, ``(draw, prompts)`` from the ``fastdiff`` command's ``text_model`` hook: --per-class
+    images of each class from its caption (``prompts[c]``), scored like class-conditional samples."""
+    import time
+
+    import torch
+
+    from fastdiff.eval.data import save_image_set
+    from fastdiff.eval.evaluate import evaluate_images
+
+    if args.raw_weights:
+        raise ValueError("--raw-weights does not apply to a text-to-image model (its folder holds one set of weights)")
+    if args.sampler and len(args.sampler) > 1:
+        raise ValueError("--sampler: a text-to-image model is evaluated with one sampler")
+    name, steps = parse_run(args.sampler[0], args.steps) if args.sampler else (None, None)
+    draw, prompts = model
+    print(f"sampling {args.per_class} images x {len(prompts)} captions ('{prompts[0]}', ...)", file=sys.stderr,
+          flush=True)
+    images, labels = [], []
+    t0 = time.perf_counter()
+    for c, prompt in enumerate(prompts):
+        for i in range(0, args.per_class, args.batch):
+            n = min(args.batch, args.per_class - i)
+            x = draw(prompt, n=n, seed=args.seed + 1_000_003 * c + i, sampler=name, steps=steps,
+                     guidance=args.guidance)
+            images.append(x.float())
+            labels.append(torch.full((n,), c, dtype=torch.long))
+    seconds = time.perf_counter() - t0
+    images, labels = torch.cat(images), torch.cat(labels)
+    if args.save_samples is not None:
+        args.save_samples.mkdir(parents=True, exist_ok=True)
+        save_image_set(args.save_samples / "text.npz", images, labels)
+    label = f"captions {name or 'default'}" + (f" {steps}" if steps else "")
+    return evaluate_images(images, labels, name=label, reference=reference, seconds=seconds)
+
+
+def _text_model(args):
+    """``(draw, prompts)`` when --checkpoint is a text-to-image model (the ``text_model`` hook the ``fastdiff``
+    command sets), else None."""
+    hook = getattr(args, "text_model", None)
+    return None if hook is None or args.checkpoint is None else hook(args.checkpoint)
 
 
 def _sketch_model(args):
@@ -226,6 +269,8 @@ def run_eval(args: argparse.Namespace) -> int:
                                        inception=inception, inception_real=args.inception_real)]
         elif (sketch := _sketch_model(args)) is not None:
             reports = [_sketch_eval(args, reference, sketch)]
+        elif (text := _text_model(args)) is not None:
+            reports = [_text_eval(args, reference, text)]
         else:
             reports = []
             for r in _sampling_runs(args, reference, inception):

@@ -98,6 +98,19 @@ def load_vq_model(folder: str | os.PathLike, *, dtype: torch.dtype | None = torc
     return model.eval()
 
 
+def _from_run(run_dir: Path, *, dtype, device) -> AutoencoderKL:
+    from fastdiff.io.run_checkpoint import load_checkpoint
+
+    _, ema, _, state = load_checkpoint(run_dir)
+    arch = state.get("arch") or {}
+    if arch.get("kind") != "autoencoder" or "vae" not in arch:
+        raise CheckpointError(f"{run_dir}: this run trained a {arch.get('kind', 'diffusion')} model, not a KL "
+                              "autoencoder")
+    vae = AutoencoderKL(VAEConfig(**arch["vae"]))
+    vae.load_state_dict(ema, strict=True)
+    return vae.to(device=device, dtype=dtype).eval()
+
+
 def _resolve(folder: Path) -> Path:
     """The model folder itself, or the ``vqvae/`` / ``vae/`` part of a pipeline folder."""
     if not folder.is_dir():
@@ -114,7 +127,10 @@ def _resolve(folder: Path) -> Path:
 def load_autoencoder(folder: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
                      device: str | torch.device = "cpu", variant: str | None = None) -> VQModel | AutoencoderKL:
     """The autoencoder a diffusers folder holds, chosen by its config's ``_class_name`` (``VQModel`` or
-    ``AutoencoderKL``), in eval mode."""
+    ``AutoencoderKL``), or the EMA weights of a KL autoencoder training run (``fastdiff train --kind
+    autoencoder``), in eval mode."""
+    if (Path(folder) / "latest.json").is_file():
+        return _from_run(Path(folder), dtype=dtype, device=device)
     folder = _resolve(Path(folder))
     cls = read_json(folder / "config.json").get("_class_name")
     if cls == "VQModel":

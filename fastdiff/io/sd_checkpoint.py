@@ -44,6 +44,7 @@ from fastdiff.io.checkpoint import (
     open_pipeline_folder,
     open_state_dict,
     read_config,
+    read_json,
     read_state_dict,  # noqa: F401  (re-exported: sd_checkpoint.read_state_dict)
     save_pipeline_folder,
     scheduler_config_in,
@@ -281,6 +282,9 @@ class SD1Components:
     text_encoder: CLIPTextModel
     tokenizer: object
     scheduler_config: dict
+    # generation settings the folder was measured best at (model_index.json ``_fastdiff.defaults``: sampler,
+    # steps, guidance); None: the SD1 family's
+    defaults: dict | None = None
 
 
 def _split_original(sd: Mapping[str, torch.Tensor], use_ema: bool) -> tuple[dict, dict, dict]:
@@ -391,7 +395,25 @@ def load_sd1_diffusers(folder: str | os.PathLike, *, dtype: torch.dtype | None =
     vae = load_component(folder / "vae", AutoencoderKL, vcfg, "diffusion_pytorch_model", **kw)
     text = load_component(folder / "text_encoder", CLIPTextModel, tcfg, "model", state=clip_text_state, **kw)
     return SD1Components(unet, vae, text, clip_tokenizer_in(folder / "tokenizer"),
-                         scheduler_config_in(folder, SD1_SCHEDULER_CONFIG))
+                         scheduler_config_in(folder, SD1_SCHEDULER_CONFIG), stored_defaults(folder))
+
+
+_DEFAULT_KEYS = {"sampler": str, "steps": int, "guidance": (int, float)}
+
+
+def stored_defaults(folder: Path) -> dict | None:
+    """The generation settings stored in a pipeline folder's ``model_index.json`` under ``_fastdiff.defaults``
+    (any of sampler, steps, guidance), or None; other keys or wrong types are refused by name."""
+    d = read_json(folder / "model_index.json").get("_fastdiff", {}).get("defaults")
+    if d is None:
+        return None
+    if not isinstance(d, dict) or set(d) - set(_DEFAULT_KEYS):
+        raise CheckpointError(f"{folder}/model_index.json: _fastdiff.defaults must map {', '.join(_DEFAULT_KEYS)} "
+                              f"to values, got {d!r}")
+    for k, v in d.items():
+        if isinstance(v, bool) or not isinstance(v, _DEFAULT_KEYS[k]):
+            raise CheckpointError(f"{folder}/model_index.json: _fastdiff.defaults.{k} has the wrong type: {v!r}")
+    return dict(d)
 
 
 def load_sd1_components(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
@@ -447,4 +469,7 @@ def save_sd1_diffusers(c, folder: str | os.PathLike, *, dtype: torch.dtype | Non
              "scheduler": ["diffusers", sched["_class_name"]],
              "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
              "requires_safety_checker": False}
+    defaults = getattr(c, "stored_defaults", None) or getattr(c, "defaults", None)
+    if isinstance(defaults, dict):
+        index["_fastdiff"] = {"defaults": dict(defaults)}
     save_pipeline_folder(folder, index, components, {"tokenizer": c.tokenizer}, sched)

@@ -106,6 +106,10 @@ def run_generate(args: argparse.Namespace) -> int:
         print("fastdiff generate: error: argument --sketch: goes with a sketch-conditioned --model, not with "
               "--prompt / --init-image", file=sys.stderr)
         return 2
+    if args.model == "fashion-tiny-sd" and args.prompt is None:
+        print("fastdiff generate: error: argument --prompt: fashion-tiny-sd is a text-to-image model (--prompt "
+              "\"a photo of a sneaker\")", file=sys.stderr)
+        return 2
     if args.model == "fashion-sketch" and args.sketch is None:
         print("fastdiff generate: error: argument --sketch: the fashion-sketch model needs --sketch IMG (an edge "
               "map, e.g. from fastdiff.sketch)", file=sys.stderr)
@@ -165,8 +169,9 @@ def _run_prompt(args: argparse.Namespace, out: Path, t0: float) -> int:
 
     try:
         if args.model is None:
-            raise ValueError("--prompt needs a Stable Diffusion checkpoint: --model PATH (a diffusers folder or an "
-                             "original .safetensors / .ckpt file); the bundled model is class-conditional (--label)")
+            raise ValueError("--prompt needs a text-to-image --model: fashion-tiny-sd (bundled) or a Stable Diffusion "
+                             "checkpoint (a diffusers folder or an original .safetensors / .ckpt file); the default "
+                             "model is class-conditional (--label)")
         pipe = load_pipeline(args.model, device=args.device)
         for path, scale in args.lora:
             pipe.load_lora(path, scale=scale)

@@ -11,7 +11,7 @@ from fastdiff._argtypes import (InvalidArgument, check_choice, check_int, check_
                                 check_type)
 from fastdiff.io.images import image_grid, to_pil
 from fastdiff.pipelines.core import LatentPipeline
-from fastdiff.pipelines.pixel import PixelPipeline, load_pixel_pipeline
+from fastdiff.pipelines.pixel import TEXT_TO_IMAGE_MODELS, PixelPipeline, load_pixel_pipeline
 
 __all__ = ["generate", "class_grid", "save_png", "progress_callback", "InvalidArgument"]
 
@@ -89,6 +89,9 @@ def _check_arguments(prompt, model, label, n, seed, sampler, steps, guidance, pr
         if prompt is not None or init_image is not None:
             raise InvalidArgument("sketch", "goes with a sketch-conditioned pixel model (model='fashion-sketch' or a "
                                             "sketch run), not with a prompt or init_image")
+    elif model in TEXT_TO_IMAGE_MODELS and prompt is None:
+        raise InvalidArgument("prompt", f"{model} is a text-to-image model: give prompt=..., e.g. \"a photo of a "
+                                        "sneaker\"")
     elif model == "fashion-sketch":
         raise InvalidArgument("sketch", "the fashion-sketch model draws garments along a sketch: give "
                                         "sketch=fastdiff.sketch(image) (edges 1 on 0), a PIL edge image or its path")
@@ -215,9 +218,9 @@ def _generate_sd(prompt, *, model, n, seed, sampler, steps, guidance, progress, 
     if prompt is None:
         raise InvalidArgument("prompt", "init_image / mask need a text prompt (prompt=...)")
     if model is None:
-        raise InvalidArgument("model", "a text prompt needs a Stable Diffusion checkpoint: model=PATH (a diffusers "
-                                       "folder or an original .safetensors / .ckpt file); the bundled model is "
-                                       "class-conditional (label=...)")
+        raise InvalidArgument("model", "a text prompt needs a text-to-image model: model='fashion-tiny-sd' (bundled) "
+                                       "or a Stable Diffusion checkpoint (a diffusers folder or an original "
+                                       ".safetensors / .ckpt file); the default model is class-conditional (label=...)")
     pipe = model if hasattr(model, "decode_latents") else load_pipeline(model)
     if not isinstance(pipe, LatentPipeline):
         raise InvalidArgument("model", f"{getattr(pipe, 'source', model)} is a class-conditional pixel model and "

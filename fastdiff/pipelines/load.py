@@ -7,6 +7,8 @@
     original single file (.safetensors / .ckpt)  -> SD1 or SD3 (the error names SD2 / SDXL / Flux files)
     UNet2DModel folder, training run folder      -> PixelPipeline
     None                                         -> the bundled default model
+    a bundled model's name (fastdiff.pipelines.pixel.BUNDLED_MODELS: fashion32, fashion-sketch, fashion-tiny-sd)
+                                                 -> its folder, as above
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from fastdiff._argtypes import InvalidArgument, check_type
 from fastdiff.io.checkpoint import safetensors_keys
 from fastdiff.io.sd_checkpoint import detect_family
-from fastdiff.pipelines.pixel import load_pixel_pipeline
+from fastdiff.pipelines.pixel import load_pixel_pipeline, resolve_model_path
 from fastdiff.pipelines.sd1 import load_sd1
 from fastdiff.pipelines.sd3 import load_sd3
 
@@ -76,6 +78,7 @@ def load_pipeline(path: str | os.PathLike | None = None, *, dtype: torch.dtype |
     except (RuntimeError, TypeError):
         raise InvalidArgument("device", f"must be a torch device or its name ('cpu', 'cuda', 'cuda:1'), got "
                                         f"{device!r}") from None
+    path = resolve_model_path(path)
     kind = pipeline_kind(path)
     if kind == "sd1":
         return load_sd1(path, dtype=dtype, device=device)

@@ -3,7 +3,8 @@
 The files (diffusers ``DDPMPipeline`` folders, bare ``UNet2DModel`` folders, fastdiff training runs) are read and
 written by :mod:`fastdiff.io.pixel_folder`; the bundled default model (Fashion-MNIST, 32x32, 10 classes) lives in
 ``fastdiff/assets/fashion32``. Bundled models are named by :data:`BUNDLED_MODELS` (``fashion32``,
-``fashion-sketch``).
+``fashion-sketch``, and the text-to-image ``fashion-tiny-sd``, an SD1-layout folder that
+:func:`fastdiff.load_pipeline` opens by name).
 
 Image-conditioned models (``conditioning="sketch"`` / ``"sketch+class"`` / ``"segmentation"`` runs of
 :mod:`fastdiff.train`) take a condition image concatenated to the noisy sample's channels. Their condition record
@@ -32,11 +33,14 @@ from fastdiff.samplers import SAMPLERS
 from fastdiff.samplers.schedules import NoiseSchedule
 
 __all__ = ["PixelPipeline", "load_pixel_pipeline", "bundled_model_dir", "slerp", "DEFAULT_STEPS", "DEFAULTS",
-           "BUNDLED_MODELS", "resolve_model_path", "read_condition"]
+           "BUNDLED_MODELS", "TEXT_TO_IMAGE_MODELS", "resolve_model_path", "read_condition"]
 
 # Models shipped inside the package, by name (``model="fashion-sketch"``); a name whose folder is not installed
 # says so when loaded.
-BUNDLED_MODELS = {"fashion32": ASSETS / "fashion32", "fashion-sketch": ASSETS / "fashion-sketch"}
+BUNDLED_MODELS = {"fashion32": ASSETS / "fashion32", "fashion-sketch": ASSETS / "fashion-sketch",
+                  "fashion-tiny-sd": ASSETS / "fashion-tiny-sd"}
+# bundled text-to-image models (Stable Diffusion 1 layout): they take a prompt
+TEXT_TO_IMAGE_MODELS = ("fashion-tiny-sd",)
 # The argument that carries the condition image of each kind, in the entry points and their errors.
 CONDITION_ARGUMENT = {"sketch": "sketch", "segmentation": "image"}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import torch
 
@@ -36,12 +37,17 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
     samplers = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
 
     def __init__(self, unet: UNetSD, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 scheduler_config: dict | None = None):
+                 scheduler_config: dict | None = None, defaults: dict | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config or ckpt.SD1_SCHEDULER_CONFIG)
+        # As diffusers: the default size is the UNet's sample size times the VAE's downscale (512 for SD1.5); the
+        # folder's stored settings (sampler, steps, guidance) replace the family's.
+        self.stored_defaults = dict(defaults) if defaults else None
+        side = unet.config.sample_size * vae.downscale
+        self.defaults = replace(DEFAULTS, height=side, width=side, **(self.stored_defaults or {}))
 
     @property
     def is_inpainting(self) -> bool:
@@ -75,8 +81,8 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
 
     @torch.no_grad()
     def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
-                height: int = DEFAULTS.height, width: int = DEFAULTS.width, steps: int = DEFAULTS.steps,
-                guidance: float = DEFAULTS.guidance, sampler: str = DEFAULTS.sampler, seed: int | None = None,
+                height: int | None = None, width: int | None = None, steps: int | None = None,
+                guidance: float | None = None, sampler: str | None = None, seed: int | None = None,
                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1, clip_skip: int = 0,
                 latents: torch.Tensor | None = None, callback=None, control=None, controlnet=None,
                 control_scale=1.0, control_start=0.0, control_end=1.0) -> torch.Tensor:
@@ -86,7 +92,9 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
         default "", is the unconditional half). The initial noise is drawn as diffusers draws it (one
         ``torch.randn`` of the latent batch from ``generator``, or from ``seed``), so the same seed gives the
         same image, and diffusers' StableDiffusionPipeline with the matching scheduler gives it too.
-        ``sampler``: ddim, euler, euler_a, dpmpp_2m or ddpm (:data:`fastdiff.samplers.SAMPLERS`).
+        ``sampler``: ddim, euler, euler_a, dpmpp_2m or ddpm (:data:`fastdiff.samplers.SAMPLERS`). What is not
+        given (None) comes from ``self.defaults``: the UNet's sample size times the VAE's downscale, and the
+        folder's stored sampler, steps and guidance or the SD1 family's (:data:`DEFAULTS`).
 
         ControlNet (as diffusers' StableDiffusionControlNetPipeline): ``controlnet`` (``fastdiff.load_controlnet``)
         and ``control``, its control image ((1|len(prompts), 3, height, width) tensor in [0, 1] or a PIL image);
@@ -96,6 +104,9 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
         arguments.
         """
         self._not_inpainting("txt2img")
+        d = self.defaults
+        height, width = d.height if height is None else height, d.width if width is None else width
+        steps, guidance, sampler = self._resolved(steps, guidance, sampler)
         return run(self, make_job(self, "txt2img", prompt=prompt, negative_prompt=negative_prompt, height=height,
                                   width=width, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                                   generator=generator, num_images_per_prompt=num_images_per_prompt,
@@ -103,9 +114,9 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
                                   **_control_args(control, controlnet, control_scale, control_start, control_end)))
 
     @torch.no_grad()
-    def img2img(self, prompt: str | list[str], image, *, strength: float = DEFAULTS.strength,
-                negative_prompt: str | list[str] | None = None, steps: int = DEFAULTS.steps,
-                guidance: float = DEFAULTS.guidance, sampler: str = DEFAULTS.sampler, seed: int | None = None,
+    def img2img(self, prompt: str | list[str], image, *, strength: float | None = None,
+                negative_prompt: str | list[str] | None = None, steps: int | None = None,
+                guidance: float | None = None, sampler: str | None = None, seed: int | None = None,
                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1, clip_skip: int = 0,
                 callback=None, control=None, controlnet=None, control_scale=1.0, control_start=0.0,
                 control_end=1.0) -> torch.Tensor:
@@ -116,6 +127,8 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
         them (random draws in diffusers' order: the VAE's latent sample, then the noise). Output size = input.
         """
         self._not_inpainting("img2img")
+        strength = self.defaults.strength if strength is None else strength
+        steps, guidance, sampler = self._resolved(steps, guidance, sampler)
         return run(self, make_job(self, "img2img", prompt=prompt, negative_prompt=negative_prompt, image=image,
                                   strength=strength, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                                   generator=generator, num_images_per_prompt=num_images_per_prompt,
@@ -124,7 +137,7 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
 
     @torch.no_grad()
     def inpaint(self, prompt: str | list[str], image, mask, *, negative_prompt: str | list[str] | None = None,
-                steps: int = DEFAULTS.steps, guidance: float = DEFAULTS.guidance, sampler: str = DEFAULTS.sampler,
+                steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                 seed: int | None = None, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
                 clip_skip: int = 0, latents: torch.Tensor | None = None, callback=None, control=None,
                 controlnet=None, control_scale=1.0, control_start=0.0, control_end=1.0) -> torch.Tensor:
@@ -139,11 +152,17 @@ class StableDiffusion1(LoraMixin, LatentPipeline):
         """
         if mask is None:
             raise InvalidArgument("mask", "inpaint needs a mask (white = repaint); img2img takes none")
+        steps, guidance, sampler = self._resolved(steps, guidance, sampler)
         return run(self, make_job(self, "inpaint", prompt=prompt, negative_prompt=negative_prompt, image=image,
                                   mask=mask, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                                   generator=generator, num_images_per_prompt=num_images_per_prompt,
                                   latents=latents, callback=callback, encode={"clip_skip": clip_skip},
                                   **_control_args(control, controlnet, control_scale, control_start, control_end)))
+
+    def _resolved(self, steps, guidance, sampler) -> tuple:
+        d = self.defaults
+        return (d.steps if steps is None else steps, d.guidance if guidance is None else guidance,
+                d.sampler if sampler is None else sampler)
 
     def _not_inpainting(self, what: str) -> None:
         if self.is_inpainting:
@@ -214,4 +233,4 @@ def load_sd1(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
     """Load SD1.x from a diffusers folder or an original single file (``.safetensors`` / ``.ckpt``); see
     :func:`fastdiff.io.sd_checkpoint.load_sd1_components` for the arguments."""
     c = ckpt.load_sd1_components(path, dtype=dtype, device=device, variant=variant, use_ema=use_ema, configs=configs)
-    return StableDiffusion1(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config)
+    return StableDiffusion1(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, c.defaults)

@@ -86,13 +86,15 @@ def load_exported(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float
 
 
 def export_sd1(run_dir: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool = True,
-               dtype: torch.dtype | None = None) -> Path:
+               dtype: torch.dtype | None = None, defaults: dict | None = None) -> Path:
     """A latent, text-conditioned run (``conditioning="text"`` with an autoencoder) as an SD1 diffusers folder:
     ``unet/`` (UNet2DConditionModel), ``text_encoder/`` (CLIPTextModel), ``vae/`` (the run's autoencoder, its
     measured ``scaling_factor`` in the config), ``tokenizer/`` (the bundled CLIP tokenizer), ``scheduler/`` (a
     DDPMScheduler config of the run's schedule and prediction) and ``model_index.json``, which
     ``diffusers.StableDiffusionPipeline.from_pretrained`` and :func:`fastdiff.io.sd_checkpoint.load_sd1_diffusers`
-    both open."""
+    both open. ``defaults`` (sampler, steps, guidance) are stored in ``model_index.json`` as ``_fastdiff.defaults``:
+    what fastdiff's pipeline uses when not told; by default the settings of the run's sample grids (DDIM,
+    ``sample_steps``, ``sample_guidance``)."""
     from fastdiff.io.sd_checkpoint import SD1Components, save_sd1_diffusers
     from fastdiff.models.clip_tokenizer import CLIPTokenizer
     from fastdiff.io.run_checkpoint import load_checkpoint
@@ -106,10 +108,12 @@ def export_sd1(run_dir: str | os.PathLike, out: str | os.PathLike, *, use_ema: b
                          "autoencoder)")
     if train["schedule"] == "flow":
         raise ValueError(f"{run_dir}: a rectified-flow run has no SD1 (DDPM) scheduler; export_sd1 writes SD1 folders")
+    if defaults is None:
+        defaults = {"sampler": "ddim", "steps": train["sample_steps"], "guidance": train["sample_guidance"]}
     net = build_model(arch)
     net.load_state_dict(ema_sd if use_ema else model_sd, strict=True)
     sched = pixel_schedule(make_schedule(train["schedule"], train["num_train_timesteps"]), None)
     c = SD1Components(net.unet.eval(), load_autoencoder(Path(run_dir) / SNAPSHOT_DIR), net.text_encoder.eval(),
-                      CLIPTokenizer.from_bundled(), sched.to_diffusers_config(train["prediction"]))
+                      CLIPTokenizer.from_bundled(), sched.to_diffusers_config(train["prediction"]), defaults)
     save_sd1_diffusers(c, out, dtype=dtype)
     return Path(out)
